@@ -1,0 +1,200 @@
+"""Frozen values the decision core takes and returns; no gRPC, no I/O.
+
+Enum numbers match the protos so adapters convert with a plain int().
+Times are seconds on a monotonic clock (`now`), durations carry their unit.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class HealthStatus(enum.IntEnum):
+    UNKNOWN = 0
+    HEALTHY = 1
+    DEGRADED = 2
+    UNHEALTHY = 3
+    DRAINING = 4
+
+
+class BreakerState(enum.IntEnum):
+    UNKNOWN = 0
+    CLOSED = 1
+    OPEN = 2
+    HALF_OPEN = 3
+
+
+class Result(enum.IntEnum):
+    UNSPECIFIED = 0
+    SUCCESS = 1
+    ERROR = 2
+    TIMEOUT = 3
+    RATE_LIMITED = 4
+
+
+class MetricsKind(enum.IntEnum):
+    UNSPECIFIED = 0
+    GENERIC = 1
+    VLLM = 2
+    SGLANG = 3
+    LLAMACPP = 4
+
+
+class RefusalKind(enum.Enum):
+    """Why the core could not answer with an endpoint; adapters map each to a status."""
+
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    NO_HEALTHY_ENDPOINT = "NO_HEALTHY_ENDPOINT"
+    QUOTA_EXHAUSTED = "QUOTA_EXHAUSTED"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    id: str
+    address: str
+    model: str
+    health_url: str = ""
+    weight: int = 1
+    capabilities: frozenset[str] = frozenset()
+    cost_per_1k_tokens: float = 0.0
+    labels: Mapping[str, str] = field(default=_EMPTY)
+    metrics_url: str = ""
+    metrics_kind: MetricsKind = MetricsKind.UNSPECIFIED
+    probe_headers: Mapping[str, str] = field(default=_EMPTY)
+    max_in_flight: int = 0
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    # "config" for endpoints from the config file, "registry" for RegisterEndpoint.
+    source: str = "registry"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadReport:
+    queue_depth: int = 0
+    running: int = 0
+    kv_cache_utilization: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteRequest:
+    model: str
+    request_id: str = ""
+    session_id: str = ""
+    tenant: str = ""
+    required_capabilities: frozenset[str] = frozenset()
+    estimated_input_tokens: int = 0
+    prefix_hashes: tuple[int, ...] = ()
+    exclude_endpoint_ids: frozenset[str] = frozenset()
+    # Empty means the configured default strategy.
+    strategy: str = ""
+    # Explain mode: rank every candidate, change no state.
+    explain: bool = False
+    # 0 means the configured default.
+    max_fallbacks: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryAdvice:
+    max_attempts: int
+    initial_backoff_s: float
+    max_backoff_s: float
+    backoff_multiplier: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandidateExplanation:
+    endpoint_id: str
+    # 1 = chosen, 2 = first fallback, ...; 0 = skipped.
+    rank: int
+    scores: Mapping[str, float]
+    skip_reason: str
+    health: HealthStatus
+    breaker_state: BreakerState
+    in_flight: int
+    total_score: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    decision_id: str
+    endpoint: Endpoint
+    fallbacks: tuple[Endpoint, ...]
+    strategy: str
+    reason: str
+    scores: Mapping[str, float]
+    retry: RetryAdvice
+    affinity_hit: bool
+    candidate_count: int
+    # Candidates left out, by reason wire name ("unhealthy", "breaker_open", ...).
+    skipped: Mapping[str, int]
+    # Explain mode only.
+    candidates: tuple[CandidateExplanation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuotaViolation:
+    # The quota's name, for QuotaFailure.violations.subject, e.g. "tenant:acme".
+    subject: str
+    # e.g. "requests_per_minute: limit 60, 0 left".
+    description: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """A decision that names no endpoint; an answer, not an exception."""
+
+    kind: RefusalKind
+    # Complete sentence for the status message: what was asked, what was found, why refused.
+    message: str
+    model: str
+    # Endpoints registered for the model (NO_HEALTHY_ENDPOINT).
+    registered: int = 0
+    skipped: Mapping[str, int] = field(default_factory=dict)
+    # QUOTA_EXHAUSTED: when enough budget returns, and which quotas.
+    retry_after_s: float = 0.0
+    violations: tuple[QuotaViolation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What a gateway reports after sending a request where a decision said."""
+
+    decision_id: str
+    endpoint_id: str
+    result: Result
+    latency_s: float = 0.0
+    # 0.0 when not reported.
+    ttft_s: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    load: LoadReport | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointState:
+    """Live state of one endpoint, for ListEndpoints and WatchHealth."""
+
+    endpoint: Endpoint
+    health: HealthStatus
+    breaker_state: BreakerState
+    in_flight: int
+    latency_ewma_s: float
+    health_reason: str
+    load: LoadReport | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthEvent:
+    """A change of an endpoint's health or breaker state, published to watchers."""
+
+    endpoint_id: str
+    model: str
+    status: HealthStatus
+    breaker_state: BreakerState
+    reason: str
+    removed: bool = False
