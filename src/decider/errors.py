@@ -4,7 +4,8 @@
      ├── ConfigError       a config file, environment variable or flag is wrong (names key and value)
      ├── InvalidArgument   a request field is malformed or out of range (names each field)
      ├── NotFound          a named thing does not exist (e.g. deregistering an unknown endpoint)
-     └── Unauthenticated   an admin call without the configured bearer token
+     ├── Unauthenticated   an admin call without the configured bearer token
+     └── Overloaded        a server limit (concurrent RPCs, watchers) is reached
 
 The gRPC adapters map these to status codes in one place (api/errors.py).
 """
@@ -45,3 +46,7 @@ class NotFound(DeciderError):
 
 class Unauthenticated(DeciderError):
     pass
+
+
+class Overloaded(DeciderError):
+    """The server is at a configured limit (concurrent RPCs, watchers) or shutting down."""
