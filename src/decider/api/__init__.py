@@ -1,0 +1,1 @@
+"""gRPC adapters: one servicer per service, proto <-> core conversion, one error mapping."""

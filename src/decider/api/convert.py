@@ -1,0 +1,203 @@
+"""Proto messages <-> core values. Enum numbers are shared, so enums convert with int()."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from google.protobuf.duration_pb2 import Duration
+
+from decider.core.model import (
+    CandidateExplanation,
+    Decision,
+    Endpoint,
+    EndpointState,
+    HealthEvent,
+    HealthStatus,
+    LoadReport,
+    MetricsKind,
+    Outcome,
+    Result,
+    RouteRequest,
+)
+from decider.v1 import decider_service_pb2 as dpb
+from decider.v1 import endpoint_pb2 as epb
+from decider.v1 import registry_service_pb2 as rpb
+
+REDACTED = "<redacted>"
+
+
+def duration_s(d: Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def to_duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def endpoint_from_proto(p: epb.Endpoint) -> Endpoint:
+    return Endpoint(
+        id=p.id,
+        address=p.address,
+        model=p.model,
+        health_url=p.health_url,
+        weight=p.weight or 1,
+        capabilities=frozenset(p.capabilities),
+        cost_per_1k_tokens=p.cost_per_1k_tokens,
+        labels=MappingProxyType(dict(p.labels)),
+        metrics_url=p.metrics_url,
+        metrics_kind=MetricsKind(p.metrics_kind)
+        if p.metrics_kind in MetricsKind._value2member_map_
+        else MetricsKind.UNSPECIFIED,
+        probe_headers=MappingProxyType(dict(p.probe_headers)),
+        max_in_flight=p.max_in_flight,
+        requests_per_minute=p.requests_per_minute,
+        tokens_per_minute=p.tokens_per_minute,
+    )
+
+
+def endpoint_to_proto(e: Endpoint, *, redact_headers: bool = True) -> epb.Endpoint:
+    """Probe header values are secrets (API keys): answers carry only their names."""
+    headers = {k: REDACTED for k in e.probe_headers} if redact_headers else dict(e.probe_headers)
+    return epb.Endpoint(
+        id=e.id,
+        address=e.address,
+        model=e.model,
+        health_url=e.health_url,
+        weight=e.weight,
+        capabilities=sorted(e.capabilities),
+        cost_per_1k_tokens=e.cost_per_1k_tokens,
+        labels=dict(e.labels),
+        metrics_url=e.metrics_url,
+        metrics_kind=int(e.metrics_kind),  # type: ignore[arg-type]
+        probe_headers=headers,
+        max_in_flight=e.max_in_flight,
+        requests_per_minute=e.requests_per_minute,
+        tokens_per_minute=e.tokens_per_minute,
+    )
+
+
+def route_request_from_proto(p: dpb.DecideRequest) -> RouteRequest:
+    return RouteRequest(
+        model=p.model,
+        request_id=p.request_id,
+        session_id=p.session_id,
+        tenant=p.tenant,
+        required_capabilities=frozenset(p.required_capabilities),
+        estimated_input_tokens=p.estimated_input_tokens,
+        prefix_hashes=tuple(p.prefix_hashes),
+        exclude_endpoint_ids=frozenset(p.exclude_endpoint_ids),
+        strategy=p.strategy,
+        explain=p.explain,
+        max_fallbacks=p.max_fallbacks,
+    )
+
+
+def decision_to_proto(d: Decision) -> dpb.DecideResponse:
+    retry = dpb.RetryPolicy(
+        max_attempts=d.retry.max_attempts,
+        initial_backoff=to_duration(d.retry.initial_backoff_s),
+        max_backoff=to_duration(d.retry.max_backoff_s),
+        backoff_multiplier=d.retry.backoff_multiplier,
+    )
+    return dpb.DecideResponse(
+        decision_id=d.decision_id,
+        endpoint=endpoint_to_proto(d.endpoint),
+        fallbacks=[endpoint_to_proto(e) for e in d.fallbacks],
+        reason=d.reason,
+        strategy=d.strategy,
+        scores=dict(d.scores),
+        retry=retry,
+        affinity_hit=d.affinity_hit,
+        candidate_count=d.candidate_count,
+        skipped=dict(d.skipped),
+        candidates=[_candidate_to_proto(c) for c in d.candidates],
+    )
+
+
+def _candidate_to_proto(c: CandidateExplanation) -> dpb.CandidateExplanation:
+    return dpb.CandidateExplanation(
+        endpoint_id=c.endpoint_id,
+        rank=c.rank,
+        scores=dict(c.scores),
+        skip_reason=c.skip_reason,
+        health=int(c.health),  # type: ignore[arg-type]
+        breaker_state=int(c.breaker_state),  # type: ignore[arg-type]
+        in_flight=c.in_flight,
+        total_score=c.total_score,
+    )
+
+
+def load_from_proto(p: epb.LoadReport) -> LoadReport:
+    return LoadReport(
+        queue_depth=p.queue_depth, running=p.running, kv_cache_utilization=p.kv_cache_utilization
+    )
+
+
+def load_to_proto(load: LoadReport) -> epb.LoadReport:
+    return epb.LoadReport(
+        queue_depth=load.queue_depth,
+        running=load.running,
+        kv_cache_utilization=load.kv_cache_utilization,
+    )
+
+
+def outcome_from_proto(p: dpb.ReportOutcomeRequest) -> Outcome:
+    return Outcome(
+        decision_id=p.decision_id,
+        endpoint_id=p.endpoint_id,
+        result=Result(p.result) if p.result in Result._value2member_map_ else Result.UNSPECIFIED,
+        latency_s=duration_s(p.latency),
+        ttft_s=duration_s(p.time_to_first_token),
+        input_tokens=p.input_tokens,
+        output_tokens=p.output_tokens,
+        load=load_from_proto(p.load) if p.HasField("load") else None,
+    )
+
+
+def health_event_to_proto(e: HealthEvent) -> dpb.HealthEvent:
+    return dpb.HealthEvent(
+        endpoint_id=e.endpoint_id,
+        status=int(e.status),  # type: ignore[arg-type]
+        breaker_state=int(e.breaker_state),  # type: ignore[arg-type]
+        reason=e.reason,
+        model=e.model,
+        removed=e.removed,
+    )
+
+
+def health_event_from_state(s: EndpointState) -> HealthEvent:
+    return HealthEvent(
+        endpoint_id=s.endpoint.id,
+        model=s.endpoint.model,
+        status=s.health,
+        breaker_state=s.breaker_state,
+        reason=s.health_reason,
+    )
+
+
+def endpoint_status_to_proto(s: EndpointState) -> epb.EndpointStatus:
+    status = epb.EndpointStatus(
+        endpoint_id=s.endpoint.id,
+        health=int(s.health),  # type: ignore[arg-type]
+        breaker_state=int(s.breaker_state),  # type: ignore[arg-type]
+        in_flight=s.in_flight,
+        latency_ewma=to_duration(s.latency_ewma_s),
+        health_reason=s.health_reason,
+        source=s.endpoint.source,
+    )
+    if s.load is not None:
+        status.load.CopyFrom(load_to_proto(s.load))
+    return status
+
+
+def health_status_from_proto(value: int) -> HealthStatus:
+    return HealthStatus(value) if value in HealthStatus._value2member_map_ else HealthStatus.UNKNOWN
+
+
+def list_response(states: list[EndpointState]) -> rpb.ListEndpointsResponse:
+    return rpb.ListEndpointsResponse(
+        endpoints=[endpoint_to_proto(s.endpoint) for s in states],
+        statuses={s.endpoint.id: endpoint_status_to_proto(s) for s in states},
+    )

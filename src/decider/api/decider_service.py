@@ -1,0 +1,76 @@
+"""DeciderService: Decide, ReportOutcome and WatchHealth over the engine and the watch hub."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from decider.api import convert, validate
+from decider.api.errors import abort, map_errors, status_for_refusal, unary
+from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
+from decider.core.model import Refusal, Result
+from decider.v1 import decider_service_pb2 as dpb
+from decider.v1 import decider_service_pb2_grpc as dgrpc
+from decider.watch import WatchHub
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class DeciderService(dgrpc.DeciderServiceServicer):
+    def __init__(
+        self,
+        engine: DecisionEngine,
+        hub: WatchHub,
+        *,
+        clock: Clock = time.monotonic,
+        on_failure: Callable[[str], None] | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self._engine = engine
+        self._hub = hub
+        self._clock = clock
+        # Called with the endpoint id when an outcome reports ERROR or TIMEOUT (prober.probe_soon).
+        self._on_failure = on_failure
+        self._observer: Observer = observer or NullObserver()
+
+    @unary
+    async def Decide(self, request: dpb.DecideRequest, context: Context) -> dpb.DecideResponse:
+        validate.decide_request(request)
+        route = convert.route_request_from_proto(request)
+        started = time.perf_counter()
+        result = self._engine.decide(route, now=self._clock())
+        self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
+        if isinstance(result, Refusal):
+            await abort(context, status_for_refusal(result))
+        else:
+            return convert.decision_to_proto(result)
+
+    @unary
+    async def ReportOutcome(
+        self, request: dpb.ReportOutcomeRequest, context: Context
+    ) -> dpb.ReportOutcomeResponse:
+        validate.report_outcome_request(request)
+        outcome = convert.outcome_from_proto(request)
+        found = self._engine.record_outcome(outcome, now=self._clock())
+        self._observer.outcome_reported(outcome, decision_found=found)
+        if self._on_failure is not None and outcome.result in (Result.ERROR, Result.TIMEOUT):
+            self._on_failure(outcome.endpoint_id)
+        return dpb.ReportOutcomeResponse(decision_found=found)
+
+    async def WatchHealth(
+        self, request: dpb.WatchHealthRequest, context: Context
+    ) -> AsyncIterator[dpb.WatchHealthResponse]:
+        async with map_errors(context):
+            validate.watch_health_request(request)
+            watcher = self._hub.open(request.model)
+        try:
+            async for batch in watcher:
+                yield dpb.WatchHealthResponse(
+                    events=[convert.health_event_to_proto(e) for e in batch.events],
+                    snapshot=batch.snapshot,
+                )
+        finally:
+            self._hub.release(watcher)

@@ -1,0 +1,125 @@
+"""Server interceptors: admission (shutdown and the concurrent-RPC limit) and the admin token."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias, cast
+
+import grpc
+
+from decider.api.errors import abort, shutting_down_status, status_for_error
+from decider.errors import Overloaded, Unauthenticated
+
+# Quoted: grpc.RpcMethodHandler is generic only in the type stubs.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+REGISTRY_SERVICE = "decider.v1.RegistryService"
+# Health must keep answering while draining (that is how load balancers see NOT_SERVING).
+_ALWAYS_ADMITTED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _deny(handler: Handler, status: grpc.Status) -> Handler:
+    """A handler with the same shape as `handler` that ends every call with `status`."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await abort(context, status)
+
+    if handler.request_streaming:
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
+    else:
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+    return factory(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses new RPCs once draining, and unary RPCs beyond `max_concurrent`.
+
+    Streams (WatchHealth) are left to the watch hub's own limit, so many long-lived watchers
+    do not use up the request budget. The count is taken inside the handler, before its first
+    await, so it is exact on the single event loop thread.
+    """
+
+    def __init__(self, *, max_concurrent: int) -> None:
+        self._max = max_concurrent
+        self._active = 0
+        self.draining = False
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_ALWAYS_ADMITTED):
+            return handler
+        if self.draining:
+            return _deny(handler, shutting_down_status())
+        if handler.request_streaming or handler.response_streaming:
+            return handler
+        # grpc.aio stores the servicer's coroutine method here; the stubs type it for sync.
+        behavior = cast(UnaryBehavior, handler.unary_unary)
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self._active >= self._max:
+                await abort(
+                    context,
+                    status_for_error(
+                        Overloaded(
+                            f"the server is serving {self._active} RPCs, its limit "
+                            "(server.max_concurrent_rpcs); retry with backoff"
+                        )
+                    ),
+                )
+            self._active += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self._active -= 1
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
+    """RegistryService calls need `authorization: Bearer <token>` when a token is configured."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(f"/{REGISTRY_SERVICE}/"):
+            return handler
+        presented = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                presented = value
+        if hmac.compare_digest(presented.encode(), self._expected):
+            return handler
+        why = "no authorization metadata" if not presented else "the bearer token does not match"
+        error = Unauthenticated(
+            f"{REGISTRY_SERVICE} needs 'authorization: Bearer <admin token>' metadata ({why})"
+        )
+        return _deny(handler, status_for_error(error))

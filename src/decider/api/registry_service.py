@@ -1,0 +1,74 @@
+"""RegistryService: endpoint administration and standalone prober results (admin token applies)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+
+from decider.api import convert, validate
+from decider.api.errors import unary
+from decider.api.ports import Clock, DecisionEngine
+from decider.registry import Registry, validated
+from decider.v1 import registry_service_pb2 as rpb
+from decider.v1 import registry_service_pb2_grpc as rgrpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class RegistryService(rgrpc.RegistryServiceServicer):
+    def __init__(
+        self, registry: Registry, engine: DecisionEngine, *, clock: Clock = time.monotonic
+    ) -> None:
+        self._registry = registry
+        self._engine = engine
+        self._clock = clock
+
+    @unary
+    async def RegisterEndpoint(
+        self, request: rpb.RegisterEndpointRequest, context: Context
+    ) -> rpb.RegisterEndpointResponse:
+        validate.register_endpoint_request(request)
+        endpoint = validated(convert.endpoint_from_proto(request.endpoint), prefix="endpoint.")
+        created = self._registry.register(endpoint)
+        stored = self._registry.get(endpoint.id) or endpoint
+        return rpb.RegisterEndpointResponse(
+            endpoint=convert.endpoint_to_proto(stored), created=created
+        )
+
+    @unary
+    async def DeregisterEndpoint(
+        self, request: rpb.DeregisterEndpointRequest, context: Context
+    ) -> rpb.DeregisterEndpointResponse:
+        validate.deregister_endpoint_request(request)
+        self._registry.deregister(request.endpoint_id)
+        return rpb.DeregisterEndpointResponse()
+
+    @unary
+    async def ListEndpoints(
+        self, request: rpb.ListEndpointsRequest, context: Context
+    ) -> rpb.ListEndpointsResponse:
+        validate.list_endpoints_request(request)
+        states = self._engine.endpoint_states(model=request.model, now=self._clock())
+        return convert.list_response(sorted(states, key=lambda s: s.endpoint.id))
+
+    @unary
+    async def ReportProbeResults(
+        self, request: rpb.ReportProbeResultsRequest, context: Context
+    ) -> rpb.ReportProbeResultsResponse:
+        validate.report_probe_results_request(request)
+        now = self._clock()
+        unknown: list[str] = []
+        prober = request.prober_id or "standalone prober"
+        for result in request.results:
+            if self._registry.get(result.endpoint_id) is None:
+                unknown.append(result.endpoint_id)
+                continue
+            status = convert.health_status_from_proto(result.status)
+            reason = f"{prober}: {result.reason}" if result.reason else prober
+            self._engine.set_health(result.endpoint_id, status, reason=reason, now=now)
+            if result.HasField("load"):
+                load = convert.load_from_proto(result.load)
+                self._engine.record_load(result.endpoint_id, load, now=now)
+        return rpb.ReportProbeResultsResponse(unknown_endpoint_ids=unknown)
