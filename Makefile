@@ -1,10 +1,12 @@
 # Decider: `make run` serves decisions on the embedded default; `make test` installs and tests everything.
 SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := $(CURDIR)/.tools
 export PATH := $(TOOLS)/bin:$(TOOLS)/node_modules/.bin:$(PATH)
+PYTEST_ARGS ?=
 
 # Versions pinned so generated code and tool output are reproducible.
 BUF_VERSION := 1.75.0
@@ -13,12 +15,19 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: install tools run test test-python test-go lint proto proto-check bench bench-grpc sim clean
+.PHONY: help install tools run test test-python test-go lint proto proto-check bench bench-grpc sim clean
+
+help:
+	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
+	@echo "make test   install everything (venv, grpcurl, buf), check generated code, run all tests"
+	@echo "make lint   ruff, mypy --strict on src, buf lint"
+	@echo "make proto  regenerate src/decider/v1 from protos/"
 
 install: $(VENV)/.installed tools
 
+# Reinstalls when pyproject.toml changes; the marker keeps repeated runs fast.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
@@ -35,8 +44,14 @@ $(TOOLS)/node_modules/.bin/buf:
 run: install
 	$(VENV)/bin/decider serve --demo
 
-test: install proto-check
-	$(PY) -m pytest -q
+test: install proto-check test-python
+
+# pytest exits 5 when it collected nothing; that is a failure here, never a pass.
+test-python: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-go:
+	@if [ -f clients/go/go.mod ]; then cd clients/go && go test ./...; else echo "no clients/go/go.mod: skipping go test"; fi
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
@@ -47,11 +62,18 @@ lint: install
 proto: install
 	PYTHON=$(PY) scripts/gen_proto.sh
 
-# Fails when the committed stubs differ from what the protos produce.
+# Fails when the committed stubs differ from what the protos produce, including generated
+# files that exist but were never committed.
 proto-check: install
 	cd protos && buf lint
 	PYTHON=$(PY) scripts/gen_proto.sh
-	git diff --exit-code --stat -- src/decider/v1 || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+	@if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  echo "proto-check: not a git checkout, freshness not checked"; exit 0; fi; \
+	changed="$$(git status --porcelain --untracked-files=all -- src/decider/v1)"; \
+	if [ -n "$$changed" ]; then \
+	  echo "$$changed"; git --no-pager diff --stat -- src/decider/v1; \
+	  echo "generated code is stale: run 'make proto' and commit src/decider/v1"; exit 1; fi; \
+	echo "proto-check: generated code is fresh"
 
 bench: install
 	$(PY) bench/bench_core.py

@@ -1,0 +1,92 @@
+"""`decider serve` and `decider check-config`; `python -m decider` is the same program."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from decider import __version__, config
+from decider.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="decider", description="Routing decisions for LLM gateways over gRPC."
+    )
+    parser.add_argument("--version", action="version", version=f"decider {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve DeciderService and RegistryService")
+    serve.add_argument("--config", help="TOML config file (default: $DECIDER_CONFIG, or none)")
+    serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
+    serve.add_argument("--admin-token", help="bearer token RegistryService calls must present")
+    serve.add_argument("--data-dir", help="directory for the registry store ('' = in memory)")
+    serve.add_argument("--grace-period-s", type=float, help="drain time after SIGTERM")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve the embedded example with local stand-in model servers (make run)",
+    )
+
+    check = sub.add_parser("check-config", help="validate a config file without serving")
+    check.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return _check_config(args.file)
+        return _serve(args)
+    except ConfigError as exc:
+        print(f"decider: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check_config(path: str) -> int:
+    settings = config.load(path)
+    print(
+        f"{path}: ok ({len(settings.endpoints)} endpoints, "
+        f"listen {settings.server.listen}, "
+        f"default strategy {settings.engine.routing.default_strategy})"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags: dict[str, Any] = {
+        "listen": args.listen,
+        "admin_token": args.admin_token,
+        "data_dir": args.data_dir,
+        "grace_period_s": args.grace_period_s,
+    }
+    path = args.config or os.environ.get("DECIDER_CONFIG") or None
+    if args.demo:
+        from decider import demo
+
+        settings = demo.load_settings(path, env=os.environ, flags=flags)
+        _setup_logging(settings.server.log_level)
+        asyncio.run(demo.run(settings))
+        return 0
+    settings = config.load(path, env=os.environ, flags=flags)
+    _setup_logging(settings.server.log_level)
+    from decider.server import serve
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )

@@ -1,0 +1,198 @@
+"""The grpc.aio process: wires registry -> engine <- prober, watch hub, servicers; owns lifecycle.
+
+Start: registry snapshot -> engine and prober; gRPC server with health, reflection and the
+interceptors; the engine tick loop and the prober run as tasks.
+Stop (SIGTERM/SIGINT or the shutdown trigger): health NOT_SERVING, new RPCs refused, watch
+streams ended cleanly, in-flight RPCs given `grace_period_s` to finish, then tasks closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from decider.api.convert import health_event_from_state
+from decider.api.decider_service import DeciderService
+from decider.api.interceptors import AdminTokenInterceptor, AdmissionInterceptor
+from decider.api.ports import Clock, Observer
+from decider.api.registry_service import RegistryService
+from decider.config import Settings
+from decider.core.engine import Engine
+from decider.core.model import Endpoint, HealthEvent
+from decider.errors import ConfigError
+from decider.registry import EndpointStore, Registry
+from decider.v1 import decider_service_pb2, registry_service_pb2
+from decider.v1 import decider_service_pb2_grpc as dgrpc
+from decider.v1 import registry_service_pb2_grpc as rgrpc
+from decider.watch import WatchHub
+from probe import Prober
+
+log = logging.getLogger("decider.server")
+
+DECIDER_SERVICE = decider_service_pb2.DESCRIPTOR.services_by_name["DeciderService"].full_name
+REGISTRY_SERVICE = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+HEALTH_SERVICES = ("", DECIDER_SERVICE, REGISTRY_SERVICE)
+
+
+class DeciderServer:
+    """One Decider process. `start()` binds and serves; `stop()` drains and releases."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        srv = settings.server
+        store = EndpointStore(srv.data_dir) if srv.data_dir else None
+        self.registry = Registry(settings.endpoints, store=store)
+        self.hub = WatchHub(
+            self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
+        )
+        self.engine = Engine(settings.engine, rng=rng or random.Random(), on_event=self._on_event)
+        self.prober = Prober(settings.probe, self.engine, clock=clock)
+        self.registry.subscribe(self._on_membership)
+        self._on_membership(self.registry.snapshot())
+
+        self.admission = AdmissionInterceptor(max_concurrent=srv.max_concurrent_rpcs)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.admission]
+        if srv.admin_token:
+            interceptors.append(AdminTokenInterceptor(srv.admin_token))
+        self._server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", srv.max_message_bytes),
+                ("grpc.max_send_message_length", srv.max_message_bytes),
+                # Two servers must never share a port by accident.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        dgrpc.add_DeciderServiceServicer_to_server(
+            DeciderService(
+                self.engine,
+                self.hub,
+                clock=clock,
+                on_failure=self.prober.probe_soon,
+                observer=observer,
+            ),
+            self._server,
+        )
+        rgrpc.add_RegistryServiceServicer_to_server(
+            RegistryService(self.registry, self.engine, clock=clock), self._server
+        )
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (
+                DECIDER_SERVICE,
+                REGISTRY_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    async def start(self) -> int:
+        """Binds, starts serving and returns the bound port (useful with port 0)."""
+        listen = self.settings.server.listen
+        try:
+            self.port = self._server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise ConfigError(f"server.listen: cannot listen on {listen!r}: {exc}") from exc
+        await self._server.start()
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks = [
+            asyncio.create_task(self._tick_loop(), name="decider-tick"),
+            asyncio.create_task(self.prober.run(), name="decider-prober"),
+        ]
+        log.info("decider serving on %s (port %d)", listen, self.port)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drains: NOT_SERVING, refuse new RPCs, end watch streams, let in-flight ones finish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.server.grace_period_s if grace_s is None else grace_s
+        log.info("decider draining (grace %.1fs)", grace)
+        self.admission.draining = True
+        await self.health.enter_graceful_shutdown()
+        self.hub.close()
+        await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await self.prober.aclose()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.registry.close()
+        log.info("decider stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    def _on_membership(self, endpoints: Sequence[Endpoint]) -> None:
+        self.engine.set_endpoints(endpoints, now=self._clock())
+        self.prober.set_endpoints(endpoints)
+
+    def _on_event(self, event: HealthEvent) -> None:
+        # Called by the engine mid-method: only enqueue (watch.py never blocks).
+        self.hub.publish(event)
+
+    def _health_snapshot(self, model: str) -> list[HealthEvent]:
+        states = self.engine.endpoint_states(model=model, now=self._clock())
+        return [health_event_from_state(s) for s in sorted(states, key=lambda s: s.endpoint.id)]
+
+    async def _tick_loop(self) -> None:
+        interval_s = self.settings.server.tick_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.engine.tick(now=self._clock())
+            except Exception:
+                log.exception("engine tick failed")
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    on_ready: Callable[[DeciderServer], None] | None = None,
+) -> None:
+    """Serves until `shutdown_trigger` returns; without one, until SIGTERM or SIGINT."""
+    server = DeciderServer(settings)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    if on_ready is not None:
+        on_ready(server)
+    if shutdown_trigger is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        shutdown_trigger = stop.wait
+    try:
+        await shutdown_trigger()
+    finally:
+        await server.stop()
