@@ -1,0 +1,1 @@
+"""Benchmarks and the cluster simulator; run from the repository root."""
