@@ -1,0 +1,477 @@
+"""Prometheus metrics: Decider's own registry, the counters the hot path bumps, gauges read
+from live engine state at scrape time, and the /metrics server behind `--metrics-listen`.
+
+Per-decision work is one dict lookup and one `inc()`/`observe()` on a pre-bound child. Endpoint
+health, breaker state, in-flight and watcher gauges are never updated on the hot path: a
+collector asks the engine at scrape time, on the event loop thread (the engine is not
+thread-safe), and the text is rendered in a worker thread so a large fleet does not stall Decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import gzip
+import logging
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from decider import __version__
+from decider.core.model import (
+    BreakerState,
+    Decision,
+    EndpointState,
+    HealthStatus,
+    Refusal,
+    RefusalKind,
+    Result,
+    RouteRequest,
+)
+from decider.errors import ConfigError
+
+__all__ = ["MetricName", "Metrics", "MetricsServer", "parse_listen"]
+
+log = logging.getLogger("decider.metrics")
+
+
+class MetricName:
+    """Every series Decider exports (documented in docs/OBSERVABILITY.md)."""
+
+    DECISIONS: Final = "decider_decisions_total"
+    DECISION_DURATION: Final = "decider_decision_duration_seconds"
+    OUTCOMES: Final = "decider_outcomes_total"
+    OUTCOMES_UNMATCHED: Final = "decider_outcomes_unmatched_total"
+    QUOTA_REJECTIONS: Final = "decider_quota_rejections_total"
+    PROBES: Final = "decider_probes_total"
+    PROBE_DURATION: Final = "decider_probe_duration_seconds"
+    PROBE_SCRAPE_ERRORS: Final = "decider_probe_scrape_errors_total"
+    ENDPOINT_HEALTH: Final = "decider_endpoint_health"
+    ENDPOINT_BREAKER_STATE: Final = "decider_endpoint_breaker_state"
+    ENDPOINT_IN_FLIGHT: Final = "decider_endpoint_in_flight"
+    ENDPOINT_LATENCY_EWMA: Final = "decider_endpoint_latency_ewma_seconds"
+    ENDPOINT_QUEUE_DEPTH: Final = "decider_endpoint_queue_depth"
+    ENDPOINT_KV_CACHE_UTILIZATION: Final = "decider_endpoint_kv_cache_utilization"
+    WATCHERS: Final = "decider_watchers"
+    BUILD_INFO: Final = "decider_build_info"
+
+
+# Decisions are tens of microseconds in the engine, a few hundred through gRPC.
+DECISION_BUCKETS_S: Final = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+)
+PROBE_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# The `result` label: "ok", "explain", or the refusal kind in lower case.
+_REFUSAL_RESULT: Final = {kind: kind.value.lower() for kind in RefusalKind}
+_HEALTH_LABELS: Final = tuple((s, s.name.lower()) for s in HealthStatus)
+_BREAKER_LABELS: Final = tuple((s, s.name.lower()) for s in BreakerState)
+_OUTCOME_LABELS: Final = {r: r.name.lower() for r in Result}
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    endpoints: tuple[EndpointState, ...]
+    watchers: int | None
+
+
+class _LiveState:
+    """Collector for gauges whose truth lives elsewhere (the engine, the watch hub)."""
+
+    def __init__(self) -> None:
+        self.endpoint_states: Callable[[], Sequence[EndpointState]] | None = None
+        self.watcher_count: Callable[[], int] | None = None
+        # Set by MetricsServer in the rendering thread's context: the snapshot taken on the loop.
+        self.pinned: contextvars.ContextVar[_Snapshot | None] = contextvars.ContextVar(
+            "decider_metrics_snapshot", default=None
+        )
+
+    def snapshot(self) -> _Snapshot:
+        states = self.endpoint_states
+        watchers = self.watcher_count
+        return _Snapshot(
+            endpoints=tuple(states()) if states is not None else (),
+            watchers=watchers() if watchers is not None else None,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(_Snapshot((), 0))
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self.pinned.get() or self.snapshot())
+
+    def _families(self, snap: _Snapshot) -> list[Metric]:
+        labels = ["endpoint_id", "model"]
+        health = GaugeMetricFamily(
+            MetricName.ENDPOINT_HEALTH,
+            "Endpoint health: 1 for the current status, 0 for the others.",
+            labels=[*labels, "status"],
+        )
+        breaker = GaugeMetricFamily(
+            MetricName.ENDPOINT_BREAKER_STATE,
+            "Circuit breaker: 1 for the current state, 0 for the others.",
+            labels=[*labels, "state"],
+        )
+        in_flight = GaugeMetricFamily(
+            MetricName.ENDPOINT_IN_FLIGHT,
+            "Decisions sent to the endpoint with no outcome reported yet.",
+            labels=labels,
+        )
+        latency = GaugeMetricFamily(
+            MetricName.ENDPOINT_LATENCY_EWMA,
+            "Moving average of reported request latency.",
+            labels=labels,
+        )
+        queue = GaugeMetricFamily(
+            MetricName.ENDPOINT_QUEUE_DEPTH,
+            "Queue depth from the endpoint's last load report.",
+            labels=labels,
+        )
+        kv_cache = GaugeMetricFamily(
+            MetricName.ENDPOINT_KV_CACHE_UTILIZATION,
+            "KV-cache utilisation (0 to 1) from the endpoint's last load report.",
+            labels=labels,
+        )
+        for state in snap.endpoints:
+            ids = [state.endpoint.id, state.endpoint.model]
+            for status, name in _HEALTH_LABELS:
+                health.add_metric([*ids, name], 1.0 if state.health is status else 0.0)
+            for breaker_state, name in _BREAKER_LABELS:
+                breaker.add_metric(
+                    [*ids, name], 1.0 if state.breaker_state is breaker_state else 0.0
+                )
+            in_flight.add_metric(ids, state.in_flight)
+            latency.add_metric(ids, state.latency_ewma_s)
+            if state.load is not None:
+                queue.add_metric(ids, state.load.queue_depth)
+                kv_cache.add_metric(ids, state.load.kv_cache_utilization)
+        families: list[Metric] = [health, breaker, in_flight, latency, queue, kv_cache]
+        if snap.watchers is not None:
+            watchers = GaugeMetricFamily(MetricName.WATCHERS, "Open WatchHealth streams.")
+            watchers.add_metric([], snap.watchers)
+            families.append(watchers)
+        build = GaugeMetricFamily(
+            MetricName.BUILD_INFO, "Decider version; always 1.", labels=["version"]
+        )
+        build.add_metric([__version__], 1.0)
+        families.append(build)
+        return families
+
+
+class Metrics:
+    """Decider's metrics in their own CollectorRegistry (never the process-global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._decisions = Counter(
+            MetricName.DECISIONS,
+            "Decide calls by requested model, strategy used and result.",
+            ["model", "strategy", "result"],
+            registry=r,
+        )
+        self._decision_duration = Histogram(
+            MetricName.DECISION_DURATION,
+            "Server-side time to decide (explain requests excluded).",
+            ["strategy"],
+            buckets=DECISION_BUCKETS_S,
+            registry=r,
+        )
+        self._outcomes = Counter(
+            MetricName.OUTCOMES, "Reported outcomes by result.", ["result"], registry=r
+        )
+        self._outcomes_unmatched = Counter(
+            MetricName.OUTCOMES_UNMATCHED,
+            "Reported outcomes whose decision_id was unknown or expired.",
+            registry=r,
+        )
+        self._quota_rejections = Counter(
+            MetricName.QUOTA_REJECTIONS,
+            "Decide calls refused because the tenant was over quota.",
+            ["model"],
+            registry=r,
+        )
+        self._probes = Counter(
+            MetricName.PROBES,
+            "Prober checks by endpoint, check kind and result.",
+            ["endpoint_id", "kind", "result"],
+            registry=r,
+        )
+        self._probe_duration = Histogram(
+            MetricName.PROBE_DURATION,
+            "Time each prober check took.",
+            ["kind"],
+            buckets=PROBE_BUCKETS_S,
+            registry=r,
+        )
+        self._scrape_errors = Counter(
+            MetricName.PROBE_SCRAPE_ERRORS,
+            "Load-metrics scrapes that failed, by endpoint and reason.",
+            ["endpoint_id", "reason"],
+            registry=r,
+        )
+        self._live = _LiveState()
+        r.register(self._live)
+        # Pre-bound children: labels() takes a lock and hashes the label tuple each call.
+        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+        self._outcome_children: dict[Result, Counter] = {}
+        self._endpoint_series: dict[str, set[tuple[Counter, tuple[str, ...]]]] = {}
+
+    # ---------------------------------------------------------------- live sources
+
+    def bind_endpoint_states(self, source: Callable[[], Sequence[EndpointState]]) -> None:
+        """Where endpoint gauges come from; called at scrape time on the event loop thread."""
+        self._live.endpoint_states = source
+
+    def bind_watcher_count(self, source: Callable[[], int]) -> None:
+        self._live.watcher_count = source
+
+    # ---------------------------------------------------------------- hot path
+
+    def record_decision(
+        self, request: RouteRequest, result: Decision | Refusal, elapsed_s: float
+    ) -> None:
+        if isinstance(result, Decision):
+            key = (request.model, result.strategy, "explain" if request.explain else "ok")
+        else:
+            # A model nobody serves is not a label value: clients could mint unbounded series.
+            model = "" if result.kind is RefusalKind.MODEL_NOT_FOUND else request.model
+            key = (model, "", _REFUSAL_RESULT[result.kind])
+            if result.kind is RefusalKind.QUOTA_EXHAUSTED:
+                self._quota_rejections.labels(model).inc()
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self._decisions.labels(*key)
+        child.inc()
+        if not request.explain:
+            strategy = key[1]
+            histogram = self._duration_children.get(strategy)
+            if histogram is None:
+                histogram = self._duration_children[strategy] = self._decision_duration.labels(
+                    strategy
+                )
+            histogram.observe(elapsed_s)
+
+    def record_decision_error(self, result: str = "invalid_argument") -> None:
+        """A Decide that failed before the engine answered (e.g. a malformed request)."""
+        key = ("", "", result)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self._decisions.labels(*key)
+        child.inc()
+
+    def record_outcome(self, result: Result, *, decision_found: bool) -> None:
+        child = self._outcome_children.get(result)
+        if child is None:
+            child = self._outcome_children[result] = self._outcomes.labels(_OUTCOME_LABELS[result])
+        child.inc()
+        if not decision_found:
+            self._outcomes_unmatched.inc()
+
+    # ---------------------------------------------------------------- prober
+
+    def record_probe(self, endpoint_id: str, *, kind: str, healthy: bool, latency_s: float) -> None:
+        """One prober check (kind: "http", "liveness", "metrics")."""
+        labels = (endpoint_id, kind, "healthy" if healthy else "unhealthy")
+        self._probes.labels(*labels).inc()
+        self._probe_duration.labels(kind).observe(latency_s)
+        self._endpoint_series.setdefault(endpoint_id, set()).add((self._probes, labels))
+
+    def record_scrape_error(self, endpoint_id: str, *, reason: str) -> None:
+        """A failed or unparsable load-metrics scrape; `reason` must be short and bounded."""
+        labels = (endpoint_id, reason)
+        self._scrape_errors.labels(*labels).inc()
+        self._endpoint_series.setdefault(endpoint_id, set()).add((self._scrape_errors, labels))
+
+    def forget_endpoint(self, endpoint_id: str) -> None:
+        """Drops a deregistered endpoint's prober series, so churn does not grow the output."""
+        for counter, labels in self._endpoint_series.pop(endpoint_id, ()):
+            counter.remove(*labels)
+
+    # ---------------------------------------------------------------- exposition
+
+    def snapshot(self) -> _Snapshot:
+        """Live state for one scrape; call on the thread that owns the engine."""
+        return self._live.snapshot()
+
+    def render(
+        self,
+        encoder: Callable[[CollectorRegistry], bytes],
+        snapshot: _Snapshot | None = None,
+    ) -> bytes:
+        """The exposition text; with a snapshot it is safe to call from any thread."""
+        token = self._live.pinned.set(snapshot)
+        try:
+            return encoder(self.registry)
+        finally:
+            self._live.pinned.reset(token)
+
+
+# --------------------------------------------------------------------------- HTTP server
+
+_LISTEN: Final = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
+_READ_TIMEOUT_S: Final = 10.0
+_MAX_HEAD_BYTES: Final = 16 * 1024
+
+
+def parse_listen(value: str, *, name: str = "--metrics-listen") -> tuple[str, int]:
+    """`HOST:PORT`, `[IPv6]:PORT`, or `:PORT` (all interfaces) -> (host, port)."""
+    match = _LISTEN.fullmatch(value.strip())
+    port = int(match["port"]) if match else -1
+    if match is None or port > 65535:
+        raise ConfigError(f"{name}: {value!r}, must be HOST:PORT (e.g. 127.0.0.1:9464)")
+    return (match["v6"] if match["v6"] is not None else match["host"]), port
+
+
+class MetricsServer:
+    """A small asyncio HTTP/1.1 server for GET /metrics.
+
+    Chosen over prometheus_client's threaded server because the engine must be read on the
+    event loop thread; here the snapshot is taken on the loop and only the rendering (the
+    costly part for many endpoints) runs in a worker thread. It binds exactly the host given,
+    supports port 0, gzip and OpenMetrics negotiation, and closes with the server.
+    """
+
+    def __init__(self, metrics: Metrics, *, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0); valid after start()."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("metrics server is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(
+            self._on_connection, host=self._host or None, port=self._port, limit=_MAX_HEAD_BYTES
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> MetricsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            await self._serve_one(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
+        except (TimeoutError, asyncio.LimitOverrunError):
+            await _respond(writer, 400, b"bad request\n")
+            return
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            await _respond(writer, 400, b"bad request\n")
+            return
+        method, target, _ = parts
+        headers: dict[str, str] = {}
+        for line in header_lines:
+            key, sep, value = line.partition(":")
+            if sep:
+                headers[key.strip().lower()] = value.strip()
+        path = urllib.parse.urlsplit(target).path
+        if path not in ("/metrics", "/metrics/"):
+            await _respond(writer, 404, b"not found: try /metrics\n")
+            return
+        if method not in ("GET", "HEAD"):
+            await _respond(writer, 405, b"method not allowed\n", [("Allow", "GET, HEAD")])
+            return
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        compress = "gzip" in headers.get("accept-encoding", "").lower()
+        try:
+            snapshot = self._metrics.snapshot()
+            body = await asyncio.to_thread(self._render, encoder, snapshot, compress)
+        except Exception:
+            log.exception("collecting metrics failed")
+            await _respond(writer, 500, b"collecting metrics failed\n")
+            return
+        extra = [("Content-Type", content_type)]
+        if compress:
+            extra.append(("Content-Encoding", "gzip"))
+        await _respond(writer, 200, body, extra, head_only=method == "HEAD")
+
+    def _render(
+        self, encoder: Callable[[CollectorRegistry], bytes], snapshot: _Snapshot, compress: bool
+    ) -> bytes:
+        body = self._metrics.render(encoder, snapshot)
+        return gzip.compress(body, compresslevel=5) if compress else body
+
+
+_REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+async def _respond(
+    writer: asyncio.StreamWriter,
+    status: int,
+    body: bytes,
+    headers: Sequence[tuple[str, str]] = (),
+    *,
+    head_only: bool = False,
+) -> None:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Internal Server Error')}"]
+    if not any(k == "Content-Type" for k, _ in headers):
+        lines.append("Content-Type: text/plain; charset=utf-8")
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    if not head_only:
+        writer.write(body)
+    await writer.drain()
