@@ -78,5 +78,9 @@ proto-check: install
 bench: install
 	$(PY) bench/bench_core.py
 
+# Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
+sim: install
+	$(PY) -m bench.sim
+
 clean:
 	rm -rf $(VENV) $(TOOLS)
