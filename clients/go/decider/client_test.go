@@ -3,93 +3,33 @@ package decider
 import (
 	"context"
 	"errors"
-	"net"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/decider-dev/decider/clients/go/gen/decider/v1"
+	"github.com/decider-dev/decider/clients/go/internal/decidertest"
 )
 
-// fakeDecider answers Decide from a script and records every outcome. It is
-// the unit-level stand-in; decider_integration_test.go runs the real server.
-type fakeDecider struct {
-	pb.UnimplementedDeciderServiceServer
-	mu       sync.Mutex
-	decide   func(*pb.DecideRequest) (*pb.DecideResponse, error)
-	requests []*pb.DecideRequest
-	outcomes []*pb.ReportOutcomeRequest
-	watch    chan *pb.WatchHealthResponse
-}
+type fakeDecider = decidertest.Fake
 
-func (f *fakeDecider) Decide(_ context.Context, req *pb.DecideRequest) (*pb.DecideResponse, error) {
-	f.mu.Lock()
-	f.requests = append(f.requests, req)
-	f.mu.Unlock()
-	return f.decide(req)
-}
-
-func (f *fakeDecider) ReportOutcome(_ context.Context, req *pb.ReportOutcomeRequest) (*pb.ReportOutcomeResponse, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.outcomes = append(f.outcomes, req)
-	return &pb.ReportOutcomeResponse{DecisionFound: true}, nil
-}
-
-func (f *fakeDecider) WatchHealth(_ *pb.WatchHealthRequest, stream grpc.ServerStreamingServer[pb.WatchHealthResponse]) error {
-	for {
-		select {
-		case resp := <-f.watch:
-			if err := stream.Send(resp); err != nil {
-				return err
-			}
-		case <-stream.Context().Done():
-			return nil
-		}
-	}
-}
-
-func (f *fakeDecider) recorded() ([]*pb.DecideRequest, []*pb.ReportOutcomeRequest) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return slices.Clone(f.requests), slices.Clone(f.outcomes)
-}
-
-// startFake serves f on an in-memory listener and returns a client for it plus
-// a stop function that takes the fake server down (Decider "unreachable").
+// startFake serves f on 127.0.0.1 and returns a client for it plus a stop
+// function that takes the fake down (Decider "unreachable").
 func startFake(t *testing.T, f *fakeDecider, opts Options) (*Client, func()) {
 	t.Helper()
-	if f.watch == nil {
-		f.watch = make(chan *pb.WatchHealthResponse, 16)
-	}
-	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer()
-	pb.RegisterDeciderServiceServer(srv, f)
-	go func() { _ = srv.Serve(lis) }()
-	conn, err := grpc.NewClient("passthrough:///fake",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	decidertest.StartFake(t, f)
+	c, err := Dial(f.Addr, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := New(conn, opts)
-	var once sync.Once
-	stop := func() { once.Do(func() { srv.Stop(); _ = lis.Close() }) }
-	t.Cleanup(func() {
-		_ = c.Close()
-		_ = conn.Close()
-		stop()
-	})
-	return c, stop
+	t.Cleanup(func() { _ = c.Close() })
+	return c, f.Stop
 }
 
 func ep(id string) *pb.Endpoint {
@@ -112,7 +52,7 @@ func tryScript(results map[string]pb.Result) (TryFunc, *[]string) {
 }
 
 func TestRouteTriesFallbacksInOrderAndReportsEachAttempt(t *testing.T) {
-	f := &fakeDecider{decide: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
 		return &pb.DecideResponse{DecisionId: "d1", Endpoint: ep("a"), Fallbacks: []*pb.Endpoint{ep("b"), ep("c")}}, nil
 	}}
 	c, _ := startFake(t, f, Options{})
@@ -131,7 +71,7 @@ func TestRouteTriesFallbacksInOrderAndReportsEachAttempt(t *testing.T) {
 	if err := c.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	_, outcomes := f.recorded()
+	outcomes := f.Outcomes()
 	results := map[string]pb.Result{}
 	for _, o := range outcomes {
 		if o.GetDecisionId() != "d1" || o.GetInputTokens() != 10 || o.GetOutputTokens() != 5 || o.GetLatency() == nil {
@@ -146,7 +86,7 @@ func TestRouteTriesFallbacksInOrderAndReportsEachAttempt(t *testing.T) {
 }
 
 func TestRouteDecidesAgainExcludingTriedEndpoints(t *testing.T) {
-	f := &fakeDecider{decide: func(req *pb.DecideRequest) (*pb.DecideResponse, error) {
+	f := &fakeDecider{DecideFunc: func(req *pb.DecideRequest) (*pb.DecideResponse, error) {
 		if slices.Contains(req.GetExcludeEndpointIds(), "a") {
 			return &pb.DecideResponse{DecisionId: "d2", Endpoint: ep("b")}, nil
 		}
@@ -162,14 +102,14 @@ func TestRouteDecidesAgainExcludingTriedEndpoints(t *testing.T) {
 	if !slices.Equal(*seen, []string{"a", "b"}) || routed.DecisionID != "d2" {
 		t.Fatalf("tried %v, decision %q", *seen, routed.DecisionID)
 	}
-	reqs, _ := f.recorded()
+	reqs := f.Requests()
 	if len(reqs) != 2 || !slices.Equal(reqs[1].GetExcludeEndpointIds(), []string{"z", "a"}) {
 		t.Fatalf("second Decide excluded %v, want [z a]", reqs[len(reqs)-1].GetExcludeEndpointIds())
 	}
 }
 
 func TestRouteStopsAtPolicyMaxAttempts(t *testing.T) {
-	f := &fakeDecider{decide: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
 		return &pb.DecideResponse{
 			DecisionId: "d", Endpoint: ep("a"), Fallbacks: []*pb.Endpoint{ep("b"), ep("c")},
 			Retry: &pb.RetryPolicy{MaxAttempts: 2, InitialBackoff: durationpb.New(time.Millisecond)},
@@ -188,7 +128,7 @@ func TestRouteStopsAtPolicyMaxAttempts(t *testing.T) {
 }
 
 func TestRouteStopsWhenDeciderKeepsNamingTriedEndpoints(t *testing.T) {
-	f := &fakeDecider{decide: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
 		return &pb.DecideResponse{DecisionId: "d", Endpoint: ep("a")}, nil
 	}}
 	c, _ := startFake(t, f, Options{MaxAttempts: 4})
@@ -237,7 +177,7 @@ func TestRefusalsAreNotUnreachable(t *testing.T) {
 
 func TestRefusalIsReturnedEvenInFailOpenMode(t *testing.T) {
 	st, _ := status.New(codes.Unavailable, "none usable").WithDetails(&errdetails.ErrorInfo{Reason: ReasonNoHealthyEndpoint})
-	f := &fakeDecider{decide: func(*pb.DecideRequest) (*pb.DecideResponse, error) { return nil, st.Err() }}
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) { return nil, st.Err() }}
 	c, _ := startFake(t, f, Options{FailOpen: true, SeedEndpoints: []*pb.Endpoint{ep("a")}})
 
 	_, err := c.Decide(context.Background(), &pb.DecideRequest{Model: "m"})
@@ -247,12 +187,12 @@ func TestRefusalIsReturnedEvenInFailOpenMode(t *testing.T) {
 }
 
 func TestFailOpenUsesLastKnownHealthyEndpoints(t *testing.T) {
-	f := &fakeDecider{decide: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
 		return &pb.DecideResponse{DecisionId: "d", Endpoint: ep("a"), Fallbacks: []*pb.Endpoint{ep("b"), ep("c")}}, nil
 	}}
 	c, stop := startFake(t, f, Options{FailOpen: true, Watch: true, DecideTimeout: 200 * time.Millisecond})
 	// The health stream marks b unhealthy and c breaker-open before Decider goes away.
-	f.watch <- &pb.WatchHealthResponse{Snapshot: true, Events: []*pb.HealthEvent{
+	f.Health <- &pb.WatchHealthResponse{Snapshot: true, Events: []*pb.HealthEvent{
 		{EndpointId: "a", Model: "m", Status: pb.HealthStatus_HEALTH_STATUS_HEALTHY},
 		{EndpointId: "b", Model: "m", Status: pb.HealthStatus_HEALTH_STATUS_UNHEALTHY},
 		{EndpointId: "c", Model: "m", Status: pb.HealthStatus_HEALTH_STATUS_HEALTHY, BreakerState: pb.BreakerState_BREAKER_STATE_OPEN},
@@ -286,7 +226,7 @@ func TestFailOpenUsesLastKnownHealthyEndpoints(t *testing.T) {
 }
 
 func TestFailClosedReturnsUnreachable(t *testing.T) {
-	f := &fakeDecider{decide: func(*pb.DecideRequest) (*pb.DecideResponse, error) { return nil, nil }}
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) { return nil, nil }}
 	c, stop := startFake(t, f, Options{SeedEndpoints: []*pb.Endpoint{ep("a")}, DecideTimeout: 200 * time.Millisecond})
 	stop()
 	if _, err := c.Decide(context.Background(), &pb.DecideRequest{Model: "m"}); !errors.Is(err, ErrUnreachable) {
@@ -330,7 +270,7 @@ func TestFailOpenRotatesAndSkipsExcluded(t *testing.T) {
 
 func TestDecideHasADeadline(t *testing.T) {
 	block := make(chan struct{})
-	f := &fakeDecider{decide: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
 		<-block
 		return nil, status.Error(codes.Canceled, "unblocked")
 	}}
