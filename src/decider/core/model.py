@@ -62,10 +62,10 @@ class Endpoint:
     weight: int = 1
     capabilities: frozenset[str] = frozenset()
     cost_per_1k_tokens: float = 0.0
-    labels: Mapping[str, str] = field(default=_EMPTY)
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     metrics_url: str = ""
     metrics_kind: MetricsKind = MetricsKind.UNSPECIFIED
-    probe_headers: Mapping[str, str] = field(default=_EMPTY)
+    probe_headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     max_in_flight: int = 0
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
