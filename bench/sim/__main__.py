@@ -1,0 +1,5 @@
+"""`python -m bench.sim`."""
+
+from bench.sim.run import main
+
+raise SystemExit(main())

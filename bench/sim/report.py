@@ -1,0 +1,297 @@
+"""The results as markdown (docs/SIMULATION.md) and PNG plots (docs/img/sim_*.png)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .cluster import GatewayParams, ProberParams
+from .metrics import RunResult
+from .server import ServerParams
+from .workloads import PREFIX_HEAVY, Workload
+
+TTFT_PLOT = "sim_ttft.png"
+THROUGHPUT_PLOT = "sim_throughput.png"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    name: str
+    met: bool
+    detail: str
+
+
+def label(strategy: str, default_strategy: str) -> str:
+    return f"{default_strategy} (default)" if strategy == "" else strategy
+
+
+def _s(x: float) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def table(results: Sequence[RunResult], default_strategy: str) -> str:
+    head = (
+        "| strategy | TTFT p50 s | TTFT p90 s | TTFT p99 s | e2e p50 s | e2e p99 s "
+        "| output tok/s | cache hit | imbalance | failed | to dead (after detection) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    rows = []
+    for r in results:
+        rows.append(
+            f"| {label(r.strategy, default_strategy)} | {_s(r.ttft_p50_s)} | {_s(r.ttft_p90_s)} "
+            f"| {_s(r.ttft_p99_s)} | {_s(r.e2e_p50_s)} | {_s(r.e2e_p99_s)} "
+            f"| {r.output_tokens_per_s:.0f} | {r.cache_hit_rate:.0%} | {r.imbalance:.2f} "
+            f"| {r.failed} | {r.sent_to_dead} ({r.sent_to_dead_after_detection}) |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def by_workload(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    out: dict[str, list[RunResult]] = {}
+    for r in results:
+        out.setdefault(r.workload, []).append(r)
+    return out
+
+
+def check_targets(results: Sequence[RunResult], default_strategy: str) -> list[Target]:
+    """Issue 7's targets, each with the numbers that decide it."""
+    targets: list[Target] = []
+    groups = by_workload(results)
+    for name, runs in groups.items():
+        default = next((r for r in runs if r.strategy == ""), None)
+        if default is None:
+            continue
+        others = {r.strategy: r for r in runs if r.strategy}
+        if name in PREFIX_HEAVY:
+            for rival in ("round_robin", "random"):
+                if rival in others:
+                    ratio = others[rival].ttft_p90_s / default.ttft_p90_s
+                    targets.append(
+                        Target(
+                            name=f"{name}: TTFT p90 at least 3x lower than {rival}",
+                            met=ratio >= 3.0,
+                            detail=(
+                                f"{_s(default.ttft_p90_s)} s vs {_s(others[rival].ttft_p90_s)} s "
+                                f"({ratio:.1f}x)"
+                            ),
+                        )
+                    )
+        best = min(runs, key=lambda r: r.ttft_p90_s)
+        ratio = default.ttft_p90_s / best.ttft_p90_s
+        targets.append(
+            Target(
+                name=f"{name}: TTFT p90 within 15% of the best",
+                met=ratio <= 1.15,
+                detail=(
+                    f"{_s(default.ttft_p90_s)} s vs {_s(best.ttft_p90_s)} s for "
+                    f"{label(best.strategy, default_strategy)} ({ratio - 1:+.0%})"
+                ),
+            )
+        )
+        targets.append(
+            Target(
+                name=f"{name}: imbalance under 2",
+                met=default.imbalance < 2.0,
+                detail=f"{default.imbalance:.2f}",
+            )
+        )
+        if not math.isnan(default.detection_delay_s):
+            targets.append(
+                Target(
+                    name=f"{name}: nothing sent to the dead endpoint after detection",
+                    met=default.sent_to_dead_after_detection == 0,
+                    detail=(
+                        f"{default.sent_to_dead_after_detection} after detection "
+                        f"({default.detection_delay_s:.2f} s after the crash), "
+                        f"{default.sent_to_dead} before it"
+                    ),
+                )
+            )
+    return targets
+
+
+def _params(obj: object) -> str:
+    return ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields(obj))  # type: ignore[arg-type]
+
+
+def markdown(
+    results: Sequence[RunResult],
+    *,
+    seed: int,
+    scale: float,
+    default_strategy: str,
+    workloads: Sequence[Workload],
+    engine_overrides: Mapping[str, Any],
+    with_plots: bool,
+) -> str:
+    groups = by_workload(results)
+    targets = check_targets(results, default_strategy)
+    met = sum(t.met for t in targets)
+    out = [
+        "# Decision quality in simulation\n",
+        "Generated by `make sim` (`python -m bench.sim`): a discrete-event simulation of model "
+        "servers with continuous batching and prefix caches, routed by the real decision core "
+        "(`decider.core.engine.Engine`). Everything runs on simulated time from one seed: the "
+        "same seed gives the same numbers on any machine. The model, the workloads and how to "
+        "read the numbers are described after the results.\n",
+        f"Seed {seed}, scale {scale:g}. Targets met: {met} of {len(targets)}.\n",
+        "## Targets\n",
+        "| target | met | numbers |\n| --- | --- | --- |\n"
+        + "\n".join(f"| {t.name} | {'yes' if t.met else 'NO'} | {t.detail} |" for t in targets)
+        + "\n",
+        "## Results\n",
+    ]
+    if with_plots:
+        out.append(
+            f"![TTFT percentiles by strategy](img/{TTFT_PLOT})\n\n"
+            f"![Output tokens per second by strategy](img/{THROUGHPUT_PLOT})\n"
+        )
+    for w in workloads:
+        runs = groups.get(w.name, [])
+        if not runs:
+            continue
+        extra = "; ".join(f"{k}: {v}" for k, v in w.parameters)
+        out.append(f"### {w.name}\n")
+        out.append(f"{w.description}; {extra}; {w.request_count} requests.\n")
+        out.append(table(runs, default_strategy))
+    server = workloads[0].endpoints[0].params if workloads else ServerParams()
+    out += [
+        "## The model\n",
+        "- **Servers** (bench/sim/server.py) run like vLLM: up to `max_batch` requests in the "
+        "running batch, the rest queue in FIFO order. Prefills run one at a time and take "
+        "`prefill_overhead_s + uncached prompt tokens / prefill_tokens_per_s`; the first token "
+        "comes at the end of the prefill. Each decode step adds a token to every running "
+        "request and takes `decode_base_s + decode_per_seq_s * batch`; while a prefill runs, "
+        "decode gets `decode_share_during_prefill` of the steps. A slow endpoint multiplies "
+        "all of these times.",
+        "- **Prefix cache**: `cache_blocks` blocks of `block_tokens` tokens, keyed by chained "
+        "block hashes (a block's hash covers the whole prefix up to it), least recently used "
+        "evicted first, a chain's tail before its head. A prompt hits its longest cached run "
+        "of leading blocks; the prompt's blocks are cached when its prefill starts and the "
+        "answer's blocks when it finishes, so the next turn of a chat can hit both.",
+        "- **Gateway**: every request is `Engine.decide` at simulated `now` with the model, "
+        "tenant, session (multi-turn only), capabilities, estimated input tokens and the "
+        "prompt's block hashes; it goes to the chosen endpoint, and when the connection is "
+        "refused (dead endpoint) to the fallbacks in order, then to a new decision excluding "
+        "every endpoint tried, up to the decision's retry attempts. Every attempt is reported "
+        "with `record_outcome` (latency, TTFT, tokens). A request cut after its first token "
+        "is failed, not retried.",
+        "- **Prober**: as src/probe has it (ProbeSettings defaults): full check at start and "
+        "every `interval_s` with jitter, liveness every `liveness_interval_s`, re-checks every "
+        "`unhealthy_interval_s` after a failure, UNHEALTHY after `unhealthy_threshold` "
+        "failures, HEALTHY after `healthy_threshold` successful full checks, DEGRADED while "
+        "the scraped queue or KV use is over its bound; a failed request triggers a check at "
+        "once. Queue depth, running requests and KV-cache use reach the engine through "
+        "`record_load` every `metrics_interval_s`; `tick` runs every "
+        "`tick_interval_s`.",
+        "- **Metrics**: TTFT and end-to-end latency from the request's arrival at the gateway "
+        "(retries included), over completed requests; output tokens/s over the time from the "
+        "first arrival to the last completion (so overload shows as lower throughput); cache "
+        "hit = cached prompt tokens / prompt tokens; imbalance = time average of the maximum "
+        "in-flight (queued + running) over the time average of the mean, across live "
+        "endpoints of a model, worst model; failed = never completed; to dead = attempts "
+        "sent to a dead endpoint (after the prober reported it UNHEALTHY).\n",
+        "## Parameters\n",
+        f"- servers: {_params(server)}",
+        f"- prober: {_params(ProberParams.from_probe_settings())}",
+        f"- gateway: {_params(GatewayParams())}",
+        "- engine: defaults, with `[cache] blocks_per_endpoint` set to the servers' "
+        "`cache_blocks` (the index is sized like the caches it tracks)"
+        + (f"; overrides: `{dict(engine_overrides)!r}`" if engine_overrides else ""),
+        "- workloads: arrival windows are multiplied by the scale; every run lasts until the "
+        "last request finishes.\n",
+    ]
+    return "\n".join(out)
+
+
+def plots(results: Sequence[RunResult], default_strategy: str, img_dir: Path) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = by_workload(results)
+    names = list(groups)
+    strategies = [r.strategy for r in groups[names[0]]] if names else []
+    labels = [label(s, default_strategy) for s in strategies]
+    colors = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]
+    img_dir.mkdir(parents=True, exist_ok=True)
+
+    cols = 4
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    width = 0.8 / max(1, len(strategies))
+    for ax, name in zip(axes.flat, names, strict=False):
+        runs = {r.strategy: r for r in groups[name]}
+        for i, s in enumerate(strategies):
+            r = runs[s]
+            xs = [p + (i - (len(strategies) - 1) / 2) * width for p in range(3)]
+            ax.bar(
+                xs,
+                [r.ttft_p50_s, r.ttft_p90_s, r.ttft_p99_s],
+                width,
+                color=colors[i % len(colors)],
+                label=labels[i],
+            )
+        ax.set_yscale("log")
+        ax.set_xticks(range(3), ["p50", "p90", "p99"])
+        ax.set_title(name)
+        ax.set_ylabel("TTFT (s)")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    handles, legend_labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, legend_labels, loc="lower right", ncol=1, fontsize="small")
+    fig.suptitle("Time to first token by strategy (log scale, lower is better)")
+    fig.tight_layout()
+    ttft = img_dir / TTFT_PLOT
+    fig.savefig(ttft, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    for i, s in enumerate(strategies):
+        values = [next(r for r in groups[n] if r.strategy == s).output_tokens_per_s for n in names]
+        xs = [p + (i - (len(strategies) - 1) / 2) * width for p in range(len(names))]
+        ax.bar(xs, values, width, color=colors[i % len(colors)], label=labels[i])
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Throughput by strategy (higher is better)")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    throughput = img_dir / THROUGHPUT_PLOT
+    fig.savefig(throughput, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return ttft, throughput
+
+
+def write_report(
+    results: Sequence[RunResult],
+    *,
+    seed: int,
+    scale: float,
+    default_strategy: str,
+    workloads: Sequence[Workload],
+    engine_overrides: Mapping[str, Any],
+    out: Path | None,
+    img_dir: Path | None,
+) -> str:
+    """Write the markdown (and plots when img_dir is given); returns the markdown."""
+    text = markdown(
+        results,
+        seed=seed,
+        scale=scale,
+        default_strategy=default_strategy,
+        workloads=workloads,
+        engine_overrides=engine_overrides,
+        with_plots=img_dir is not None,
+    )
+    if img_dir is not None:
+        plots(results, default_strategy, img_dir)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text

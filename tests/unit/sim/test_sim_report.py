@@ -1,0 +1,75 @@
+import math
+
+from bench.sim.metrics import RunResult
+from bench.sim.report import THROUGHPUT_PLOT, TTFT_PLOT, check_targets, write_report
+from bench.sim.workloads import WORKLOADS
+
+
+def result(workload: str, strategy: str, p90: float, **overrides) -> RunResult:
+    values = {
+        "workload": workload,
+        "strategy": strategy,
+        "requests": 10,
+        "completed": 10,
+        "failed": 0,
+        "ttft_p50_s": p90 / 2,
+        "ttft_p90_s": p90,
+        "ttft_p99_s": p90 * 2,
+        "e2e_p50_s": 3.0,
+        "e2e_p99_s": 9.0,
+        "output_tokens_per_s": 1000.0,
+        "cache_hit_rate": 0.5,
+        "imbalance": 1.2,
+        "sent_to_dead": 0,
+        "sent_to_dead_after_detection": 0,
+        "detection_delay_s": math.nan,
+        "retries": 0,
+        "makespan_s": 100.0,
+        "events": 1,
+    }
+    values.update(overrides)
+    return RunResult(**values)
+
+
+def test_targets_compare_the_default_with_the_others():
+    results = [
+        result("shared_prefix", "", 1.0),
+        result("shared_prefix", "round_robin", 3.5),
+        result("shared_prefix", "random", 2.0),
+        result("uniform", "", 1.2, imbalance=2.5),
+        result("uniform", "least_request", 1.0),
+        result(
+            "crash", "", 1.0, detection_delay_s=1.5, sent_to_dead=4, sent_to_dead_after_detection=1
+        ),
+    ]
+    targets = {t.name: t for t in check_targets(results, "composite")}
+    assert targets["shared_prefix: TTFT p90 at least 3x lower than round_robin"].met
+    assert not targets["shared_prefix: TTFT p90 at least 3x lower than random"].met
+    assert "2.0x" in targets["shared_prefix: TTFT p90 at least 3x lower than random"].detail
+    assert targets["shared_prefix: TTFT p90 within 15% of the best"].met
+    assert not targets["uniform: TTFT p90 within 15% of the best"].met
+    assert "least_request" in targets["uniform: TTFT p90 within 15% of the best"].detail
+    assert not targets["uniform: imbalance under 2"].met
+    assert not targets["crash: nothing sent to the dead endpoint after detection"].met
+    assert "uniform: nothing sent to the dead endpoint after detection" not in targets
+
+
+def test_report_writes_markdown_and_plots(tmp_path):
+    results = [
+        result("uniform", "", 1.0),
+        result("uniform", "round_robin", 2.0),
+    ]
+    text = write_report(
+        results,
+        seed=1,
+        scale=0.1,
+        default_strategy="composite",
+        workloads=[WORKLOADS["uniform"](1, scale=0.01)],
+        engine_overrides={},
+        out=tmp_path / "SIMULATION.md",
+        img_dir=tmp_path / "img",
+    )
+    assert (tmp_path / "SIMULATION.md").read_text() == text
+    assert "Seed 1" in text and "| composite (default) |" in text
+    assert (tmp_path / "img" / TTFT_PLOT).stat().st_size > 0
+    assert (tmp_path / "img" / THROUGHPUT_PLOT).stat().st_size > 0
