@@ -200,7 +200,7 @@ func TestFailOpenUsesLastKnownHealthyEndpoints(t *testing.T) {
 	if _, err := c.Decide(context.Background(), &pb.DecideRequest{Model: "m"}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "health snapshot", func() bool { return c.HealthSnapshots() > 0 })
+	decidertest.WaitFor(t, "health snapshot", func() bool { return c.HealthSnapshots() > 0 })
 	stop()
 
 	try, seen := tryScript(nil)
@@ -280,16 +280,4 @@ func TestDecideHasADeadline(t *testing.T) {
 	if !errors.Is(err, ErrUnreachable) || status.Code(err) != codes.DeadlineExceeded {
 		t.Fatalf("err = %v, want a deadline-exceeded ErrUnreachable", err)
 	}
-}
-
-// waitFor polls cond for at most 10 s; the bound keeps a broken test from hanging.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for range 1000 {
-		if cond() {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
 }

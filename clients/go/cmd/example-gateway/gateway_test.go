@@ -14,8 +14,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	pb "github.com/decider-dev/decider/clients/go/gen/decider/v1"
 	"github.com/decider-dev/decider/clients/go/decider"
+	pb "github.com/decider-dev/decider/clients/go/gen/decider/v1"
 	"github.com/decider-dev/decider/clients/go/internal/decidertest"
 )
 

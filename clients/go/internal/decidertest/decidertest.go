@@ -233,3 +233,16 @@ func (b *Backend) chat(w http.ResponseWriter, r *http.Request) {
 
 // Kill stops the backend abruptly: its port refuses connections from now on.
 func (b *Backend) Kill() { _ = b.srv.Close() }
+
+// WaitFor polls cond every 10ms for at most 20s; the bound keeps a broken test
+// from hanging, and nothing asserts on how long it took.
+func WaitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	for range 2000 {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("gave up waiting for %s", what)
+}
