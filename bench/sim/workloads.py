@@ -217,12 +217,12 @@ def multi_turn(seed: int, *, scale: float = 1.0) -> Workload:
         app = rng.randrange(apps)
         history: list[Segment] = [(keys.system(app), system_tokens)]
         turns = []
-        for k in range(rng.randint(3, 10)):
+        for k in range(rng.randint(5, 12)):
             first = k == 0
-            history.append(
-                (keys.fresh(), rng.randint(500, 2000) if first else rng.randint(50, 300))
-            )
-            out = rng.randint(100, 300)
+            # The first message brings a document; later ones are short follow-ups.
+            user = rng.randint(300, 1500) if first else rng.randint(50, 300)
+            history.append((keys.fresh(), user))
+            out = rng.randint(200, 500)
             turn = Turn(
                 segments=tuple(history),
                 output_tokens=out,
@@ -244,8 +244,9 @@ def multi_turn(seed: int, *, scale: float = 1.0) -> Workload:
     return Workload(
         name="multi_turn",
         description=(
-            f"8 endpoints, chat sessions of 3-10 turns ({apps} apps with {system_tokens}-token "
-            "system prompts); each prompt holds the whole conversation so far"
+            f"8 endpoints, chat sessions of 5-12 turns ({apps} apps with {system_tokens}-token "
+            "system prompts, a 300-1500-token first message, 50-300-token "
+            "follow-ups); each prompt holds the whole conversation so far"
         ),
         endpoints=tuple(_endpoints(8)),
         sessions=tuple(sessions),
@@ -253,7 +254,7 @@ def multi_turn(seed: int, *, scale: float = 1.0) -> Workload:
         parameters=(
             ("session arrivals", f"Poisson {rate:g}/s"),
             ("think time", "1-8 s"),
-            ("output tokens", "100-300"),
+            ("output tokens", "200-500"),
         ),
     )
 
