@@ -22,7 +22,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 
 from decider import __version__
 from decider.core.model import (
@@ -313,6 +313,10 @@ class Metrics:
     def snapshot(self) -> _Snapshot:
         """Live state for one scrape; call on the thread that owns the engine."""
         return self._live.snapshot()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format, rendered on the calling thread."""
+        return self.render(generate_latest)
 
     def render(
         self,
