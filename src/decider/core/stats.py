@@ -1,0 +1,230 @@
+"""Per-endpoint live statistics: in-flight count, peak-EWMA latency and time to first token, the
+latest load report, health, and the factor scores derived from them.
+
+`EndpointStats` objects are mutable and long-lived (one per registered endpoint) so that a decision
+reads plain attributes instead of building a candidate object per endpoint; only `Scorer` and the
+functions here change them, and every change recomputes the derived scores of that one endpoint, so
+scoring strategies rank with a C-level `max(..., key=attrgetter(...))`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from decider.core.model import Endpoint, HealthStatus, LoadReport
+
+# Health factor: UNKNOWN is usable but ranked after HEALTHY; DEGRADED only when nothing better.
+HEALTH_SCORE: dict[HealthStatus, float] = {
+    HealthStatus.HEALTHY: 1.0,
+    HealthStatus.UNKNOWN: 0.75,
+    HealthStatus.DEGRADED: 0.25,
+    HealthStatus.UNHEALTHY: 0.0,
+    HealthStatus.DRAINING: 0.0,
+}
+
+
+# Required "capabilities" that match endpoint labels (ab_split arms select endpoints by label):
+# each endpoint's labels are indexed as tags next to its capabilities, so label selections reuse
+# the per-capability pools.
+LABEL_TAG = "\x00label:"
+
+
+def label_tags(labels: Mapping[str, str]) -> frozenset[str]:
+    return frozenset(f"{LABEL_TAG}{k}={v}" for k, v in labels.items())
+
+
+def tags_of(endpoint: Endpoint) -> frozenset[str]:
+    if not endpoint.labels:
+        return endpoint.capabilities
+    return endpoint.capabilities | label_tags(endpoint.labels)
+
+
+class EndpointStats:
+    """Everything a decision reads about one endpoint."""
+
+    __slots__ = (
+        "base_score",
+        "cooldown_until",
+        "cost",
+        "cost_ref",
+        "cost_score",
+        "endpoint",
+        "health",
+        "health_reason",
+        "health_score",
+        "id",
+        "in_flight",
+        "latency_at",
+        "latency_cost",
+        "latency_ewma_s",
+        "latency_ref_s",
+        "latency_score",
+        "load",
+        "load_at",
+        "load_report",
+        "load_score",
+        "model",
+        "quota_score",
+        "tags",
+        "ttft_ewma_s",
+        "weight",
+    )
+
+    def __init__(self, endpoint: Endpoint, *, health: HealthStatus) -> None:
+        self.endpoint = endpoint
+        self.id = endpoint.id
+        self.model = endpoint.model
+        self.weight = max(1, endpoint.weight)
+        self.cost = endpoint.cost_per_1k_tokens
+        self.tags = tags_of(endpoint)
+        self.cost_ref = 0.0
+        self.health = health
+        self.health_reason = "no health_url: assumed healthy" if health else "not probed yet"
+        self.in_flight = 0
+        # Peak EWMAs in seconds; 0.0 until the first report.
+        self.latency_ewma_s = 0.0
+        self.ttft_ewma_s = 0.0
+        self.latency_at = 0.0
+        # The model's typical latency, used for endpoints with no reports yet.
+        self.latency_ref_s = 0.0
+        self.load_report: LoadReport | None = None
+        self.load_at = -math.inf
+        self.cooldown_until = 0.0
+        # Derived; see Scorer.rescore.
+        self.load = 0
+        self.load_score = 1.0
+        self.latency_score = 0.5
+        self.latency_cost = 0.0
+        self.health_score = HEALTH_SCORE[health]
+        self.cost_score = 1.0
+        self.quota_score = 1.0
+        self.base_score = 0.0
+
+    def replace_endpoint(self, endpoint: Endpoint) -> None:
+        """A re-registration with the same id keeps the live stats."""
+        self.endpoint = endpoint
+        self.model = endpoint.model
+        self.weight = max(1, endpoint.weight)
+        self.cost = endpoint.cost_per_1k_tokens
+        self.tags = tags_of(endpoint)
+
+    def latency_metric_s(self, ttft_weight: float) -> float:
+        """The latency the latency factor ranks by: TTFT blended in when reported."""
+        if self.latency_ewma_s <= 0.0:
+            return self.latency_ref_s
+        if self.ttft_ewma_s > 0.0:
+            return ttft_weight * self.ttft_ewma_s + (1.0 - ttft_weight) * self.latency_ewma_s
+        return self.latency_ewma_s
+
+    def __repr__(self) -> str:
+        return f"EndpointStats({self.id!r}, in_flight={self.in_flight}, health={self.health.name})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FactorWeights:
+    """Weights of the composite score's factors (they need not sum to 1)."""
+
+    load: float = 0.3
+    latency: float = 0.2
+    cache: float = 0.3
+    quota: float = 0.1
+    health: float = 0.05
+    cost: float = 0.05
+
+    @property
+    def total(self) -> float:
+        return self.load + self.latency + self.cache + self.quota + self.health + self.cost
+
+
+def peak_ewma(previous_s: float, sample_s: float, *, elapsed_s: float, decay_s: float) -> float:
+    """Finagle's peak EWMA: jump up to a worse sample at once, decay towards better ones with a
+    weight that depends on the time since the last sample."""
+    if previous_s <= 0.0 or sample_s >= previous_s:
+        return sample_s
+    w = math.exp(-max(elapsed_s, 0.0) / decay_s)
+    return previous_s * w + sample_s * (1.0 - w)
+
+
+class Scorer:
+    """Recomputes one endpoint's factor scores after any change to it."""
+
+    __slots__ = ("_load_reference", "_max_report_age_s", "_ttft_weight", "_w", "_wt")
+
+    def __init__(
+        self,
+        weights: FactorWeights,
+        *,
+        load_reference: float,
+        max_report_age_s: float,
+        ttft_weight: float,
+    ) -> None:
+        self._w = weights
+        self._wt = weights.total or 1.0
+        self._load_reference = load_reference
+        self._max_report_age_s = max_report_age_s
+        self._ttft_weight = ttft_weight
+
+    @property
+    def weights(self) -> FactorWeights:
+        return self._w
+
+    @property
+    def cache_share(self) -> float:
+        """The cache factor's weight as a share of all weights (added per request)."""
+        return self._w.cache / self._wt
+
+    def rescore(self, s: EndpointStats, now: float) -> None:
+        report = s.load_report
+        queued = 0
+        if report is not None and now - s.load_at <= self._max_report_age_s:
+            queued = report.queue_depth
+        s.load = s.in_flight + queued
+        s.load_score = 1.0 / (1.0 + s.load / self._load_reference)
+        metric = s.latency_metric_s(self._ttft_weight)
+        ref = s.latency_ref_s
+        s.latency_score = ref / (ref + metric) if metric > 0.0 and ref > 0.0 else 0.5
+        # Peak EWMA times outstanding work, as linkerd and Finagle rank by.
+        s.latency_cost = metric * (s.in_flight + 1)
+        s.health_score = HEALTH_SCORE[s.health]
+        s.cost_score = s.cost_ref / s.cost if s.cost > s.cost_ref > 0.0 else 1.0
+        w = self._w
+        s.base_score = (
+            w.load * s.load_score
+            + w.latency * s.latency_score
+            + w.quota * s.quota_score
+            + w.health * s.health_score
+            + w.cost * s.cost_score
+        ) / self._wt
+
+    def factor_scores(self, s: EndpointStats, cache: float) -> dict[str, float]:
+        return {
+            "load": s.load_score,
+            "latency": s.latency_score,
+            "cache": cache,
+            "quota": s.quota_score,
+            "health": s.health_score,
+            "cost": s.cost_score,
+        }
+
+
+def record_latency(
+    s: EndpointStats, *, latency_s: float, ttft_s: float, now: float, decay_s: float
+) -> None:
+    elapsed = now - s.latency_at
+    if latency_s > 0.0:
+        s.latency_ewma_s = peak_ewma(
+            s.latency_ewma_s, latency_s, elapsed_s=elapsed, decay_s=decay_s
+        )
+    if ttft_s > 0.0:
+        s.ttft_ewma_s = peak_ewma(s.ttft_ewma_s, ttft_s, elapsed_s=elapsed, decay_s=decay_s)
+    s.latency_at = now
+
+
+def median(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    values.sort()
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2.0

@@ -1,0 +1,241 @@
+"""What a strategy sees and returns.
+
+A strategy ranks the usable candidates of one request: `choose` returns the chosen endpoint and up
+to `count - 1` ordered fallbacks, `rank` returns every candidate with its scores for explain mode.
+Neither reads the clock (the engine passes `now`) nor draws randomness except from the `rng` it was
+built with; with `ctx.commit` False (explain mode) neither changes any state.
+
+Candidates are the engine's long-lived `EndpointStats` objects, not per-decision copies: picking
+reads their attributes and builds nothing per candidate.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from decider.core.model import RouteRequest
+from decider.core.stats import EndpointStats, Scorer
+
+if TYPE_CHECKING:
+    from decider.core.affinity import PrefixIndex, SessionTable
+    from decider.core.quota import QuotaLedger
+
+NO_SCORES: Mapping[str, float] = {}
+
+
+class Pool:
+    """The usable endpoints of one (model, required capabilities) pair, rebuilt only when health,
+    breakers or membership change. Strategies may cache structures derived from `items` in
+    `scratch` (keyed by their name); a rebuild starts with an empty one."""
+
+    __slots__ = (
+        "candidates",
+        "has_limits",
+        "items",
+        "key",
+        "model",
+        "panic",
+        "registered",
+        "scratch",
+        "skipped",
+        "standby",
+        "valid_until",
+    )
+
+    def __init__(
+        self,
+        *,
+        key: tuple[str, frozenset[str]],
+        items: list[EndpointStats],
+        standby: list[EndpointStats],
+        registered: int,
+        candidates: list[EndpointStats],
+        skipped: dict[str, int],
+        valid_until: float,
+        panic: bool,
+        has_limits: bool,
+    ) -> None:
+        self.key = key
+        self.model = key[0]
+        # Usable now, best health tier only (HEALTHY, else UNKNOWN, else DEGRADED).
+        self.items = items
+        # Usable but in a worse health tier: only ever fallbacks.
+        self.standby = standby
+        # Endpoints serving the model, and those of them with the required capabilities.
+        self.registered = registered
+        self.candidates = candidates
+        # Candidates left out before picking, by reason wire name (standby tiers included).
+        self.skipped = skipped
+        # The pool must be rebuilt at this time (a cooldown or open breaker ends).
+        self.valid_until = valid_until
+        self.panic = panic
+        # Some item has a max_in_flight, requests_per_minute or tokens_per_minute limit.
+        self.has_limits = has_limits
+        self.scratch: dict[str, Any] = {}
+
+
+class PickContext:
+    """One decision's inputs for the strategy (one object per decision)."""
+
+    __slots__ = (
+        "commit",
+        "count",
+        "filtered",
+        "index",
+        "items",
+        "ledger",
+        "now",
+        "pool",
+        "request",
+        "scorer",
+        "sessions",
+        "strategies",
+    )
+
+    def __init__(
+        self,
+        *,
+        request: RouteRequest,
+        pool: Pool,
+        items: Sequence[EndpointStats],
+        count: int,
+        commit: bool,
+        now: float,
+        scorer: Scorer,
+        index: PrefixIndex,
+        sessions: SessionTable,
+        ledger: QuotaLedger,
+        strategies: Mapping[str, Strategy],
+    ) -> None:
+        self.request = request
+        self.pool = pool
+        # Non-empty. pool.items itself unless this request excluded some (then `filtered`).
+        self.items = items
+        self.filtered = items is not pool.items
+        # Endpoints wanted: the chosen one plus fallbacks.
+        self.count = count
+        self.commit = commit
+        self.now = now
+        self.scorer = scorer
+        self.index = index
+        self.sessions = sessions
+        self.ledger = ledger
+        self.strategies = strategies
+
+
+@dataclass(slots=True)
+class Choice:
+    """The strategy's answer: `picked[0]` is chosen, the rest are fallbacks (distinct)."""
+
+    picked: list[EndpointStats]
+    # The strategy's part of the reason, e.g. "least_request: 2 in flight vs 5 and 7".
+    detail: str
+    # Per-factor scores of the chosen endpoint, 0.0 to 1.0.
+    scores: Mapping[str, float] = field(default_factory=dict)
+    affinity_hit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    stats: EndpointStats
+    scores: Mapping[str, float]
+    total: float
+
+
+class Strategy(Protocol):
+    name: ClassVar[str]
+
+    def choose(self, ctx: PickContext) -> Choice: ...
+
+    def rank(self, ctx: PickContext) -> list[Ranked]: ...
+
+
+class StrategyFactory(Protocol):
+    def __call__(self, config: Mapping[str, Any], rng: random.Random) -> Strategy: ...
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> object: ...
+
+
+# -- helpers shared by strategies ---------------------------------------------------------------
+
+
+def top_k(items: Sequence[EndpointStats], count: int, key: attrgetter[Any]) -> list[EndpointStats]:
+    """The `count` items with the largest key, best first. For the few fallbacks a decision needs,
+    repeated C-level max() passes beat sorting or a Python-level heap."""
+    best = max(items, key=key)
+    if count == 1 or len(items) == 1:
+        return [best]
+    rest = list(items)
+    rest.remove(best)
+    out = [best]
+    while len(out) < count and rest:
+        nxt = max(rest, key=key)
+        rest.remove(nxt)
+        out.append(nxt)
+    return out
+
+
+def bottom_k(
+    items: Sequence[EndpointStats], count: int, key: attrgetter[Any]
+) -> list[EndpointStats]:
+    """The `count` items with the smallest key, best first."""
+    best = min(items, key=key)
+    if count == 1 or len(items) == 1:
+        return [best]
+    rest = list(items)
+    rest.remove(best)
+    out = [best]
+    while len(out) < count and rest:
+        nxt = min(rest, key=key)
+        rest.remove(nxt)
+        out.append(nxt)
+    return out
+
+
+def rotated(items: Sequence[EndpointStats], start: int) -> list[EndpointStats]:
+    start %= len(items)
+    return [*items[start:], *items[:start]]
+
+
+def sample_distinct(
+    items: Sequence[EndpointStats], first: EndpointStats, count: int, rng: random.Random
+) -> list[EndpointStats]:
+    """`first` then up to count - 1 other distinct items drawn at random."""
+    out = [first]
+    n = len(items)
+    if count == 1 or n == 1:
+        return out
+    want = min(count, n)
+    # A few rejection draws are cheap while the pool is much larger than what is wanted.
+    tries = 4 * want
+    while len(out) < want and tries:
+        candidate = items[int(rng.random() * n)]
+        if candidate not in out:
+            out.append(candidate)
+        tries -= 1
+    if len(out) < want:
+        for candidate in items:
+            if candidate not in out:
+                out.append(candidate)
+                if len(out) == want:
+                    break
+    return out
+
+
+def in_flight_list(picked: Sequence[EndpointStats]) -> str:
+    """ "5 and 7", "5, 7 and 9": cheap phrase for reason strings."""
+    values = [str(s.in_flight) for s in picked]
+    if len(values) <= 1:
+        return "".join(values)
+    return ", ".join(values[:-1]) + " and " + values[-1]
+
+
+def plain_ranking(ctx: PickContext, order: Sequence[EndpointStats], score: str) -> list[Ranked]:
+    """Explain ranking for strategies without factor scores: position order, 1.0 down to 0."""
+    n = len(order)
+    return [Ranked(s, {score: 1.0 - i / n}, 1.0 - i / n) for i, s in enumerate(order)]

@@ -1,0 +1,78 @@
+"""cache_aware: prefix-cache affinity blended with load. score = cache_weight * matched/total
+blocks + load_weight * load score; an endpoint more than `max_load_gap` requests busier than the
+least loaded gets no cache credit (SGLang's balance guard), so a hot prefix cannot pile onto it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, ClassVar
+
+from decider.core.settings import check_keys, get_float
+from decider.core.strategies.base import Choice, PickContext, Ranked, top_k
+from decider.core.strategies.composite import best_with_credit, cache_credits
+from decider.errors import ConfigError
+
+_LOAD_SCORE = attrgetter("load_score")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheAwareConfig:
+    cache_weight: float = 0.7
+    load_weight: float = 0.3
+    max_load_gap: float = 8.0
+
+
+class CacheAware:
+    name: ClassVar[str] = "cache_aware"
+
+    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
+        self._config = self.parse_config(config, f"routing.{self.name}")
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> CacheAwareConfig:
+        check_keys(options, {"cache_weight", "load_weight", "max_load_gap"}, path)
+        d = CacheAwareConfig()
+        load_weight = get_float(options, "load_weight", d.load_weight, path)
+        if load_weight <= 0.0:
+            raise ConfigError(
+                f"{path}.load_weight: {load_weight:g}, must be > 0 (cache_aware always blends load)"
+            )
+        return CacheAwareConfig(
+            cache_weight=get_float(options, "cache_weight", d.cache_weight, path),
+            load_weight=load_weight,
+            max_load_gap=get_float(options, "max_load_gap", d.max_load_gap, path),
+        )
+
+    def choose(self, ctx: PickContext) -> Choice:
+        c = self._config
+        total_weight = c.cache_weight + c.load_weight
+        credits, blocks = cache_credits(ctx, c.cache_weight, c.max_load_gap)
+        if not credits:
+            picked = top_k(ctx.items, ctx.count, _LOAD_SCORE)
+            best = picked[0]
+            detail = f"cache_aware: no endpoint holds this prefix; least loaded ({best.load})"
+            return Choice(picked, detail, {"cache": 0.0, "load": best.load_score})
+        # Rank by load_weight * load + cache_weight * credit (dividing by the weight sum is
+        # monotonic, so it is applied to the reported score only).
+        ranked = best_with_credit(ctx, _LOAD_SCORE, credits, c.cache_weight / c.load_weight)
+        picked = [s for _, s in ranked]
+        best = picked[0]
+        cache = credits.get(best, 0.0)
+        detail = f"cache_aware: {cache:.0%} of {blocks} prefix blocks cached, {best.load} in flight"
+        score = (c.cache_weight * cache + c.load_weight * best.load_score) / total_weight
+        return Choice(picked, detail, {"cache": cache, "load": best.load_score, "total": score})
+
+    def rank(self, ctx: PickContext) -> list[Ranked]:
+        c = self._config
+        total_weight = c.cache_weight + c.load_weight
+        credits, _ = cache_credits(ctx, c.cache_weight, c.max_load_gap)
+        out = []
+        for s in ctx.items:
+            cache = credits.get(s, 0.0)
+            total = (c.cache_weight * cache + c.load_weight * s.load_score) / total_weight
+            out.append(Ranked(s, {"cache": cache, "load": s.load_score}, total))
+        out.sort(key=lambda r: -r.total)
+        return out

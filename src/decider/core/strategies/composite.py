@@ -1,0 +1,130 @@
+"""composite (the default): a weighted sum of load, latency, cache, quota, health and cost scores.
+
+Every factor but cache depends only on the endpoint, so the engine keeps each endpoint's weighted
+sum of those (`base_score`) up to date as its stats change; a decision adds the request's
+prefix-cache match for the few endpoints that hold its first block and takes the best. As in
+SGLang's router, an endpoint more than `max_load_gap` requests busier than the least loaded one
+gets no cache credit, so a hot prefix cannot pile onto one endpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any, ClassVar
+
+from decider.core.settings import check_keys, get_float
+from decider.core.stats import EndpointStats, FactorWeights
+from decider.core.strategies.base import Choice, PickContext, Ranked, top_k
+from decider.errors import ConfigError
+
+_BASE = attrgetter("base_score")
+_LOAD = attrgetter("load")
+_FACTORS = ("load", "latency", "cache", "quota", "health", "cost")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompositeConfig:
+    weights: FactorWeights = field(default_factory=FactorWeights)
+    max_load_gap: float = 8.0
+
+
+def parse_weights(options: Mapping[str, Any], path: str, default: FactorWeights) -> FactorWeights:
+    values = {f: get_float(options, f, getattr(default, f), path) for f in _FACTORS}
+    weights = FactorWeights(**values)
+    if weights.total <= 0.0:
+        raise ConfigError(f"{path}: every weight is 0, at least one must be > 0")
+    return weights
+
+
+def cache_credits(
+    ctx: PickContext, share: float, gap: float
+) -> tuple[dict[EndpointStats, float], int]:
+    """Cache score (matched / total blocks) of the usable endpoints holding the request's prefix,
+    leaving out those over the load gap; and the number of blocks looked at."""
+    hashes = ctx.request.prefix_hashes
+    if not hashes or share <= 0.0:
+        return {}, 0
+    matches = ctx.index.matches(hashes)
+    if not matches:
+        return {}, 0
+    total = min(len(hashes), ctx.index.max_blocks)
+    items = ctx.items
+    members = members_of(ctx)
+    limit = min(items, key=_LOAD).load + gap
+    credits: dict[EndpointStats, float] = {}
+    for endpoint_id, depth in matches.items():
+        s = members.get(endpoint_id)
+        if s is not None and s.load <= limit:
+            credits[s] = depth / total
+    return credits, total
+
+
+def members_of(ctx: PickContext) -> dict[str, EndpointStats]:
+    if ctx.filtered:
+        return {s.id: s for s in ctx.items}
+    members: dict[str, EndpointStats] | None = ctx.pool.scratch.get("members")
+    if members is None:
+        members = ctx.pool.scratch["members"] = {s.id: s for s in ctx.pool.items}
+    return members
+
+
+def best_with_credit(
+    ctx: PickContext,
+    key: attrgetter[Any],
+    credits: dict[EndpointStats, float],
+    weight: float,
+) -> list[tuple[float, EndpointStats]]:
+    """Top `ctx.count` by key + weight * credit: the top by key alone, merged with the few
+    credited endpoints."""
+    top = top_k(ctx.items, ctx.count, key)
+    totals: dict[EndpointStats, float] = {s: key(s) for s in top}
+    for s, credit in credits.items():
+        totals[s] = key(s) + weight * credit
+    ranked = sorted(((t, s) for s, t in totals.items()), key=lambda p: -p[0])
+    return ranked[: ctx.count]
+
+
+class Composite:
+    name: ClassVar[str] = "composite"
+
+    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
+        self._config = self.parse_config(config, f"routing.{self.name}")
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> CompositeConfig:
+        check_keys(options, {*_FACTORS, "max_load_gap"}, path)
+        return CompositeConfig(
+            weights=parse_weights(options, path, FactorWeights()),
+            max_load_gap=get_float(options, "max_load_gap", 8.0, path),
+        )
+
+    def choose(self, ctx: PickContext) -> Choice:
+        share = ctx.scorer.cache_share
+        credits, _ = cache_credits(ctx, share, self._config.max_load_gap)
+        if not credits:
+            picked = top_k(ctx.items, ctx.count, _BASE)
+            best = picked[0]
+            total, cache = best.base_score, 0.0
+        else:
+            ranked = best_with_credit(ctx, _BASE, credits, share)
+            picked = [s for _, s in ranked]
+            best = picked[0]
+            total, cache = ranked[0][0], credits.get(best, 0.0)
+        detail = (
+            f"composite: score {total:.2f} (cache {cache:.0%}, {best.in_flight} in flight,"
+            f" latency {best.latency_score:.2f}, health {best.health_score:.2f})"
+        )
+        return Choice(picked, detail, ctx.scorer.factor_scores(best, cache))
+
+    def rank(self, ctx: PickContext) -> list[Ranked]:
+        share = ctx.scorer.cache_share
+        credits, _ = cache_credits(ctx, share, self._config.max_load_gap)
+        out = []
+        for s in ctx.items:
+            cache = credits.get(s, 0.0)
+            out.append(Ranked(s, ctx.scorer.factor_scores(s, cache), s.base_score + share * cache))
+        out.sort(key=lambda r: -r.total)
+        return out

@@ -1,0 +1,49 @@
+"""cost: the cheapest usable endpoint (cost_per_1k_tokens), fewest outstanding requests among
+equally cheap ones."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, ClassVar
+
+from decider.core.settings import check_keys
+from decider.core.strategies.base import Choice, PickContext, Ranked, bottom_k, rotated
+
+_KEY = attrgetter("cost", "load")
+
+
+@dataclass(frozen=True, slots=True)
+class CostConfig:
+    pass
+
+
+class Cost:
+    name: ClassVar[str] = "cost"
+
+    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
+        self._config = self.parse_config(config, f"routing.{self.name}")
+        self._rng = rng
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> CostConfig:
+        check_keys(options, set(), path)
+        return CostConfig()
+
+    def choose(self, ctx: PickContext) -> Choice:
+        items = ctx.items
+        start = int(self._rng.random() * len(items)) if ctx.commit else 0
+        picked = bottom_k(rotated(items, start), ctx.count, _KEY)
+        best = picked[0]
+        detail = f"cost: {best.cost:g} per 1k tokens, {best.load} in flight"
+        if len(picked) > 1:
+            detail += f" vs {picked[1].cost:g} with {picked[1].load}"
+        return Choice(picked, detail, {"cost": best.cost_score, "load": best.load_score})
+
+    def rank(self, ctx: PickContext) -> list[Ranked]:
+        order = sorted(ctx.items, key=_KEY)
+        return [
+            Ranked(s, {"cost": s.cost_score, "load": s.load_score}, s.cost_score) for s in order
+        ]

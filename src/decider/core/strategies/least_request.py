@@ -1,0 +1,85 @@
+"""least_request: fewest outstanding requests (in flight plus reported queue), by the power of
+`choice_count` random choices (Mitzenmacher; Envoy's default of 2), or by a full scan."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, ClassVar
+
+from decider.core.settings import check_keys, get_bool, get_int
+from decider.core.stats import EndpointStats
+from decider.core.strategies.base import Choice, PickContext, Ranked, bottom_k, rotated
+
+_LOAD = attrgetter("load")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeastRequestConfig:
+    choice_count: int = 2
+    full_scan: bool = False
+
+
+def describe(picked: Sequence[EndpointStats], *, sampled: int, total: int) -> str:
+    """ "least_request: 2 in flight vs 5 and 7" (the others are the fallbacks / other samples)."""
+    queued = any(s.load != s.in_flight for s in picked)
+    unit = "outstanding" if queued else "in flight"
+    head = f"least_request: {picked[0].load} {unit}"
+    if len(picked) > 1:
+        others = [str(s.load) for s in picked[1:]]
+        tail = others[0] if len(others) == 1 else ", ".join(others[:-1]) + " and " + others[-1]
+        head += f" vs {tail}"
+    if sampled < total:
+        head += f" (best of {sampled} sampled)"
+    return head
+
+
+class LeastRequest:
+    name: ClassVar[str] = "least_request"
+
+    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
+        self._config = self.parse_config(config, f"routing.{self.name}")
+        self._rng = rng
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> LeastRequestConfig:
+        check_keys(options, {"choice_count", "full_scan"}, path)
+        return LeastRequestConfig(
+            choice_count=get_int(options, "choice_count", 2, path, minimum=2),
+            full_scan=get_bool(options, "full_scan", False, path),
+        )
+
+    def choose(self, ctx: PickContext) -> Choice:
+        items = ctx.items
+        n = len(items)
+        choices = self._config.choice_count
+        if self._config.full_scan or n <= choices:
+            # Start the scan at a random place so ties do not always go to the first endpoint.
+            start = int(self._rng.random() * n) if ctx.commit else 0
+            picked = bottom_k(rotated(items, start), ctx.count, _LOAD)
+            return Choice(picked, describe(picked, sampled=n, total=n))
+        rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
+        sampled = [items[int(rand() * n)] for _ in range(choices)]
+        best = min(sampled, key=_LOAD)
+        picked = [best]
+        count = min(ctx.count, n)
+        # Fallbacks: the other samples, least loaded first, then more random draws.
+        for s in sorted(sampled, key=_LOAD):
+            if len(picked) >= count:
+                break
+            if s not in picked:
+                picked.append(s)
+        tries = 4 * count
+        while len(picked) < count and tries:
+            s = items[int(rand() * n)]
+            if s not in picked:
+                picked.append(s)
+            tries -= 1
+        return Choice(picked, describe(picked[:choices], sampled=choices, total=n))
+
+    def rank(self, ctx: PickContext) -> list[Ranked]:
+        order = sorted(ctx.items, key=_LOAD)
+        worst = max(1, order[-1].load)
+        return [Ranked(s, {"load": 1.0 - s.load / (worst + 1)}, s.load_score) for s in order]

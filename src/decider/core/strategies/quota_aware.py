@@ -1,0 +1,51 @@
+"""quota_aware: the endpoint with the most requests/min and tokens/min headroom left (its tighter
+budget's remaining share), fewest outstanding requests among equals. Endpoints with no limits have
+full headroom."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, ClassVar
+
+from decider.core.settings import check_keys
+from decider.core.strategies.base import Choice, PickContext, Ranked, rotated, top_k
+
+_KEY = attrgetter("quota_score", "load_score")
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaAwareConfig:
+    pass
+
+
+class QuotaAware:
+    name: ClassVar[str] = "quota_aware"
+
+    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
+        self._config = self.parse_config(config, f"routing.{self.name}")
+        self._rng = rng
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> QuotaAwareConfig:
+        check_keys(options, set(), path)
+        return QuotaAwareConfig()
+
+    def choose(self, ctx: PickContext) -> Choice:
+        items = ctx.items
+        start = int(self._rng.random() * len(items)) if ctx.commit else 0
+        picked = top_k(rotated(items, start), ctx.count, _KEY)
+        best = picked[0]
+        detail = f"quota_aware: {best.quota_score:.0%} of budget left"
+        if len(picked) > 1:
+            others = " and ".join(f"{s.quota_score:.0%}" for s in picked[1:3])
+            detail += f" vs {others}"
+        return Choice(picked, detail, {"quota": best.quota_score, "load": best.load_score})
+
+    def rank(self, ctx: PickContext) -> list[Ranked]:
+        order = sorted(ctx.items, key=_KEY, reverse=True)
+        return [
+            Ranked(s, {"quota": s.quota_score, "load": s.load_score}, s.quota_score) for s in order
+        ]

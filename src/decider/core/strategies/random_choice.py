@@ -1,0 +1,50 @@
+"""random: a uniformly random usable endpoint; fallbacks are further distinct draws."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from decider.core.settings import check_keys
+from decider.core.strategies.base import (
+    Choice,
+    PickContext,
+    Ranked,
+    plain_ranking,
+    sample_distinct,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RandomConfig:
+    pass
+
+
+class Random:
+    name: ClassVar[str] = "random"
+
+    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
+        self._config = self.parse_config(config, f"routing.{self.name}")
+        self._rng = rng
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> RandomConfig:
+        check_keys(options, set(), path)
+        return RandomConfig()
+
+    def choose(self, ctx: PickContext) -> Choice:
+        items = ctx.items
+        n = len(items)
+        # Explain mode must not consume the engine's random stream.
+        rng = self._rng if ctx.commit else random.Random(ctx.request.request_id)
+        first = items[int(rng.random() * n)]
+        picked = sample_distinct(items, first, ctx.count, rng)
+        return Choice(picked, f"random: 1 of {n} uniformly")
+
+    def rank(self, ctx: PickContext) -> list[Ranked]:
+        order = self.choose(ctx).picked
+        chosen = set(order)
+        order += [s for s in ctx.items if s not in chosen]
+        return plain_ranking(ctx, order, "random")

@@ -1,0 +1,93 @@
+"""weighted_round_robin: smooth weighted rotation. Earliest-deadline-first over virtual times, as
+Envoy does: endpoint i is due every 1/weight_i, so weights 5:1:1 give a a b a c a a, interleaved
+rather than in bursts; each pick is one heap pop and push."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from decider.core.settings import check_keys
+from decider.core.stats import EndpointStats
+from decider.core.strategies.base import Choice, PickContext, Ranked
+
+# (deadline, position, stats): position breaks ties in a stable order.
+_Entry = tuple[float, int, EndpointStats]
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedRoundRobinConfig:
+    pass
+
+
+class _Schedule:
+    __slots__ = ("heap", "total")
+
+    def __init__(self, items: list[EndpointStats] | tuple[EndpointStats, ...]) -> None:
+        # Start each at half its period so the heaviest goes first, as smooth WRR does.
+        self.heap: list[_Entry] = [(0.5 / s.weight, i, s) for i, s in enumerate(items)]
+        heapq.heapify(self.heap)
+        self.total = sum(s.weight for s in items)
+
+
+class WeightedRoundRobin:
+    name: ClassVar[str] = "weighted_round_robin"
+
+    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
+        self._config = self.parse_config(config, f"routing.{self.name}")
+
+    @staticmethod
+    def parse_config(options: Mapping[str, Any], path: str) -> WeightedRoundRobinConfig:
+        check_keys(options, set(), path)
+        return WeightedRoundRobinConfig()
+
+    def _schedule(self, ctx: PickContext) -> _Schedule:
+        schedule: _Schedule | None = ctx.pool.scratch.get(self.name)
+        if schedule is None:
+            schedule = ctx.pool.scratch[self.name] = _Schedule(ctx.pool.items)
+        return schedule
+
+    def choose(self, ctx: PickContext) -> Choice:
+        schedule = self._schedule(ctx)
+        allowed = set(ctx.items) if ctx.filtered else None
+        if allowed is not None and allowed.isdisjoint(ctx.pool.items):
+            # The request fell to a worse health tier: a one-off schedule over it.
+            schedule, allowed = _Schedule(list(ctx.items)), None
+        heap = schedule.heap if ctx.commit else list(schedule.heap)
+        skipped: list[_Entry] = []
+        entry = heapq.heappop(heap)
+        while allowed is not None and entry[2] not in allowed:
+            skipped.append(entry)
+            entry = heapq.heappop(heap)
+        deadline, position, chosen = entry
+        heapq.heappush(heap, (deadline + 1.0 / chosen.weight, position, chosen))
+        for e in skipped:
+            heapq.heappush(heap, e)
+        picked = [chosen]
+        if ctx.count > 1:
+            # The next ones due are near the top of the heap: look only at its first levels.
+            head = heapq.nsmallest(ctx.count + len(skipped), heap[: 2 ** (ctx.count + 1)])
+            for _, _, s in head:
+                if len(picked) >= ctx.count:
+                    break
+                if s not in picked and (allowed is None or s in allowed):
+                    picked.append(s)
+        share = chosen.weight / schedule.total
+        return Choice(
+            picked,
+            f"weighted_round_robin: weight {chosen.weight} of {schedule.total} ({share:.0%})",
+            {"weight": share},
+        )
+
+    def rank(self, ctx: PickContext) -> list[Ranked]:
+        heap = list(self._schedule(ctx).heap)
+        allowed = set(ctx.items)
+        order = [e[2] for e in sorted(heap) if e[2] in allowed]
+        total = sum(s.weight for s in order)
+        return [
+            Ranked(s, {"weight": s.weight / total}, 1.0 - i / len(order))
+            for i, s in enumerate(order)
+        ]
