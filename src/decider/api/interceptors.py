@@ -13,7 +13,7 @@ from decider.errors import Overloaded, Unauthenticated
 
 # Quoted: grpc.RpcMethodHandler is generic only in the type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 REGISTRY_SERVICE = "decider.v1.RegistryService"

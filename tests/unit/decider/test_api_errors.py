@@ -13,7 +13,7 @@ from decider.v1 import decider_service_pb2 as dpb
 
 
 def _details(status: grpc.Status) -> dict[str, object]:
-    (key, value), = status.trailing_metadata
+    ((key, value),) = status.trailing_metadata
     assert key == "grpc-status-details-bin"
     rich = status_pb2.Status.FromString(value)
     assert rich.code == status.code.value[0]

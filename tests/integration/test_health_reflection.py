@@ -1,0 +1,75 @@
+"""Standard health checking and server reflection, so grpcurl and buf curl need no protos."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from decider_support import endpoints_doc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("service", ["", "decider.v1.DeciderService"])
+async def test_health_check_is_serving(start_server, service):
+    async with start_server() as srv:
+        stub = health_pb2_grpc.HealthStub(srv.channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_every_service(start_server):
+    async with start_server() as srv:
+        stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+        call = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        replies = [reply async for reply in call]
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert {
+            "decider.v1.DeciderService",
+            "decider.v1.RegistryService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
+
+
+def _grpcurl() -> str | None:
+    local = ROOT / ".tools" / "bin" / "grpcurl"
+    if local.exists():
+        return str(local)
+    return shutil.which("grpcurl") or (
+        str(Path.home() / "go/bin/grpcurl") if (Path.home() / "go/bin/grpcurl").exists() else None
+    )
+
+
+async def _run(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.mark.skipif(_grpcurl() is None, reason="grpcurl is installed by `make tools`")
+async def test_grpcurl_lists_and_decides_through_reflection(start_server):
+    grpcurl = _grpcurl()
+    assert grpcurl is not None
+    doc = endpoints_doc("llama", 2, routing={"default_strategy": "round_robin"})
+    async with start_server(doc) as srv:
+        code, out, err = await _run(grpcurl, "-plaintext", srv.address, "list")
+        assert code == 0, err
+        assert "decider.v1.DeciderService" in out.split()
+        body = json.dumps({"model": "llama", "sessionId": "s1"})
+        code, out, err = await _run(
+            grpcurl, "-plaintext", "-d", body, srv.address, "decider.v1.DeciderService/Decide"
+        )
+        assert code == 0, err
+        reply = json.loads(out)
+        assert reply["endpoint"]["id"] in {"llama-0", "llama-1"}
+        assert reply["strategy"] == "round_robin"

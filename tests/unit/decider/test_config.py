@@ -1,0 +1,139 @@
+"""config.py: defaults, precedence (flags > env > file), and errors naming file, key and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from decider import config
+from decider.core.model import MetricsKind
+from decider.errors import ConfigError
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "decider.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_and_empty_file_give_the_defaults(tmp_path):
+    defaults = config.load(None)
+    empty = config.load(_write(tmp_path, ""))
+    assert defaults.server == empty.server == config.ServerSettings()
+    assert empty.endpoints == ()
+    assert empty.source.endswith("decider.toml")
+
+
+def test_endpoints_are_parsed_with_their_fields(tmp_path):
+    settings = config.load(
+        _write(
+            tmp_path,
+            """
+[[endpoints]]
+id = "a"
+address = "10.0.0.1:8000"
+model = "m"
+health_url = "http://10.0.0.1:8000/health"
+weight = 0
+capabilities = ["tools"]
+cost_per_1k_tokens = 0.5
+labels = { zone = "x" }
+metrics_url = "http://10.0.0.1:8000/metrics"
+metrics_kind = "vllm"
+probe_headers = { authorization = "Bearer k" }
+max_in_flight = 8
+""",
+        )
+    )
+    (endpoint,) = settings.endpoints
+    assert endpoint.weight == 1
+    assert endpoint.capabilities == frozenset({"tools"})
+    assert endpoint.labels == {"zone": "x"}
+    assert endpoint.metrics_kind is MetricsKind.VLLM
+    assert endpoint.probe_headers == {"authorization": "Bearer k"}
+    assert endpoint.max_in_flight == 8
+    assert endpoint.source == "config"
+
+
+def test_flags_override_env_override_file(tmp_path):
+    path = _write(tmp_path, '[server]\nlisten = "127.0.0.1:1000"\ndata_dir = "from-file"\n')
+    env = {"DECIDER_LISTEN": "127.0.0.1:2000", "DECIDER_GRACE_PERIOD_S": "3.5"}
+    settings = config.load(path, env=env, flags={"listen": "127.0.0.1:3000", "data_dir": None})
+    assert settings.server.listen == "127.0.0.1:3000"
+    assert settings.server.grace_period_s == 3.5
+    assert settings.server.data_dir == "from-file"
+    settings = config.load(path, env=env)
+    assert settings.server.listen == "127.0.0.1:2000"
+
+
+def test_log_level_is_case_insensitive():
+    assert config.load(None, env={"DECIDER_LOG_LEVEL": "debug"}).server.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[server]\nmax_message_bytes = 'big'\n",
+            "server.max_message_bytes: 'big', must be an integer",
+        ),
+        ("[server]\ngrace_period_s = -1\n", "server.grace_period_s: -1, must be a number from 0"),
+        ("[server]\ntick_interval_ms = true\n", "server.tick_interval_ms: True"),
+        ("[server]\nlisten = ':80'\n", "server.listen: ':80', must be HOST:PORT"),
+        ("[server]\nlog_level = 'loud'\n", "server.log_level: 'loud', must be one of"),
+        ("server = 3\n", "server: 3, must be a table"),
+        ("endpoints = 3\n", "endpoints: 3, must be an array of tables"),
+        (
+            "[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\n[[endpoints]]\nid='a'\n"
+            "address='h:2'\nmodel='m'\n",
+            "endpoints[1].id: 'a' is used by an earlier endpoint",
+        ),
+        ("[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\ncolour='red'\n", "endpoints[0].colour"),
+        ("[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\nweight=-2\n", "endpoints[0].weight: -2"),
+        (
+            "[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\nmetrics_kind='x'\n",
+            "metrics_kind: 'x'",
+        ),
+        ("[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\ncapabilities='t'\n", "capabilities"),
+        ("[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\nlabels={a=1}\n", "labels.a: 1"),
+        ("[[endpoints]]\naddress='h:1'\nmodel='m'\n", "endpoints[0].id: '': required"),
+        ("[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\nhealth_url='x'\n", "health_url: 'x'"),
+        ("[routing]\ndefault_strategy = 'nope'\n", "routing.default_strategy"),
+        ("[probe]\ntimeout_s = 'x'\n", "probe.timeout_s"),
+        ("[nonsense]\n", "nonsense: unknown table"),
+        ("a = [", "invalid TOML"),
+    ],
+)
+def test_errors_name_the_file_key_and_value(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"DECIDER_MAX_CONCURRENT_RPCS": "many"},
+            "environment DECIDER_MAX_CONCURRENT_RPCS: 'many'",
+        ),
+        ({"DECIDER_LISTEN": "nope"}, "listen: 'nope'"),
+    ],
+)
+def test_env_errors_name_the_variable(env, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, env=env)
+    assert message in str(err.value)
+
+
+def test_flag_errors_name_the_flag():
+    with pytest.raises(ConfigError) as err:
+        config.load(None, flags={"grace_period_s": -3.0})
+    assert "flag --grace-period-s: -3.0" in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config.load(tmp_path / "absent.toml")
+    assert "absent.toml: cannot read config" in str(err.value)
