@@ -49,6 +49,9 @@ class ProbeSettings:
     # DEGRADED when scraped load reaches either bound; 0 disables that bound.
     degraded_queue_depth: int = 32
     degraded_kv_cache_utilization: float = 0.98
+    # False when a standalone decider-probe reports for this decider: the server then does not
+    # run its own prober (two probers would publish competing verdicts).
+    embedded: bool = True
     # Standalone prober (decider-probe): how often it pushes results, how long they stay
     # valid at the decider, and how often it re-lists endpoints besides watching for changes.
     report_interval_s: float = 5.0
@@ -73,6 +76,10 @@ class ProbeSettings:
                     raise ConfigError(
                         f"probe.liveness: {value!r}, must be one of {', '.join(LIVENESS_MODES)}"
                     )
+                values[key] = value
+            elif key == "embedded":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"probe.embedded: {value!r}, must be true or false")
                 values[key] = value
             elif key in _INT_KEYS:
                 values[key] = _parse_int(key, value)

@@ -18,6 +18,7 @@ def test_parse_accepts_ints_for_floats_and_headers():
     )
     assert s.interval_s == 10.0
     assert s.healthy_threshold == 1
+    assert ProbeSettings.parse({"embedded": False}).embedded is False
     assert s.headers["a"]["Authorization"] == "k"
 
 
@@ -43,6 +44,7 @@ def test_parse_accepts_ints_for_floats_and_headers():
             "probe.report_valid_for_s: 10.0, must be greater than probe.report_interval_s (10.0)",
         ),
         ({"headers": {"a": {"X-Key": 5}}}, "probe.headers.a.X-Key: must be a string"),
+        ({"embedded": "no"}, "probe.embedded: 'no', must be true or false"),
         ({"headers": []}, "probe.headers: must be a table of endpoint id -> header table"),
     ],
 )
