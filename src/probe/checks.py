@@ -54,7 +54,8 @@ async def http_check(
             response = await client.get(url, headers=headers, timeout=timeout_s)
     except (TimeoutError, httpx.TimeoutException):
         return _failed(endpoint_id, kind, clock() - started, f"timeout after {timeout_s:g} s")
-    except httpx.TransportError as exc:
+    except httpx.HTTPError as exc:
+        # Transport errors, and request errors such as a body that fails to decode.
         return _failed(endpoint_id, kind, clock() - started, describe_error(exc))
     except httpx.InvalidURL:
         return _failed(endpoint_id, kind, clock() - started, "invalid URL")

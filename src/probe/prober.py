@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,8 @@ from .checks import CheckKind, Connector, ProbeResult, http_check, liveness_conn
 from .health import EndpointHealth
 from .load import parse_load
 from .settings import ProbeSettings
+
+log = logging.getLogger("decider.probe")
 
 
 class HealthSink(Protocol):
@@ -269,38 +272,58 @@ class Prober:
     # -- checks --------------------------------------------------------------------------
 
     async def _check(self, target: _Target, kind: CheckKind) -> None:
-        s = self._settings
-        endpoint = target.endpoint
         try:
-            if kind is CheckKind.LIVENESS and s.liveness == "connect":
-                result = await liveness_connect(
-                    self._connect,
-                    endpoint_id=endpoint.id,
-                    host=target.host,
-                    port=target.port,
-                    timeout_s=s.liveness_timeout_s,
-                    clock=self._clock,
-                )
-            else:
-                result = await http_check(
-                    self._client,
-                    endpoint_id=endpoint.id,
-                    url=endpoint.metrics_url if kind is CheckKind.METRICS else endpoint.health_url,
-                    headers=target.headers,
-                    timeout_s=_timeout_for(s, kind),
-                    kind=kind,
-                    clock=self._clock,
-                )
+            result = await self._probe(target, kind)
+        except Exception:
+            # A bug here must not silently stop probing this endpoint: log, and try again
+            # one interval later.
+            log.exception("%s check of endpoint %s failed", kind.value, target.endpoint.id)
+            result = None
         finally:
             target.in_flight.discard(kind)
         # The endpoint was removed or replaced while the check ran: its result is moot.
-        if self._targets.get(endpoint.id) is not target:
+        if self._targets.get(target.endpoint.id) is not target:
             return
         now = self._clock()
-        if kind is CheckKind.METRICS:
-            self._on_metrics(target, result, now)
-        else:
-            self._on_health(target, result, now)
+        try:
+            if result is None:
+                self._schedule(
+                    target, kind, now + self._jittered(_interval_for(self._settings, kind))
+                )
+            elif kind is CheckKind.METRICS:
+                self._on_metrics(target, result, now)
+            else:
+                self._on_health(target, result, now)
+        except Exception:
+            log.exception(
+                "handling the %s result of endpoint %s failed", kind.value, target.endpoint.id
+            )
+            if kind not in target.due:
+                self._schedule(
+                    target, kind, now + self._jittered(_interval_for(self._settings, kind))
+                )
+
+    async def _probe(self, target: _Target, kind: CheckKind) -> ProbeResult:
+        s = self._settings
+        endpoint = target.endpoint
+        if kind is CheckKind.LIVENESS and s.liveness == "connect":
+            return await liveness_connect(
+                self._connect,
+                endpoint_id=endpoint.id,
+                host=target.host,
+                port=target.port,
+                timeout_s=s.liveness_timeout_s,
+                clock=self._clock,
+            )
+        return await http_check(
+            self._client,
+            endpoint_id=endpoint.id,
+            url=endpoint.metrics_url if kind is CheckKind.METRICS else endpoint.health_url,
+            headers=target.headers,
+            timeout_s=_timeout_for(s, kind),
+            kind=kind,
+            clock=self._clock,
+        )
 
     def _on_health(self, target: _Target, result: ProbeResult, now: float) -> None:
         s = self._settings
@@ -348,6 +371,14 @@ class Prober:
             return
         target.published = status
         self._sink.set_health(target.endpoint.id, status, reason=reason, now=now)
+
+
+def _interval_for(settings: ProbeSettings, kind: CheckKind) -> float:
+    if kind is CheckKind.METRICS:
+        return settings.metrics_interval_s
+    if kind is CheckKind.LIVENESS:
+        return settings.liveness_interval_s
+    return settings.interval_s
 
 
 def _timeout_for(settings: ProbeSettings, kind: CheckKind) -> float:

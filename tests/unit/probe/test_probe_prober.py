@@ -22,9 +22,9 @@ H = HealthStatus
 URL = "http://127.0.0.1:8001/health"
 
 
-def make(settings=None, seed=1):
+def make(settings=None, seed=1, *, sink=None, connect=None):
     clock = FakeClock()
-    sink = RecordingSink()
+    sink = sink or RecordingSink()
     http = ScriptedHTTP()
     connector = FakeConnector()
     prober = Prober(
@@ -32,7 +32,7 @@ def make(settings=None, seed=1):
         sink,
         clock=clock,
         transport=http.transport(),
-        connect=connector,
+        connect=connect or connector,
         rng=random.Random(seed),
     )
     return prober, clock, sink, http, connector
@@ -397,3 +397,26 @@ async def test_run_loop_probes_with_real_time():
         await task
     await prober.aclose()
     assert sink.statuses("a") == [H.HEALTHY]
+
+
+async def test_a_failing_sink_or_connector_does_not_stop_probing(caplog):
+    calls = []
+
+    class BrokenSink(RecordingSink):
+        def set_health(self, endpoint_id, status, *, reason, now):
+            calls.append(status)
+            raise RuntimeError("engine bug")
+
+    async def broken_connect(host, port, timeout_s):
+        raise RuntimeError("connector bug")
+
+    prober, clock, _, http, _ = make(sink=BrokenSink(), connect=broken_connect)
+    http.set(URL, ok)
+    prober.set_endpoints([endpoint()])
+    await run_until(prober, clock, clock.now + 100)
+    # HTTP checks kept their 30 s cadence, liveness kept trying.
+    assert 4 <= http.count(URL) <= 5
+    assert calls
+    assert "connector bug" in caplog.text and "engine bug" in caplog.text
+    assert prober.next_due() is not None
+    await prober.aclose()
