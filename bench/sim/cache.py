@@ -101,5 +101,13 @@ class PrefixCache:
             blocks.popitem(last=False)
             self.evictions += 1
 
+    def resize(self, capacity_blocks: int) -> None:
+        """Change the capacity, evicting the least recent blocks beyond it."""
+        self._capacity = max(0, capacity_blocks)
+        blocks = self._blocks
+        while len(blocks) > self._capacity:
+            blocks.popitem(last=False)
+            self.evictions += 1
+
     def clear(self) -> None:
         self._blocks.clear()

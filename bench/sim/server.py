@@ -7,7 +7,10 @@ Timing model, per server:
   `decode_base_s + decode_per_seq_s * batch`, so a bigger batch means more tokens per second
   overall but slower tokens for each request; while a prefill runs, decode gets only
   `decode_share_during_prefill` of the steps (chunked prefill shares each step);
-- all times are multiplied by the server's slow factor.
+- all times are multiplied by the server's slow factor;
+- the KV cache has `cache_blocks` blocks: a running request holds the blocks of its prompt
+  and output, a waiting request is admitted only when its blocks fit (as vLLM's scheduler
+  does), and the prefix cache keeps finished sequences in whatever is not held.
 Decode is simulated as a fluid: the batch advances together, so one counter of "tokens each
 decoding request has produced" (virtual tokens) replaces per-token events.
 """
@@ -36,7 +39,8 @@ class ServerParams:
     decode_per_seq_s: float = 0.0006
     decode_share_during_prefill: float = 0.5
     block_tokens: int = 256
-    cache_blocks: int = 600
+    # About 460k tokens: the KV cache of an 80 GB GPU serving an 8B model.
+    cache_blocks: int = 1800
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -59,6 +63,7 @@ class Job:
         "cached_tokens",
         "finished_s",
         "first_token_s",
+        "held_blocks",
         "output_tokens",
         "owner",
         "prompt_blocks",
@@ -86,6 +91,7 @@ class Job:
         self.sequence_blocks = sequence_blocks
         self.owner = owner
         self.cached_tokens = 0
+        self.held_blocks = 0
         self.submitted_s = 0.0
         self.started_s = -1.0
         self.first_token_s = -1.0
@@ -128,6 +134,8 @@ class SimServer:
         # A crash bumps the epoch; events scheduled before it are then ignored.
         self._epoch = 0
         self._decode_version = 0
+        # KV blocks held by running requests; the prefix cache gets the rest.
+        self._held = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.output_tokens = 0
@@ -159,12 +167,10 @@ class SimServer:
         """Share of KV blocks held by running requests (what vLLM reports as cache usage)."""
         if self.params.cache_blocks == 0:
             return 1.0
-        b = self.params.block_tokens
-        jobs = [*self._prefill_queue, *(j for _, _, j in self._decoding)]
-        if self._prefilling is not None:
-            jobs.append(self._prefilling)
-        used = sum(-(-(j.prompt_tokens + j.output_tokens) // b) for j in jobs)
-        return min(1.0, used / self.params.cache_blocks)
+        return min(1.0, self._held / self.params.cache_blocks)
+
+    def _blocks_for(self, job: Job) -> int:
+        return -(-(job.prompt_tokens + job.output_tokens) // self.params.block_tokens)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -177,8 +183,19 @@ class SimServer:
         self._admit(now)
 
     def _admit(self, now: float) -> None:
-        while self._waiting and self.running < self.params.max_batch:
-            self._prefill_queue.append(self._waiting.popleft())
+        p = self.params
+        while self._waiting and self.running < p.max_batch:
+            job = self._waiting[0]
+            need = self._blocks_for(job)
+            # Out of KV blocks: wait for a running request to finish (one that can never fit
+            # runs alone rather than blocking the queue forever).
+            if self._held + need > p.cache_blocks and self.running > 0:
+                break
+            self._waiting.popleft()
+            job.held_blocks = need
+            self._held += need
+            self._prefill_queue.append(job)
+        self.cache.resize(p.cache_blocks - self._held)
         self._start_prefill(now)
 
     def _start_prefill(self, now: float) -> None:
@@ -253,6 +270,8 @@ class SimServer:
 
     def _finish(self, job: Job, now: float) -> None:
         job.finished_s = now
+        self._held -= job.held_blocks
+        self.cache.resize(self.params.cache_blocks - self._held)
         self.cache.insert(job.sequence_blocks or job.prompt_blocks)
         self.output_tokens += job.output_tokens
         self.completed += 1
@@ -275,7 +294,9 @@ class SimServer:
         self._prefilling = None
         self._decoding.clear()
         self._virtual = 0.0
+        self._held = 0
         self.cache.clear()
+        self.cache.resize(self.params.cache_blocks)
         for job in lost:
             self._listener.on_fail(job, now)
 

@@ -227,7 +227,7 @@ def multi_turn(seed: int, *, scale: float = 1.0) -> Workload:
                 segments=tuple(history),
                 output_tokens=out,
                 response_key=keys.fresh(),
-                think_s=0.0 if first else rng.uniform(1.0, 8.0),
+                think_s=0.0 if first else rng.uniform(5.0, 30.0),
             )
             turns.append(turn)
             history.append((turn.response_key, out))
@@ -253,7 +253,7 @@ def multi_turn(seed: int, *, scale: float = 1.0) -> Workload:
         arrival_window_s=window,
         parameters=(
             ("session arrivals", f"Poisson {rate:g}/s"),
-            ("think time", "1-8 s"),
+            ("think time", "5-30 s"),
             ("output tokens", "200-500"),
         ),
     )

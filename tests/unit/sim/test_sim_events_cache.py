@@ -105,3 +105,14 @@ def test_clear_empties_the_cache():
     cache.insert([1, 2])
     cache.clear()
     assert len(cache) == 0
+
+
+def test_resize_evicts_down_to_the_new_capacity():
+    cache = PrefixCache(6)
+    cache.insert([1, 2, 3])
+    cache.insert([4, 5, 6])
+    cache.resize(4)
+    assert cache.capacity_blocks == 4 and len(cache) == 4
+    assert cache.match([4, 5, 6]) == 3 and cache.match([1, 2, 3]) == 1
+    cache.resize(-3)
+    assert len(cache) == 0

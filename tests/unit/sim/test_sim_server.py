@@ -174,3 +174,33 @@ def test_kv_cache_utilization_counts_running_requests_blocks():
 def test_bad_params_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         simple(**{field: value})
+
+
+def test_admission_waits_for_kv_blocks():
+    # Each job holds (100 + 11) / 16 -> 7 blocks; 10 blocks fit one job at a time.
+    loop, rec, server = make(simple(cache_blocks=10))
+    server.submit(job("a", key=1), 0.0)
+    server.submit(job("b", key=2), 0.0)
+    assert server.running == 1 and server.waiting == 1
+    loop.run()
+    assert rec.first["b"] == pytest.approx(rec.done["a"] + 0.1)
+
+
+def test_a_job_larger_than_the_cache_still_runs_alone():
+    loop, rec, server = make(simple(cache_blocks=2))
+    server.submit(job("a", prompt=100), 0.0)
+    loop.run()
+    assert "a" in rec.done
+
+
+def test_running_requests_take_blocks_from_the_prefix_cache():
+    loop, _, server = make(simple(cache_blocks=20))
+    server.submit(job("a", prompt=160, out=1, key=1), 0.0)
+    loop.run()
+    assert server.cache.match(job("x", prompt=160, key=1).prompt_blocks) == 10
+    # b holds 11 blocks while it runs: only 9 are left for cached prefixes.
+    server.submit(job("b", prompt=160, out=16, key=2), 1.0)
+    assert server.cache.capacity_blocks == 9
+    loop.run()
+    assert server.cache.capacity_blocks == 20
+    assert server.cache.match(job("x", prompt=160, key=1).prompt_blocks) < 10
