@@ -188,3 +188,53 @@ def test_cli_requires_decider(capsys):
 
 
 _ = grpc  # stubs raise grpc.aio.AioRpcError on failure
+
+
+VLLM_METRICS = """\
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} %d
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 1
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="m"} 0.2
+"""
+
+
+async def test_scraped_vllm_load_steers_least_request(start_server, backends):
+    a, b = await backends(), await backends()
+    a.metrics_text, b.metrics_text = VLLM_METRICS % 20, VLLM_METRICS % 0
+    doc = {
+        "endpoints": [
+            {**endpoint_doc(eid, be), "metrics_url": f"{be.url}/metrics", "metrics_kind": "vllm"}
+            for eid, be in (("a", a), ("b", b))
+        ],
+        "probe": {"metrics_interval_s": 0.2},
+    }
+    async with start_server(doc, admin_token="sesame") as srv:
+
+        async def chosen(times: int = 10) -> set[str]:
+            picked = set()
+            for _ in range(times):
+                d = await srv.decider.Decide(dpb.DecideRequest(model="m", strategy="least_request"))
+                picked.add(d.endpoint.id)
+                await srv.decider.ReportOutcome(
+                    dpb.ReportOutcomeRequest(
+                        decision_id=d.decision_id,
+                        endpoint_id=d.endpoint.id,
+                        result=dpb.RESULT_SUCCESS,
+                    )
+                )
+            return picked
+
+        async def until_chosen(expected: set[str]) -> None:
+            deadline = time.monotonic() + 10
+            while (got := await chosen()) != expected:
+                assert time.monotonic() < deadline, f"still choosing {got}"
+                await asyncio.sleep(0.1)
+
+        await until_chosen({"b"})
+        status = await status_of(srv, "a")
+        assert status.load.queue_depth == 20
+        # The load moves: decisions follow the scrape.
+        a.metrics_text, b.metrics_text = VLLM_METRICS % 0, VLLM_METRICS % 20
+        await until_chosen({"a"})
