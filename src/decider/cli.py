@@ -90,3 +90,5 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every probe request at INFO; the prober reports what matters itself.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
