@@ -1,7 +1,7 @@
 """Exceptions for bad input and bad configuration; refusals are values (core.model.Refusal).
 
     DeciderError
-     ├── ConfigError       a config file, environment variable or flag is wrong (names key and value)
+     ├── ConfigError       a config file, environment variable or flag is wrong (names key, value)
      ├── InvalidArgument   a request field is malformed or out of range (names each field)
      ├── NotFound          a named thing does not exist (e.g. deregistering an unknown endpoint)
      ├── Unauthenticated   an admin call without the configured bearer token
