@@ -14,6 +14,7 @@ import functools
 import os
 import re
 import sys
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -163,6 +165,8 @@ _SAMPLERS: Final = (
 )
 _DEFAULT_SAMPLER: Final = "parentbased_always_on"
 _DEFAULT_OTLP_ENDPOINT: Final = "http://localhost:4317"
+# TraceIdRatioBased compares the low 64 bits of the trace id (OpenTelemetry SDK spec).
+_TRACE_ID_LIMIT: Final = TraceIdRatioBased.TRACE_ID_LIMIT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,6 +269,14 @@ class TracingSettings:
         }
         return table[self.sampler]
 
+    def sample_bound(self) -> int:
+        """Root spans are sampled when the low 64 bits of the trace id are below this."""
+        if self.sampler.endswith("always_on"):
+            return _TRACE_ID_LIMIT + 1
+        if self.sampler.endswith("always_off"):
+            return 0
+        return TraceIdRatioBased.get_bound_for_rate(self.sampler_arg)
+
     def describe(self) -> str:
         """One line for the startup log."""
         if not self.enabled:
@@ -295,6 +307,9 @@ def _parse_resource_attributes(raw: str) -> dict[str, str]:
 # fields after another dash.
 _TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _EMPTY_CONTEXT: Final = otel_context.Context()
+_EMPTY_TRACE_STATE: Final = TraceState()
+_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
+_FLAGS: Final = {"00": _NOT_SAMPLED, "01": TraceFlags(TraceFlags.SAMPLED)}
 
 
 def extract_parent(metadata: Iterable[tuple[str, Any]] | None) -> SpanContext | None:
@@ -330,8 +345,8 @@ def extract_parent(metadata: Iterable[tuple[str, Any]] | None) -> SpanContext | 
         trace_id,
         span_id,
         is_remote=True,
-        trace_flags=TraceFlags(int(flags, 16)),
-        trace_state=TraceState.from_header(tracestate) if tracestate else TraceState(),
+        trace_flags=_FLAGS.get(flags) or TraceFlags(int(flags, 16)),
+        trace_state=TraceState.from_header(tracestate) if tracestate else _EMPTY_TRACE_STATE,
     )
 
 
@@ -412,27 +427,55 @@ class _ServerScope:
         span.end()
 
 
+class _PresetIdGenerator(RandomIdGenerator):
+    """Random ids, except that the next trace id can be chosen (per thread) before a span
+    starts, so the SDK's sampler sees the trace id Decider's pre-check already sampled."""
+
+    def __init__(self) -> None:
+        self._next = threading.local()
+
+    def preset(self, trace_id: int) -> None:
+        self._next.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        trace_id: int = getattr(self._next, "trace_id", 0)
+        if trace_id:
+            self._next.trace_id = 0
+            return trace_id
+        return super().generate_trace_id()
+
+
 class Tracing:
     """The process's tracer provider and the server-span factory the servicers call.
 
     Build it once at startup with `Tracing.from_env()`; `Tracing.disabled()` costs nothing.
     """
 
-    __slots__ = ("_base_attributes", "_provider", "_settings", "_skip_unsampled_parents", "_tracer")
+    __slots__ = (
+        "_base_attributes",
+        "_bound",
+        "_ids",
+        "_parent_based",
+        "_provider",
+        "_settings",
+        "_tracer",
+    )
 
-    def __init__(
-        self,
-        settings: TracingSettings,
-        provider: TracerProvider | None,
-    ) -> None:
+    def __init__(self, settings: TracingSettings, provider: TracerProvider | None) -> None:
+        """`provider` must be built with a `_PresetIdGenerator`; from_env does that."""
         self._settings = settings
         self._provider = provider
-        self._tracer: trace.Tracer | None = (
-            provider.get_tracer(SCOPE_NAME) if provider is not None else None
-        )
-        # With a parent-based sampler an unsampled caller means an unsampled span, so the SDK
-        # (sampler, ids, span object) is skipped and the caller's context is reused as is.
-        self._skip_unsampled_parents = settings.sampler.startswith("parentbased_")
+        self._tracer: trace.Tracer | None = None
+        self._ids = _PresetIdGenerator()
+        if provider is not None:
+            if not isinstance(provider.id_generator, _PresetIdGenerator):
+                raise TypeError("the TracerProvider must use decider's id generator")
+            self._tracer = provider.get_tracer(SCOPE_NAME)
+            self._ids = provider.id_generator
+        # What settings.build_sampler() decides, as data: parent-based samplers follow the
+        # caller's sampled flag; otherwise (and for roots) trace ids below the bound are kept.
+        self._parent_based = settings.sampler.startswith("parentbased_")
+        self._bound = settings.sample_bound()
         self._base_attributes: dict[str, dict[str, str]] = {}
 
     @classmethod
@@ -466,7 +509,9 @@ class Tracing:
         resource = Resource.create(
             {**settings.resource_attributes, "service.name": settings.service_name}
         )
-        provider = TracerProvider(sampler=settings.build_sampler(), resource=resource)
+        provider = TracerProvider(
+            sampler=settings.build_sampler(), resource=resource, id_generator=_PresetIdGenerator()
+        )
         for p in processors:
             provider.add_span_processor(p)
         if install_global:
@@ -492,14 +537,39 @@ class Tracing:
         tracer = self._tracer
         if tracer is None:
             return _NOOP_SCOPE
+        # The sampling decision is made here, from the trace id and the caller's flag exactly
+        # as the configured built-in sampler makes it, so an unsampled call costs a
+        # SpanContext and never enters the SDK's start_span. For a sampled root the trace id
+        # is preset, so the SDK's own sampler sees the same id and agrees.
         parent = extract_parent(context.invocation_metadata())
         if parent is None:
+            trace_id = self._ids.generate_trace_id()
+            if (trace_id & _TRACE_ID_LIMIT) >= self._bound:
+                dropped = SpanContext(
+                    trace_id,
+                    self._ids.generate_span_id(),
+                    is_remote=False,
+                    trace_flags=_NOT_SAMPLED,
+                )
+                return _ServerScope(NonRecordingSpan(dropped), context, activate=activate)
+            self._ids.preset(trace_id)
             parent_context = _EMPTY_CONTEXT
         else:
-            parent_span = NonRecordingSpan(parent)
-            if self._skip_unsampled_parents and not parent.trace_flags.sampled:
-                return _ServerScope(parent_span, context, activate=activate)
-            parent_context = trace.set_span_in_context(parent_span, _EMPTY_CONTEXT)
+            if self._parent_based:
+                sampled = parent.trace_flags.sampled
+            else:
+                sampled = (parent.trace_id & _TRACE_ID_LIMIT) < self._bound
+            if not sampled:
+                if parent.trace_flags.sampled:
+                    parent = SpanContext(
+                        parent.trace_id,
+                        parent.span_id,
+                        is_remote=True,
+                        trace_flags=_NOT_SAMPLED,
+                        trace_state=parent.trace_state,
+                    )
+                return _ServerScope(NonRecordingSpan(parent), context, activate=activate)
+            parent_context = trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY_CONTEXT)
         attributes = self._base_attributes.get(rpc)
         if attributes is None:
             attributes = self._base_attributes[rpc] = _rpc_attributes(rpc)

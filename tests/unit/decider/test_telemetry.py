@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import random
 from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 from otlp_receiver import OtlpReceiver
 
@@ -299,6 +302,72 @@ def test_parent_based_ratio_always_follows_a_sampled_gateway():
     with tracing.server_span(Rpc.DECIDE, FakeContext(("traceparent", SAMPLED))) as span:
         assert span.is_recording()
     assert len(exporter.get_finished_spans()) == 1
+
+
+def test_ratio_sampling_of_roots_agrees_with_the_trace_id():
+    env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
+    tracing, exporter = in_memory(env)
+    bound = TraceIdRatioBased.get_bound_for_rate(0.5)
+    recorded = 0
+    for _ in range(400):
+        with tracing.server_span(Rpc.DECIDE, FakeContext()) as span:
+            span_context = span.get_span_context()
+            assert span_context.is_valid
+            assert trace.get_current_span() is span
+            in_sample = (span_context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT) < bound
+            assert span.is_recording() == in_sample == span_context.trace_flags.sampled
+            recorded += span.is_recording()
+    assert len(exporter.get_finished_spans()) == recorded
+    assert 120 < recorded < 280
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ],
+)
+def test_sampling_decisions_match_the_sdk_sampler(sampler):
+    env = {"OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": "0.3"}
+    sdk_sampler = TracingSettings.parse(env).build_sampler()
+    tracing, exporter = in_memory(env)
+    rng = random.Random(11)
+    recorded = 0
+    for i in range(300):
+        if i % 3 == 0:
+            context = FakeContext()
+        else:
+            flags = "01" if i % 3 == 1 else "00"
+            traceparent = f"00-{rng.getrandbits(128) | 1:032x}-{PARENT_ID}-{flags}"
+            context = FakeContext(("traceparent", traceparent))
+        with tracing.server_span(Rpc.DECIDE, context) as span:
+            ours = span.is_recording()
+            trace_id = span.get_span_context().trace_id
+        parent = extract_parent(context.invocation_metadata())
+        parent_context = (
+            trace.set_span_in_context(trace.NonRecordingSpan(parent), otel_context.Context())
+            if parent is not None
+            else otel_context.Context()
+        )
+        expected = sdk_sampler.should_sample(parent_context, trace_id, "x").decision.is_sampled()
+        assert ours == expected, (i, sampler)
+        recorded += ours
+    assert len(exporter.get_finished_spans()) == recorded
+
+
+def test_a_non_parent_based_sampler_may_drop_a_sampled_gateway_trace():
+    env = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    tracing, exporter = in_memory(env)
+    with tracing.server_span(Rpc.DECIDE, FakeContext(("traceparent", SAMPLED))) as span:
+        assert not span.is_recording()
+        assert format(span.get_span_context().trace_id, "032x") == TRACE_ID
+        assert not span.get_span_context().trace_flags.sampled
+    assert exporter.get_finished_spans() == ()
 
 
 def test_no_traceparent_starts_a_new_root_trace():
