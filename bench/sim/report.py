@@ -214,6 +214,9 @@ def plots(results: Sequence[RunResult], default_strategy: str, img_dir: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    seconds = FuncFormatter(lambda v, _: f"{v:g}")
 
     groups = by_workload(results)
     names = list(groups)
@@ -239,6 +242,9 @@ def plots(results: Sequence[RunResult], default_strategy: str, img_dir: Path) ->
                 label=labels[i],
             )
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(seconds)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xticks(range(3), ["p50", "p90", "p99"])
         ax.set_title(name)
         ax.set_ylabel("TTFT (s)")

@@ -27,7 +27,15 @@ from bench.sim.metrics import RunResult
 from bench.sim.report import write_report
 from bench.sim.workloads import WORKLOADS, Workload
 
-DEFAULT_STRATEGIES = ("", "round_robin", "random", "least_request", "cache_aware", "latency")
+DEFAULT_STRATEGIES = (
+    "",
+    "round_robin",
+    "random",
+    "least_request",
+    "latency",
+    "cache_aware",
+    "affinity",
+)
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -5,7 +5,11 @@ Backends are real HTTP servers on 127.0.0.1 started and killed here; bounds are 
 """
 
 import asyncio
+import os
+import signal
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +22,7 @@ from probe.cli import main as probe_main
 from probe.remote import StandaloneProber
 from probe.standin import StandIn
 
+SRC = Path(__file__).resolve().parents[2] / "src"
 UNHEALTHY = epb.HEALTH_STATUS_UNHEALTHY
 HEALTHY = epb.HEALTH_STATUS_HEALTHY
 
@@ -238,3 +243,38 @@ async def test_scraped_vllm_load_steers_least_request(start_server, backends):
         # The load moves: decisions follow the scrape.
         a.metrics_text, b.metrics_text = VLLM_METRICS % 0, VLLM_METRICS % 20
         await until_chosen({"a"})
+
+
+async def test_decider_probe_command_end_to_end(start_server, backends):
+    backend = await backends()
+    doc = {
+        "endpoints": [endpoint_doc("cli", backend)],
+        "probe": {"interval_s": 3600, "liveness": "off"},
+    }
+    async with start_server(doc, admin_token="sesame") as srv:
+        await wait_status(srv, "cli", HEALTHY, within_s=5)
+        path = f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        env = {**os.environ, "PYTHONPATH": path}
+        env["DECIDER_ADMIN_TOKEN"] = "sesame"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "probe.cli",
+            "--decider",
+            srv.address,
+            "--prober-id",
+            "cli-probe",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            # Wait until the command has listed the endpoint and probed it once.
+            await asyncio.sleep(3)
+            await backend.kill()
+            got = await wait_status(srv, "cli", UNHEALTHY, within_s=15)
+            assert got.health_reason.startswith("cli-probe: ")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0, stderr.decode()
+        assert b"sesame" not in stderr
