@@ -18,7 +18,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -37,7 +37,14 @@ from decider.core.model import (
 )
 from decider.errors import ConfigError
 
-__all__ = ["MetricName", "Metrics", "MetricsServer", "parse_listen"]
+__all__ = [
+    "MetricName",
+    "Metrics",
+    "MetricsServer",
+    "ProbeResultLike",
+    "failure_label",
+    "parse_listen",
+]
 
 log = logging.getLogger("decider.metrics")
 
@@ -86,6 +93,38 @@ _REFUSAL_RESULT: Final = {kind: kind.value.lower() for kind in RefusalKind}
 _HEALTH_LABELS: Final = tuple((s, s.name.lower()) for s in HealthStatus)
 _BREAKER_LABELS: Final = tuple((s, s.name.lower()) for s in BreakerState)
 _OUTCOME_LABELS: Final = {r: r.name.lower() for r in Result}
+
+
+class _KindLike(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class ProbeResultLike(Protocol):
+    """The fields of probe.checks.ProbeResult that metrics read."""
+
+    @property
+    def endpoint_id(self) -> str: ...
+    @property
+    def kind(self) -> _KindLike: ...
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def latency_s(self) -> float: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def status_code(self) -> int: ...
+
+
+def failure_label(result: ProbeResultLike) -> str:
+    """A bounded label value for a failed check: probe reasons carry timings and free text."""
+    if result.status_code:
+        return f"http_{result.status_code}"
+    reason = result.reason.lower()
+    if reason.startswith("timeout"):
+        return "timeout"
+    return re.sub(r"[^a-z0-9]+", "_", reason).strip("_")[:40] or "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +341,16 @@ class Metrics:
         labels = (endpoint_id, reason)
         self._scrape_errors.labels(*labels).inc()
         self._endpoint_series.setdefault(endpoint_id, set()).add((self._scrape_errors, labels))
+
+    def record_probe_result(self, result: ProbeResultLike) -> None:
+        """A prober result (probe.checks.ProbeResult): counted, timed, and for a failed
+        load-metrics scrape also counted as a scrape error."""
+        kind = result.kind.value
+        self.record_probe(
+            result.endpoint_id, kind=kind, healthy=result.healthy, latency_s=result.latency_s
+        )
+        if kind == "metrics" and not result.healthy:
+            self.record_scrape_error(result.endpoint_id, reason=failure_label(result))
 
     def forget_endpoint(self, endpoint_id: str) -> None:
         """Drops a deregistered endpoint's prober series, so churn does not grow the output."""

@@ -25,6 +25,7 @@ from decider.core.model import (
 )
 from decider.errors import ConfigError
 from decider.metrics import Metrics, MetricsServer, parse_listen
+from probe.checks import CheckKind, ProbeResult
 
 RETRY = RetryAdvice(max_attempts=2, initial_backoff_s=0.1, max_backoff_s=1.0, backoff_multiplier=2)
 
@@ -299,3 +300,36 @@ async def test_a_failing_source_is_a_500_not_a_crash():
     async with MetricsServer(metrics, host="127.0.0.1", port=0) as server, httpx.AsyncClient() as c:
         response = await c.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
     assert response.status_code == 500
+
+
+@pytest.mark.parametrize(
+    ("healthy", "reason", "status_code", "label"),
+    [
+        (False, "HTTP 503 in 12 ms", 503, "http_503"),
+        (False, "timeout after 2 s", 0, "timeout"),
+        (False, "connection refused", 0, "connection_refused"),
+        (False, "ReadError", 0, "readerror"),
+        (True, "HTTP 200 in 3 ms", 200, None),
+    ],
+)
+def test_probe_results_from_the_prober(healthy, reason, status_code, label):
+    metrics = Metrics()
+    result = ProbeResult(
+        endpoint_id="e1",
+        kind=CheckKind.METRICS,
+        healthy=healthy,
+        latency_s=0.012,
+        reason=reason,
+        status_code=status_code,
+    )
+    metrics.record_probe_result(result)
+    outcome = "healthy" if healthy else "unhealthy"
+    assert sample(metrics, "decider_probes_total", endpoint_id="e1", kind="metrics", result=outcome)
+    errors = [
+        s.labels["reason"]
+        for f in metrics.registry.collect()
+        if f.name == "decider_probe_scrape_errors"
+        for s in f.samples
+        if s.name.endswith("_total")
+    ]
+    assert errors == ([label] if label else [])
