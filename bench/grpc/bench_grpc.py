@@ -1,0 +1,677 @@
+"""gRPC load benchmark: Decider as a gateway sees it, loaded by ghz (compiled Go), not Python.
+
+    make bench-grpc        # or: .venv/bin/python bench/grpc/bench_grpc.py --ghz .tools/bin/ghz
+
+On one server, alternating round by round: grpc.health.v1.Health/Check (the transport floor of
+the same stack) and Decide (100 endpoints, composite strategy, sessions and prefix hashes so
+session and cache affinity are exercised), each under concurrent load and serially. Then
+ReportOutcome throughput, 1000 concurrent HTTP/2 connections doing Decide with the server's RSS
+sampled, and the same Check/Decide pair on each server architecture (bench/grpc/launch.py).
+Every ghz run uses a fixed request count (not a duration, which cuts calls off mid-flight) and
+must come back all grpc-status 0.
+
+Writes bench/results/grpc_load.json, docs/img/grpc_latency.png and the "gRPC load" section of
+docs/BENCHMARKS.md (between its markers; the other sections are left alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = Path(__file__).resolve().with_name("launch.py")
+RESULTS = ROOT / "bench" / "results" / "grpc_load.json"
+PLOT = ROOT / "docs" / "img" / "grpc_latency.png"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- grpc-load:begin -->", "<!-- grpc-load:end -->"
+
+MODEL = "llama-3-8b"
+ENDPOINTS = 100
+CHECK = "grpc.health.v1.Health/Check"
+DECIDE = "decider.v1.DeciderService/Decide"
+REPORT = "decider.v1.DeciderService/ReportOutcome"
+# ghz renders these per request: 1000 sessions, 16 shared system prompts, 256 conversations.
+DECIDE_DATA = json.dumps(
+    {
+        "model": MODEL,
+        "session_id": "session-{{mod .RequestNumber 1000}}",
+        "tenant": "bench",
+        "estimated_input_tokens": 800,
+        "prefix_hashes": [
+            "{{add 1000 (mod .RequestNumber 16)}}",
+            "{{add 5000 (mod .RequestNumber 256)}}",
+        ],
+    }
+)
+REPORT_DATA = json.dumps(
+    {
+        "decision_id": "bench-{{.RequestNumber}}",
+        "endpoint_id": "ep-{{mod .RequestNumber 100}}",
+        "result": "RESULT_SUCCESS",
+        "latency": "0.850s",
+        "input_tokens": 800,
+        "output_tokens": 120,
+    }
+)
+CHECK_DATA = json.dumps({"service": ""})
+# Percentiles ghz reports; the plot draws them all.
+PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
+
+
+@dataclass
+class Run:
+    """One ghz run, reduced to what the report needs."""
+
+    call: str
+    concurrency: int
+    connections: int
+    count: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    percentiles_ms: dict[int, float]
+    status: dict[str, int]
+    errors: dict[str, int]
+    # Server CPU time (user + system, all its processes) per call during the run.
+    server_cpu_us: float = 0.0
+    # ghz's own CPU time per call: it shares the cores with the server.
+    client_cpu_us: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return set(self.status) == {"OK"} and self.status["OK"] == self.count and not self.errors
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Run]] = field(default_factory=list)
+    report_outcome: Run | None = None
+    many_connections: Run | None = None
+    rss_idle_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    architectures: dict[str, dict[str, Run]] = field(default_factory=dict)
+    architecture_rss_mb: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+# -- ghz ----------------------------------------------------------------------------------------
+
+
+class Ghz:
+    def __init__(self, binary: str, protoset: Path) -> None:
+        self.binary = binary
+        self.protoset = protoset
+
+    def run(
+        self,
+        srv: Server,
+        call: str,
+        data: str,
+        *,
+        n: int,
+        c: int,
+        conns: int,
+        timeout_s: float = 20,
+    ) -> Run:
+        cpu_before, client_before = srv.cpu_s(), _children_cpu_s()
+        run = self._run(srv.addr, call, data, n=n, c=c, conns=conns, timeout_s=timeout_s)
+        run.server_cpu_us = (srv.cpu_s() - cpu_before) / max(run.count, 1) * 1e6
+        run.client_cpu_us = (_children_cpu_s() - client_before) / max(run.count, 1) * 1e6
+        if not run.ok:
+            srv.dump_log(f"{run.call} c={c} failed")
+        return run
+
+    def _run(
+        self, addr: str, call: str, data: str, *, n: int, c: int, conns: int, timeout_s: float
+    ) -> Run:
+        argv = [
+            self.binary, "--insecure", "--protoset", str(self.protoset), "--call", call,
+            "-d", data, "-n", str(n), "-c", str(c), "--connections", str(conns),
+            "--timeout", f"{timeout_s}s", "--connect-timeout", "20s", "-O", "json", addr,
+        ]  # fmt: skip
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
+        if not out.stdout.strip():
+            raise RuntimeError(f"ghz failed: {out.stderr.strip()}")
+        doc = json.loads(out.stdout)
+        pct = {
+            int(p["percentage"]): p["latency"] / 1e6 for p in doc.get("latencyDistribution") or []
+        }
+        return Run(
+            call=call.rsplit("/", 1)[-1],
+            concurrency=c,
+            connections=conns,
+            count=int(doc["count"]),
+            rps=float(doc["rps"]),
+            p50_ms=pct.get(50, 0.0),
+            p99_ms=pct.get(99, 0.0),
+            percentiles_ms=pct,
+            status=dict(doc.get("statusCodeDistribution") or {}),
+            errors=dict(doc.get("errorDistribution") or {}),
+        )
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def write_protoset(path: Path) -> None:
+    """A FileDescriptorSet for ghz from the generated modules (no reflection round trips)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    from decider.v1 import decider_service_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    seen: set[str] = set()
+
+    def add(fd: Any) -> None:
+        if fd.name in seen:
+            return
+        seen.add(fd.name)
+        for dep in fd.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)
+        files.file.append(proto)
+
+    add(decider_service_pb2.DESCRIPTOR)
+    add(health_pb2.DESCRIPTOR)
+    path.write_bytes(files.SerializeToString())
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+def write_config(path: Path) -> None:
+    lines = ["[routing]", 'default_strategy = "composite"', ""]
+    for i in range(ENDPOINTS):
+        lines += [
+            "[[endpoints]]",
+            f'id = "ep-{i}"',
+            f'address = "10.0.{i // 200}.{i % 200 + 1}:8000"',
+            f'model = "{MODEL}"',
+            "",
+        ]
+    path.write_text("\n".join(lines))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    addr: str
+    log: list[str] = field(default_factory=list)
+
+    def dump_log(self, why: str) -> None:
+        print(f"--- {why}; server log tail:\n" + "".join(self.log[-30:]), file=sys.stderr)
+
+    def pids(self) -> list[int]:
+        """The server process and, for multi-process variants, its children."""
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        return pids
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server's processes have used so far."""
+        ticks = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # utime and stime are fields 14 and 15 of /proc/PID/stat (proc(5)).
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        total_kb = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+            total_kb += int(m.group(1)) if m else 0
+        return total_kb / 1024
+
+
+@contextmanager
+def server(arch: str, config: Path, *, processes: int = 1) -> Iterator[Server]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DECIDER_LOG_LEVEL": "WARNING"}
+    argv = [sys.executable, str(LAUNCH), "--arch", arch, "--config", str(config)]
+    argv += ["--listen", f"127.0.0.1:{port}", "--processes", str(processes)]
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        ready = 0
+        log: list[str] = []
+        deadline = time.monotonic() + 60
+        assert proc.stderr is not None
+        while ready < processes:
+            line = proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"{arch} server exited before serving:\n{''.join(log)}")
+            log.append(line)
+            if "decider serving on" in line:
+                ready += 1
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{arch} server not ready in 60 s:\n{''.join(log)}")
+        srv = Server(proc=proc, addr=f"127.0.0.1:{port}", log=log)
+        threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _drain(proc: subprocess.Popen[str], log: list[str]) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        log.append(line)
+        del log[:-200]
+
+
+class RssSampler:
+    """Samples the server's RSS every 100 ms in a thread; keeps the peak."""
+
+    def __init__(self, srv: Server) -> None:
+        self.srv = srv
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak_mb = max(self.peak_mb, self.srv.rss_mb())
+
+
+# -- the phases ---------------------------------------------------------------------------------
+
+
+def calls_for(
+    ghz: Ghz, srv: Server, call: str, data: str, *, c: int, conns: int, seconds: float
+) -> int:
+    """Sizes a phase: a short probe run, then enough calls for about `seconds`."""
+    probe = ghz.run(srv, call, data, n=max(200, c * 10), c=c, conns=conns)
+    return max(200, int(probe.rps * seconds))
+
+
+def main_run(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> None:
+    c, conns = args.concurrency, args.connections
+    with server(args.arch, config) as srv:
+        res.rss_idle_mb = srv.rss_mb()
+        # Warm up and size the phases so each takes about args.seconds on this machine.
+        n_check = calls_for(ghz, srv, CHECK, CHECK_DATA, c=c, conns=conns, seconds=args.seconds)
+        n_decide = calls_for(ghz, srv, DECIDE, DECIDE_DATA, c=c, conns=conns, seconds=args.seconds)
+        serial = ghz.run(srv, DECIDE, DECIDE_DATA, n=200, c=1, conns=1)
+        n_serial = max(200, int(serial.rps * args.seconds * 0.6))
+        for r in range(args.rounds):
+            round_: dict[str, Run] = {}
+            # Alternate which goes first so drift in machine load does not favour one call.
+            order = [
+                ("check", CHECK, CHECK_DATA, n_check),
+                ("decide", DECIDE, DECIDE_DATA, n_decide),
+            ]
+            for name, call, data, n in order if r % 2 == 0 else order[::-1]:
+                round_[name] = ghz.run(srv, call, data, n=n, c=c, conns=conns)
+            for name, call, data, _ in order if r % 2 == 0 else order[::-1]:
+                round_[f"{name}_serial"] = ghz.run(srv, call, data, n=n_serial, c=1, conns=1)
+            res.rounds.append(round_)
+            print(f"round {r + 1}: " + _brief(round_), flush=True)
+
+        n_report = calls_for(ghz, srv, REPORT, REPORT_DATA, c=c, conns=conns, seconds=args.seconds)
+        res.report_outcome = ghz.run(srv, REPORT, REPORT_DATA, n=n_report, c=c, conns=conns)
+        print(f"ReportOutcome: {res.report_outcome.rps:.0f}/s", flush=True)
+
+        # 1000 connections, one call in flight on each, every call must succeed.
+        with RssSampler(srv) as rss:
+            res.many_connections = ghz.run(
+                srv,
+                DECIDE,
+                DECIDE_DATA,
+                n=args.many * 10,
+                c=args.many,
+                conns=args.many,
+                timeout_s=60,
+            )
+        res.rss_peak_mb = max(rss.peak_mb, srv.rss_mb())
+        m = res.many_connections
+        print(f"{args.many} connections: {m.status}, RSS peak {res.rss_peak_mb:.0f} MB", flush=True)
+
+
+def _brief(runs: dict[str, Run]) -> str:
+    return ", ".join(f"{k} {v.rps:.0f}/s p50 {v.p50_ms:.2f} ms" for k, v in runs.items())
+
+
+def architectures(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> None:
+    variants: list[tuple[str, str, int]] = [
+        ("aio", "aio", 1),
+        ("aio+uvloop", "uvloop", 1),
+        ("sync", "sync", 1),
+    ]
+    variants += [("aio x2 reuseport", "aio", 2), ("aio+uvloop x2 reuseport", "uvloop", 2)]
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        variants = [v for v in variants if v[1] != "uvloop"]
+        res.failures.append("uvloop is not installed: its variants were skipped")
+    c, conns = args.concurrency, args.connections
+    for label, arch, processes in variants:
+        with server(arch, config, processes=processes) as srv:
+            ghz.run(srv, DECIDE, DECIDE_DATA, n=500, c=c, conns=conns)  # warm-up
+            n = int(args.arch_calls)
+            out = {
+                "check": ghz.run(srv, CHECK, CHECK_DATA, n=n, c=c, conns=conns),
+                "decide": ghz.run(srv, DECIDE, DECIDE_DATA, n=n, c=c, conns=conns),
+                "decide_serial": ghz.run(srv, DECIDE, DECIDE_DATA, n=n // 5, c=1, conns=1),
+            }
+            res.architecture_rss_mb[label] = srv.rss_mb()
+            res.architectures[label] = out
+            print(f"{label}: " + _brief(out), flush=True)
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def median(runs: list[Run], attr: str) -> float:
+    return statistics.median(getattr(r, attr) for r in runs)
+
+
+def summary(res: Results) -> dict[str, float]:
+    get = lambda key: [r[key] for r in res.rounds]  # noqa: E731
+    s = {
+        "check_rps": median(get("check"), "rps"),
+        "decide_rps": median(get("decide"), "rps"),
+        "check_p50_ms": median(get("check"), "p50_ms"),
+        "decide_p50_ms": median(get("decide"), "p50_ms"),
+        "check_p99_ms": median(get("check"), "p99_ms"),
+        "decide_p99_ms": median(get("decide"), "p99_ms"),
+        "check_serial_p50_ms": median(get("check_serial"), "p50_ms"),
+        "decide_serial_p50_ms": median(get("decide_serial"), "p50_ms"),
+        "check_serial_p99_ms": median(get("check_serial"), "p99_ms"),
+        "decide_serial_p99_ms": median(get("decide_serial"), "p99_ms"),
+        "check_cpu_us": median(get("check"), "server_cpu_us"),
+        "decide_cpu_us": median(get("decide"), "server_cpu_us"),
+    }
+    s["throughput_ratio"] = s["decide_rps"] / s["check_rps"]
+    s["serial_p50_ratio"] = s["decide_serial_p50_ms"] / s["check_serial_p50_ms"]
+    return s
+
+
+def plot(res: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, suffix, title in (
+        (axes[0], "", "under load"),
+        (axes[1], "_serial", "serial (1 in flight)"),
+    ):
+        for key, label, style in (
+            (f"check{suffix}", "Health/Check (floor)", "o--"),
+            (f"decide{suffix}", "Decide", "s-"),
+        ):
+            ps = list(PERCENTILES)
+            ys = [
+                statistics.median(r[key].percentiles_ms.get(p, 0.0) for r in res.rounds) for p in ps
+            ]
+            ax.plot([str(p) for p in ps], ys, style, label=label)
+        ax.set_title(f"Latency percentiles, {title}")
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("latency (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    c = res.rounds[0]["check"]
+    fig.suptitle(
+        f"Decider gRPC: Decide ({ENDPOINTS} endpoints, composite, affinity) vs transport floor; "
+        f"ghz c={c.concurrency} over {c.connections} connections"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(res: Results, args: argparse.Namespace) -> str:
+    s = summary(res)
+    m, ro = res.many_connections, res.report_outcome
+    assert m is not None and ro is not None
+    c = res.rounds[0]["check"]
+    tp = "meets" if s["throughput_ratio"] >= 0.85 else "misses"
+    lat = "meets" if s["serial_p50_ratio"] <= 1.15 else "misses"
+    mach = res.machine
+    lines = [
+        BEGIN,
+        "## gRPC load",
+        "",
+        "Decider as a gateway sees it: the real server loaded by [ghz](https://ghz.sh) (compiled "
+        f"Go, version pinned in the Makefile), {ENDPOINTS} endpoints of one model, the composite "
+        "strategy, and requests carrying a session id (1000 sessions) and prefix hashes (16 shared "
+        "system prompts x 256 conversations), so session and cache affinity are exercised.",
+        "",
+        "```",
+        "make bench-grpc   # = .venv/bin/python bench/grpc/bench_grpc.py --ghz .tools/bin/ghz",
+        "```",
+        "",
+        f"Machine: {mach['cpus']} vCPU ({mach['cpu']}), {mach['python']}, grpcio {mach['grpcio']}. "
+        "ghz runs on the same two cores as the server and the machine was shared with other work, "
+        "so requests/s are a lower bound; server CPU per call (from /proc) is the steadier number. "
+        f"Main run: `{args.arch}` server (what `decider serve` runs), medians of {len(res.rounds)} "
+        "rounds in which Check and Decide alternate on the same server; under load = ghz "
+        f"`-c {c.concurrency} --connections {c.connections}`; serial = one call in flight.",
+        "",
+        _row("", "Health/Check (floor)", "Decide", "Decide / floor"),
+        _row("---", "---:", "---:", "---:"),
+        _row(
+            "requests/s under load",
+            f"{s['check_rps']:.0f}",
+            f"{s['decide_rps']:.0f}",
+            f"{s['throughput_ratio']:.2f} (target >= 0.85: {tp})",
+        ),
+    ]
+    for label, key, fmt in (
+        ("p50 under load (ms)", "p50_ms", ".2f"),
+        ("p99 under load (ms)", "p99_ms", ".2f"),
+        ("serial p50 (ms)", "serial_p50_ms", ".3f"),
+        ("serial p99 (ms)", "serial_p99_ms", ".3f"),
+        ("server CPU per call (us)", "cpu_us", ".0f"),
+    ):
+        floor, decide = s[f"check_{key}"], s[f"decide_{key}"]
+        ratio = f"{decide / floor:.2f}"
+        if key == "serial_p50_ms":
+            ratio += f" (target <= 1.15: {lat})"
+        lines.append(_row(label, f"{floor:{fmt}}", f"{decide:{fmt}}", ratio))
+    errors = sum(m.errors.values())
+    lines += [
+        "",
+        "Every ghz run is checked for grpc-status 0 on every call: "
+        + ("all OK." if not res.failures else "see the failures below."),
+        "",
+        f"- **ReportOutcome**: {ro.rps:.0f} requests/s, p50 {ro.p50_ms:.2f} ms, "
+        f"p99 {ro.p99_ms:.2f} ms, {ro.server_cpu_us:.0f} us server CPU per call.",
+        f"- **{m.connections} concurrent HTTP/2 connections** doing Decide, one call in flight on "
+        f"each ({m.count} calls): {m.rps:.0f} requests/s, p50 {m.p50_ms:.1f} ms, p99 "
+        f"{m.p99_ms:.1f} ms, status {', '.join(f'{k} {v}' for k, v in m.status.items())}, "
+        f"{errors} errors.",
+        f"- **Server RSS**: {res.rss_idle_mb:.0f} MB idle with {ENDPOINTS} endpoints, peak "
+        f"{res.rss_peak_mb:.0f} MB during the {m.connections}-connection run.",
+        "",
+        "![Latency percentiles, Health/Check vs Decide](img/grpc_latency.png)",
+        "",
+    ]
+    if res.architectures:
+        lines += [
+            "### Server architectures",
+            "",
+            "The same runs on each architecture, built by bench/grpc/launch.py from the server's "
+            f"own parts; {args.arch_calls} calls per run under load:",
+            "",
+            _row(
+                "architecture",
+                "Check req/s",
+                "Decide req/s",
+                "Decide p50 / p99 (ms)",
+                "serial Decide p50 (ms)",
+                "server CPU us per Check / Decide",
+                "RSS (MB)",
+            ),
+            _row("---", "---:", "---:", "---:", "---:", "---:", "---:"),
+        ]
+        for label, runs in res.architectures.items():
+            check_, d = runs["check"], runs["decide"]
+            lines.append(
+                _row(
+                    label,
+                    f"{check_.rps:.0f}",
+                    f"{d.rps:.0f}",
+                    f"{d.p50_ms:.2f} / {d.p99_ms:.2f}",
+                    f"{runs['decide_serial'].p50_ms:.3f}",
+                    f"{check_.server_cpu_us:.0f} / {d.server_cpu_us:.0f}",
+                    f"{res.architecture_rss_mb.get(label, 0.0):.0f}",
+                )
+            )
+        lines.append("")
+    if res.failures:
+        lines += ["Failures:", "", *[f"- {f}" for f in res.failures], ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_doc(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOC.write_text(text)
+
+
+def check(res: Results) -> None:
+    runs: list[Run] = [r for round_ in res.rounds for r in round_.values()]
+    runs += [r for arch in res.architectures.values() for r in arch.values()]
+    runs += [r for r in (res.report_outcome, res.many_connections) if r is not None]
+    for r in runs:
+        if not r.ok:
+            res.failures.append(f"{r.call} c={r.concurrency}: status {r.status}, errors {r.errors}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="gRPC load benchmark (ghz)")
+    parser.add_argument(
+        "--ghz", default=shutil.which("ghz") or str(ROOT / ".tools" / "bin" / "ghz")
+    )
+    parser.add_argument(
+        "--arch", default="aio", choices=("aio", "uvloop", "sync"), help="main run's server"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="target length of one phase")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument(
+        "--many", type=int, default=1000, help="connections in the many-connections run"
+    )
+    parser.add_argument("--arch-calls", type=int, default=4000)
+    parser.add_argument("--skip-architectures", action="store_true")
+    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    if not Path(args.ghz).exists():
+        print(f"ghz not found at {args.ghz}: run `make bench-grpc` (it installs the pinned ghz)")
+        return 2
+
+    import grpc
+
+    res = Results()
+    res.machine = {
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": f"Python {platform.python_version()}",
+        "grpcio": grpc.__version__,
+    }
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="decider-bench-") as tmp:
+        config, protoset = Path(tmp) / "bench.toml", Path(tmp) / "decider.protoset"
+        write_config(config)
+        write_protoset(protoset)
+        ghz = Ghz(args.ghz, protoset)
+        main_run(ghz, config, args, res)
+        if not args.skip_architectures:
+            architectures(ghz, config, args, res)
+    check(res)
+    elapsed = time.monotonic() - started
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {"summary": summary(res), **asdict(res), "elapsed_s": elapsed}, indent=1, default=str
+        )
+    )
+    plot(res, PLOT)
+    section = markdown(res, args)
+    if not args.no_doc:
+        update_doc(section)
+    print(section)
+    print(f"\n{elapsed:.0f} s; wrote {RESULTS.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+    return 1 if res.failures else 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
