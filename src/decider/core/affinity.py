@@ -4,8 +4,8 @@ Prefix hashes are chained, as vLLM and SGLang compute them: the hash of block k 
 0..k, so an endpoint that holds block k most likely holds the whole prefix up to it. The index
 keeps, per endpoint, the blocks it recently served in two generations (a cheap approximation of
 LRU: a block survives while touched within the last `blocks_per_endpoint` insertions), plus a
-reverse map from a prefix's first block to the endpoints holding it, so matching only looks at
-endpoints that share the first block instead of every candidate.
+reverse map from a few anchor blocks of each served prompt (depths 1, 2, 4, 8, ...) to the
+endpoints holding them, so matching looks at a handful of endpoints instead of every candidate.
 """
 
 from __future__ import annotations
@@ -65,11 +65,16 @@ class _Blocks:
 
 
 class PrefixIndex:
-    def __init__(self, *, blocks_per_endpoint: int, max_blocks_per_request: int) -> None:
+    def __init__(
+        self, *, blocks_per_endpoint: int, max_blocks_per_request: int, max_matches: int = 8
+    ) -> None:
         self._half = max(1, blocks_per_endpoint // 2)
         self._max_blocks = max_blocks_per_request
+        self._max_matches = max_matches
         self._blocks: dict[str, _Blocks] = {}
-        self._by_first: dict[int, dict[str, None]] = {}
+        # Anchor block (the block at depth 1, 2, 4, 8, ... of a served prompt) -> endpoints that
+        # hold it, least recently recorded first.
+        self._anchors: dict[int, dict[str, None]] = {}
 
     @property
     def max_blocks(self) -> int:
@@ -86,15 +91,22 @@ class PrefixIndex:
         blocks = self._blocks.get(endpoint_id)
         if blocks is None:
             blocks = self._blocks[endpoint_id] = _Blocks()
+        hashes = hashes[: self._max_blocks]
         young = blocks.young
-        for h in hashes[: self._max_blocks]:
+        for h in hashes:
             young[h] = None
-        first = hashes[0]
-        holders = self._by_first.get(first)
-        if holders is None:
-            self._by_first[first] = {endpoint_id: None}
-        else:
-            holders[endpoint_id] = None
+        anchors = self._anchors
+        d, n = 1, len(hashes)
+        while d <= n:
+            h = hashes[d - 1]
+            holders = anchors.get(h)
+            if holders is None:
+                anchors[h] = {endpoint_id: None}
+            else:
+                # Re-inserting moves the endpoint to the most recent end.
+                holders.pop(endpoint_id, None)
+                holders[endpoint_id] = None
+            d *= 2
         if len(young) >= self._half:
             self._rotate(endpoint_id, blocks)
 
@@ -102,54 +114,75 @@ class PrefixIndex:
         dropped = blocks.old
         blocks.old = blocks.young
         blocks.young = {}
-        # First blocks that fell out with the old generation leave the reverse map.
-        by_first = self._by_first
+        # Anchors that fell out with the old generation leave the reverse map.
+        anchors = self._anchors
         for h in dropped:
             if h in blocks.old:
                 continue
-            holders = by_first.get(h)
+            holders = anchors.get(h)
             if holders is not None and endpoint_id in holders:
                 del holders[endpoint_id]
                 if not holders:
-                    del by_first[h]
+                    del anchors[h]
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         blocks = self._blocks.pop(endpoint_id, None)
         if blocks is None:
             return
+        anchors = self._anchors
         for generation in (blocks.young, blocks.old):
             for h in generation:
-                holders = self._by_first.get(h)
-                if holders is not None and holders.pop(endpoint_id, 0) is None and not holders:
-                    del self._by_first[h]
+                holders = anchors.get(h)
+                if holders is not None and endpoint_id in holders:
+                    del holders[endpoint_id]
+                    if not holders:
+                        del anchors[h]
 
     def matches(self, hashes: Sequence[int]) -> dict[str, int]:
-        """Endpoint id -> number of leading blocks of `hashes` it holds, for endpoints holding at
-        least the first block. Binary search over the depth: holding block k implies 0..k."""
-        if not hashes:
-            return {}
-        holders = self._by_first.get(hashes[0])
-        if not holders:
-            return {}
+        """Endpoint id -> number of leading blocks of `hashes` it holds, for at most
+        `max_matches` endpoints, deepest matches first.
+
+        Walks the request's anchors from the deepest: holders of the anchor at depth d match at
+        least d blocks, and a binary search over (d, 2d) refines that (holding block k implies
+        0..k). Deep anchors are held by few endpoints, so this costs about log2(blocks) lookups
+        plus a few per match, whatever the number of endpoints."""
         n = min(len(hashes), self._max_blocks)
-        last = hashes[n - 1]
-        found: dict[str, int] = {}
+        if n == 0:
+            return {}
+        anchors = self._anchors
         blocks_of = self._blocks
-        for endpoint_id in holders:
-            blocks = blocks_of.get(endpoint_id)
-            if blocks is None:
-                continue
-            if last in blocks:
-                found[endpoint_id] = n
-                continue
-            lo, hi = 1, n - 1  # block 0 is held, block n-1 is not
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if hashes[mid] in blocks:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            found[endpoint_id] = lo
+        found: dict[str, int] = {}
+        left = self._max_matches
+        d = 1 << (n.bit_length() - 1)
+        while d >= 1:
+            holders = anchors.get(hashes[d - 1])
+            if holders:
+                top = min(2 * d - 1, n)
+                last = hashes[top - 1]
+                for endpoint_id in reversed(holders):
+                    if endpoint_id in found:
+                        continue
+                    blocks = blocks_of.get(endpoint_id)
+                    if blocks is None:
+                        continue
+                    young, old = blocks.young, blocks.old
+                    if last in young or last in old:
+                        found[endpoint_id] = top
+                    else:
+                        # Largest depth m in [d, top) whose block the endpoint holds.
+                        lo, hi = d, top - 1
+                        while lo < hi:
+                            mid = (lo + hi + 1) // 2
+                            h = hashes[mid - 1]
+                            if h in young or h in old:
+                                lo = mid
+                            else:
+                                hi = mid - 1
+                        found[endpoint_id] = lo
+                    left -= 1
+                    if not left:
+                        return found
+            d //= 2
         return found
 
     def matched(self, endpoint_id: str, hashes: Sequence[int]) -> int:

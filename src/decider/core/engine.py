@@ -35,7 +35,7 @@ from decider.core.model import (
 )
 from decider.core.quota import QuotaLedger
 from decider.core.settings import EngineSettings
-from decider.core.stats import EndpointStats, Scorer, median, record_latency
+from decider.core.stats import LABEL_TAG, EndpointStats, Scorer, median, record_latency
 from decider.core.strategies import STRATEGIES, Strategy
 from decider.core.strategies.ab_split import AbSplit
 from decider.core.strategies.base import Choice, PickContext, Pool, Ranked
@@ -133,6 +133,14 @@ class Engine:
         self._index = PrefixIndex(
             blocks_per_endpoint=settings.cache.blocks_per_endpoint,
             max_blocks_per_request=settings.cache.max_blocks_per_request,
+            max_matches=settings.cache.max_matches,
+        )
+        self._ctx = PickContext(
+            scorer=self._scorer,
+            index=self._index,
+            sessions=self._sessions,
+            ledger=self._ledger,
+            strategies=self._strategies,
         )
         self._stats: dict[str, EndpointStats] = {}
         self._by_model: dict[str, list[EndpointStats]] = {}
@@ -198,7 +206,8 @@ class Engine:
         for s in new.values():
             by_model.setdefault(s.model, []).append(s)
         self._by_model = by_model
-        self._pools = {}
+        for model in list(self._pools):
+            self._drop_pools(model)
         self._refresh(now)
 
     # -- decide ----------------------------------------------------------------------------------
@@ -220,19 +229,29 @@ class Engine:
             within = self._strategies[strategy.within]
             first: Decision | Refusal | None = None
             for route in strategy.routes(request):
-                result = self._decide(route.request, within, name, now, route.note)
+                result = self._decide(
+                    request, within, name, now, route.note, route.model, route.capabilities
+                )
                 if isinstance(result, Decision) or result.kind is RefusalKind.QUOTA_EXHAUSTED:
                     return result
                 if first is None:
                     first = result
             assert first is not None
             return first
-        return self._decide(request, strategy, name, now, "")
+        return self._decide(
+            request, strategy, name, now, "", request.model, request.required_capabilities
+        )
 
     def _decide(
-        self, request: RouteRequest, strategy: Strategy, name: str, now: float, arm_note: str
+        self,
+        request: RouteRequest,
+        strategy: Strategy,
+        name: str,
+        now: float,
+        arm_note: str,
+        model: str,
+        caps: frozenset[str],
     ) -> Decision | Refusal:
-        model = request.model
         group = self._by_model.get(model)
         if not group:
             return Refusal(
@@ -256,7 +275,6 @@ class Engine:
                     violations=check.violations,
                 )
 
-        caps = request.required_capabilities
         pools = self._pools.get(model)
         pool = pools.get(caps) if pools is not None else None
         if pool is None or now >= pool.valid_until:
@@ -268,22 +286,18 @@ class Engine:
         if request.exclude_endpoint_ids or pool.has_limits or not items:
             items, skipped, tier = self._filter(pool, request, now)
         if not items:
-            return self._no_usable(pool, request, skipped, now)
+            return self._no_usable(pool, request, caps, skipped, now)
 
         wanted = request.max_fallbacks or self._settings.routing.max_fallbacks
-        ctx = PickContext(
-            request=request,
-            pool=pool,
-            items=items,
-            count=1 + wanted,
-            commit=not request.explain,
-            now=now,
-            scorer=self._scorer,
-            index=self._index,
-            sessions=self._sessions,
-            ledger=self._ledger,
-            strategies=self._strategies,
-        )
+        # One context object serves every decision (the engine is single-threaded).
+        ctx = self._ctx
+        ctx.request = request
+        ctx.pool = pool
+        ctx.items = items
+        ctx.filtered = items is not pool.items
+        ctx.count = 1 + wanted
+        ctx.commit = not request.explain
+        ctx.now = now
         if request.explain:
             return self._explain(ctx, strategy, name, skipped, arm_note)
 
@@ -309,7 +323,7 @@ class Engine:
         return Decision(
             decision_id=decision_id,
             endpoint=chosen.endpoint,
-            fallbacks=tuple(s.endpoint for s in picked[1:]),
+            fallbacks=tuple([s.endpoint for s in picked[1:]]),
             strategy=name,
             reason=reason,
             scores=choice.scores,
@@ -324,7 +338,7 @@ class Engine:
     ) -> None:
         chosen.in_flight += 1
         if self._breakers.on_pick(chosen.id):
-            self._pools.pop(chosen.model, None)
+            self._drop_pools(chosen.model)
         tokens = request.estimated_input_tokens
         if self._quotas_on:
             self._ledger.charge_tenant(request.tenant, requests=1, tokens=tokens, now=now)
@@ -408,16 +422,21 @@ class Engine:
                     picked.append(s)
 
     def _no_usable(
-        self, pool: Pool, request: RouteRequest, skipped: Mapping[str, int], now: float
+        self,
+        pool: Pool,
+        request: RouteRequest,
+        caps: frozenset[str],
+        skipped: Mapping[str, int],
+        now: float,
     ) -> Refusal:
         model = pool.model
-        caps = request.required_capabilities
+        shown = sorted(c.replace(LABEL_TAG, "label ") for c in caps)
         if not pool.candidates:
             return Refusal(
                 kind=RefusalKind.NO_HEALTHY_ENDPOINT,
                 message=(
                     f"no usable endpoint for model {model!r}: {pool.registered} registered, none"
-                    f" with every required capability ({', '.join(sorted(caps))})"
+                    f" with every required capability ({', '.join(shown)})"
                 ),
                 model=model,
                 registered=pool.registered,
@@ -581,8 +600,19 @@ class Engine:
                 for s in candidates
             ),
         )
-        self._pools.setdefault(model, {})[caps] = pool
+        pools = self._pools.setdefault(model, {})
+        old = pools.get(caps)
+        if old is not None:
+            old.close()
+        pools[caps] = pool
         return pool
+
+    def _drop_pools(self, model: str) -> None:
+        """Health, breaker or membership of the model changed: rebuild its pools when next used."""
+        pools = self._pools.pop(model, None)
+        if pools:
+            for pool in pools.values():
+                pool.close()
 
     # -- feedback --------------------------------------------------------------------------------
 
@@ -643,7 +673,7 @@ class Engine:
             cooldown = self._settings.routing.rate_limited_cooldown_s
             if cooldown > 0.0:
                 target.cooldown_until = now + cooldown
-                self._pools.pop(target.model, None)
+                self._drop_pools(target.model)
             self._record_breaker_release(target)
         if outcome.load is not None:
             target.load_report = outcome.load
@@ -658,17 +688,17 @@ class Engine:
             self._on_transition(transition)
         elif half_open:
             # A finished trial frees a slot: the pool's view of the endpoint may change.
-            self._pools.pop(s.model, None)
+            self._drop_pools(s.model)
 
     def _record_breaker_release(self, s: EndpointStats) -> None:
         if self._breakers.release_trial(s.id):
-            self._pools.pop(s.model, None)
+            self._drop_pools(s.model)
 
     def _on_transition(self, transition: BreakerTransition) -> None:
         s = self._stats.get(transition.endpoint_id)
         if s is None:
             return
-        self._pools.pop(s.model, None)
+        self._drop_pools(s.model)
         self._emit(
             HealthEvent(
                 endpoint_id=s.id,
@@ -690,7 +720,7 @@ class Engine:
         if s.health is status:
             return
         s.health = status
-        self._pools.pop(s.model, None)
+        self._drop_pools(s.model)
         self._scorer.rescore(s, now)
         self._publish(s, reason)
 

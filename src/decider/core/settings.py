@@ -170,6 +170,8 @@ class CacheSettings:
     blocks_per_endpoint: int = 8192
     # Blocks of one request looked at; longer prompts are indexed by their first blocks only.
     max_blocks_per_request: int = 1024
+    # Endpoints whose cached prefix a decision looks at, deepest matches first.
+    max_matches: int = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -351,7 +353,7 @@ def _parse_affinity(table: Mapping[str, Any]) -> AffinitySettings:
 
 def _parse_cache(table: Mapping[str, Any]) -> CacheSettings:
     path = "cache"
-    check_keys(table, {"blocks_per_endpoint", "max_blocks_per_request"}, path)
+    check_keys(table, {"blocks_per_endpoint", "max_blocks_per_request", "max_matches"}, path)
     d = CacheSettings()
     return CacheSettings(
         blocks_per_endpoint=get_int(
@@ -360,4 +362,5 @@ def _parse_cache(table: Mapping[str, Any]) -> CacheSettings:
         max_blocks_per_request=get_int(
             table, "max_blocks_per_request", d.max_blocks_per_request, path, minimum=1
         ),
+        max_matches=get_int(table, "max_matches", d.max_matches, path, minimum=1),
     )

@@ -9,9 +9,11 @@ scoring strategies rank with a C-level `max(..., key=attrgetter(...))`.
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from decider.core.model import Endpoint, HealthStatus, LoadReport
 
@@ -54,6 +56,7 @@ class EndpointStats:
         "health",
         "health_reason",
         "health_score",
+        "heaps",
         "id",
         "in_flight",
         "latency_at",
@@ -101,6 +104,8 @@ class EndpointStats:
         self.cost_score = 1.0
         self.quota_score = 1.0
         self.base_score = 0.0
+        # Rank heaps of live pools this endpoint is in; each gets a fresh entry on every rescore.
+        self.heaps: list[RankHeap] = []
 
     def replace_endpoint(self, endpoint: Endpoint) -> None:
         """A re-registration with the same id keeps the live stats."""
@@ -197,6 +202,8 @@ class Scorer:
             + w.health * s.health_score
             + w.cost * s.cost_score
         ) / self._wt
+        if s.heaps:
+            push_all(s)
 
     def factor_scores(self, s: EndpointStats, cache: float) -> dict[str, float]:
         return {
@@ -228,3 +235,85 @@ def median(values: list[float]) -> float:
     values.sort()
     mid = len(values) // 2
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2.0
+
+
+# -- incremental ranking -------------------------------------------------------------------------
+
+
+class RankHeap:
+    """The usable endpoints of one pool ordered by one key (smallest first), kept current
+    incrementally: every rescore of a member pushes a fresh entry, and entries whose key no longer
+    matches the endpoint's current key are dropped lazily when they reach the top. A decision then
+    costs O(log n) instead of a pass over every candidate."""
+
+    __slots__ = ("_heap", "_key", "_limit", "_members", "_seq", "alive")
+
+    def __init__(
+        self, members: Sequence[EndpointStats], key: Callable[[EndpointStats], Any]
+    ) -> None:
+        self._key = key
+        # Tie-break among equal keys: the member changed least recently first.
+        self._seq = 0
+        self._members = members
+        self._limit = 4 * len(members) + 64
+        self.alive = True
+        self._heap: list[tuple[Any, int, EndpointStats]] = []
+        self._rebuild()
+        for s in members:
+            s.heaps.append(self)
+
+    def _rebuild(self) -> None:
+        key = self._key
+        # Each member's latest entry decides its place among equal keys.
+        latest: dict[EndpointStats, int] = {}
+        for entry in self._heap:
+            seq = latest.get(entry[2])
+            if seq is None or entry[1] > seq:
+                latest[entry[2]] = entry[1]
+        n = len(self._members)
+        heap = [(key(s), latest.get(s, i - n), s) for i, s in enumerate(self._members)]
+        heapq.heapify(heap)
+        self._heap = heap
+
+    def push(self, s: EndpointStats) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (self._key(s), self._seq, s))
+        if len(self._heap) > self._limit:
+            self._rebuild()
+
+    def best(self, count: int) -> list[EndpointStats]:
+        """Up to `count` distinct members, best first (their current keys ascending)."""
+        heap = self._heap
+        key = self._key
+        pop = heapq.heappop
+        out: list[EndpointStats] = []
+        kept: list[tuple[Any, int, EndpointStats]] = []
+        while heap and len(out) < count:
+            entry = heap[0]
+            s = entry[2]
+            if entry[0] != key(s):
+                pop(heap)
+                continue
+            pop(heap)
+            if s not in out:
+                out.append(s)
+                kept.append(entry)
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        return out
+
+    def close(self) -> None:
+        """The pool is gone: stop receiving entries."""
+        self.alive = False
+        self._heap = []
+
+
+def push_all(s: EndpointStats) -> None:
+    dead = False
+    for h in s.heaps:
+        if h.alive:
+            h.push(s)
+        else:
+            dead = True
+    if dead:
+        s.heaps = [h for h in s.heaps if h.alive]

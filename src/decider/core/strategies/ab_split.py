@@ -15,11 +15,10 @@ no usable endpoint the next arm takes the request, and the reason says so.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import random
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -52,7 +51,7 @@ class Arm:
     weight: int
     # Empty: the requested model.
     model: str = ""
-    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,7 +62,10 @@ class AbSplitConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArmRoute:
-    request: RouteRequest
+    """Where the engine routes the request for one arm."""
+
+    model: str
+    capabilities: frozenset[str]
     note: str
 
 
@@ -104,6 +106,22 @@ class AbSplit:
             running += arm.weight
             bounds.append(running / total)
         self._bounds = bounds
+        # Everything per arm that does not depend on the request, built once.
+        arms = self._config.arms
+        self._tags = [label_tags(a.labels) for a in arms]
+        self._orders = [
+            [first, *(i for i in range(len(arms)) if i != first)] for first in range(len(arms))
+        ]
+        self._notes = [
+            [
+                f"ab_split: arm {arm.name} ({arm.weight / total:.0%})"
+                + ("" if i == first else f" after arm {arms[first].name} had no usable endpoint")
+                + "; "
+                for i, arm in enumerate(arms)
+            ]
+            for first in range(len(arms))
+        ]
+        self._no_arms = "ab_split: no arms configured; "
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> AbSplitConfig:
@@ -126,10 +144,11 @@ class AbSplit:
         return self._config.within
 
     def routes(self, request: RouteRequest) -> Sequence[ArmRoute]:
-        """The arms to try, the session's own first, as requests for the engine to route."""
+        """The arms to try, the session's own first."""
         arms = self._config.arms
+        caps = request.required_capabilities
         if not arms:
-            return [ArmRoute(request=request, note="ab_split: no arms configured; ")]
+            return [ArmRoute(model=request.model, capabilities=caps, note=self._no_arms)]
         key = request.session_id or request.request_id
         if key:
             point = session_point(key)
@@ -138,23 +157,17 @@ class AbSplit:
         else:
             point = self._rng.random()
         first = min(bisect.bisect_right(self._bounds, point), len(arms) - 1)
-        order = [first, *(i for i in range(len(arms)) if i != first)]
         out = []
-        for position, i in enumerate(order):
+        for i in self._orders[first]:
             arm = arms[i]
-            changes: dict[str, Any] = {}
-            if arm.model:
-                changes["model"] = arm.model
-            if arm.labels:
-                changes["required_capabilities"] = request.required_capabilities | label_tags(
-                    arm.labels
+            tags = self._tags[i]
+            out.append(
+                ArmRoute(
+                    model=arm.model or request.model,
+                    capabilities=caps | tags if tags else caps,
+                    note=self._notes[first][i],
                 )
-            routed = dataclasses.replace(request, **changes) if changes else request
-            share = arm.weight / sum(a.weight for a in arms)
-            note = f"ab_split: arm {arm.name} ({share:.0%})"
-            if position:
-                note += f" after arm {arms[first].name} had no usable endpoint"
-            out.append(ArmRoute(request=routed, note=note + "; "))
+            )
         return out
 
     # The engine routes ab_split itself (per arm, with `within`); these keep the Strategy shape.

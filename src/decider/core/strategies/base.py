@@ -12,13 +12,12 @@ reads their attributes and builds nothing per candidate.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from decider.core.model import RouteRequest
-from decider.core.stats import EndpointStats, Scorer
+from decider.core.stats import EndpointStats, RankHeap, Scorer
 
 if TYPE_CHECKING:
     from decider.core.affinity import PrefixIndex, SessionTable
@@ -77,9 +76,36 @@ class Pool:
         self.has_limits = has_limits
         self.scratch: dict[str, Any] = {}
 
+    def close(self) -> None:
+        for value in self.scratch.values():
+            if isinstance(value, RankHeap):
+                value.close()
+
+    def heap(self, name: str, key: Callable[[EndpointStats], Any]) -> RankHeap:
+        """The pool's items ranked by `key` (smallest first), built on first use and kept
+        current as their stats change; shared by strategies through `name`."""
+        heap: RankHeap | None = self.scratch.get(name)
+        if heap is None:
+            heap = self.scratch[name] = RankHeap(self.items, key)
+        return heap
+
+
+_EMPTY_POOL = Pool(
+    key=("", frozenset()),
+    items=[],
+    standby=[],
+    registered=0,
+    candidates=[],
+    skipped={},
+    valid_until=0.0,
+    panic=False,
+    has_limits=False,
+)
+
 
 class PickContext:
-    """One decision's inputs for the strategy (one object per decision)."""
+    """A decision's inputs for the strategy. The engine reuses one object, resetting the
+    per-decision fields, so a decision allocates none."""
 
     __slots__ = (
         "commit",
@@ -99,32 +125,35 @@ class PickContext:
     def __init__(
         self,
         *,
-        request: RouteRequest,
-        pool: Pool,
-        items: Sequence[EndpointStats],
-        count: int,
-        commit: bool,
-        now: float,
         scorer: Scorer,
         index: PrefixIndex,
         sessions: SessionTable,
         ledger: QuotaLedger,
         strategies: Mapping[str, Strategy],
+        request: RouteRequest | None = None,
+        pool: Pool | None = None,
+        items: Sequence[EndpointStats] = (),
+        count: int = 1,
+        commit: bool = True,
+        now: float = 0.0,
     ) -> None:
-        self.request = request
-        self.pool = pool
-        # Non-empty. pool.items itself unless this request excluded some (then `filtered`).
-        self.items = items
-        self.filtered = items is not pool.items
-        # Endpoints wanted: the chosen one plus fallbacks.
-        self.count = count
-        self.commit = commit
-        self.now = now
+        # The engine's long-lived parts.
         self.scorer = scorer
         self.index = index
         self.sessions = sessions
         self.ledger = ledger
         self.strategies = strategies
+        # Per decision: the engine sets these before each pick.
+        self.request: RouteRequest = request if request is not None else RouteRequest(model="")
+        self.pool: Pool = pool if pool is not None else _EMPTY_POOL
+        # Non-empty. pool.items itself unless this request filtered some out (then `filtered`).
+        self.items = items
+        self.filtered = items is not self.pool.items
+        # Endpoints wanted: the chosen one plus fallbacks.
+        self.count = count
+        # False in explain mode: change no state.
+        self.commit = commit
+        self.now = now
 
 
 @dataclass(slots=True)
@@ -164,7 +193,40 @@ class StrategyFactory(Protocol):
 # -- helpers shared by strategies ---------------------------------------------------------------
 
 
-def top_k(items: Sequence[EndpointStats], count: int, key: attrgetter[Any]) -> list[EndpointStats]:
+# Rank keys (smallest is best), shared so that strategies ranking alike share one heap.
+def load_key(s: EndpointStats) -> float:
+    return s.load
+
+
+def composite_key(s: EndpointStats) -> float:
+    return -s.base_score
+
+
+def latency_key(s: EndpointStats) -> float:
+    return s.latency_cost
+
+
+def cost_key(s: EndpointStats) -> tuple[float, int]:
+    return (s.cost, s.load)
+
+
+def quota_key(s: EndpointStats) -> tuple[float, float]:
+    return (-s.quota_score, -s.load_score)
+
+
+def best_by(
+    ctx: PickContext, name: str, key: Callable[[EndpointStats], Any], count: int
+) -> list[EndpointStats]:
+    """The `count` candidates with the smallest key, best first: from the pool's rank heap in
+    O(count log n), or by scanning when this request filtered the candidates."""
+    if not ctx.filtered:
+        return ctx.pool.heap(name, key).best(count)
+    return bottom_k(ctx.items, count, key)
+
+
+def top_k(
+    items: Sequence[EndpointStats], count: int, key: Callable[[EndpointStats], Any]
+) -> list[EndpointStats]:
     """The `count` items with the largest key, best first. For the few fallbacks a decision needs,
     repeated C-level max() passes beat sorting or a Python-level heap."""
     best = max(items, key=key)
@@ -181,7 +243,7 @@ def top_k(items: Sequence[EndpointStats], count: int, key: attrgetter[Any]) -> l
 
 
 def bottom_k(
-    items: Sequence[EndpointStats], count: int, key: attrgetter[Any]
+    items: Sequence[EndpointStats], count: int, key: Callable[[EndpointStats], Any]
 ) -> list[EndpointStats]:
     """The `count` items with the smallest key, best first."""
     best = min(items, key=key)

@@ -11,7 +11,7 @@ from operator import attrgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_float
-from decider.core.strategies.base import Choice, PickContext, Ranked, top_k
+from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, load_key
 from decider.core.strategies.composite import best_with_credit, cache_credits
 from decider.errors import ConfigError
 
@@ -50,14 +50,15 @@ class CacheAware:
         c = self._config
         total_weight = c.cache_weight + c.load_weight
         credits, blocks = cache_credits(ctx, c.cache_weight, c.max_load_gap)
+        top = best_by(ctx, "load", load_key, ctx.count)
         if not credits:
-            picked = top_k(ctx.items, ctx.count, _LOAD_SCORE)
+            picked = top
             best = picked[0]
             detail = f"cache_aware: no endpoint holds this prefix; least loaded ({best.load})"
             return Choice(picked, detail, {"cache": 0.0, "load": best.load_score})
         # Rank by load_weight * load + cache_weight * credit (dividing by the weight sum is
         # monotonic, so it is applied to the reported score only).
-        ranked = best_with_credit(ctx, _LOAD_SCORE, credits, c.cache_weight / c.load_weight)
+        ranked = best_with_credit(ctx, top, _LOAD_SCORE, credits, c.cache_weight / c.load_weight)
         picked = [s for _, s in ranked]
         best = picked[0]
         cache = credits.get(best, 0.0)

@@ -10,18 +10,24 @@ gets no cache credit, so a hot prefix cannot pile onto one endpoint.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_float
 from decider.core.stats import EndpointStats, FactorWeights
-from decider.core.strategies.base import Choice, PickContext, Ranked, top_k
+from decider.core.strategies.base import (
+    Choice,
+    PickContext,
+    Ranked,
+    best_by,
+    composite_key,
+    load_key,
+)
 from decider.errors import ConfigError
 
 _BASE = attrgetter("base_score")
-_LOAD = attrgetter("load")
 _FACTORS = ("load", "latency", "cache", "quota", "health", "cost")
 
 
@@ -51,9 +57,8 @@ def cache_credits(
     if not matches:
         return {}, 0
     total = min(len(hashes), ctx.index.max_blocks)
-    items = ctx.items
     members = members_of(ctx)
-    limit = min(items, key=_LOAD).load + gap
+    limit = best_by(ctx, "load", load_key, 1)[0].load + gap
     credits: dict[EndpointStats, float] = {}
     for endpoint_id, depth in matches.items():
         s = members.get(endpoint_id)
@@ -73,16 +78,16 @@ def members_of(ctx: PickContext) -> dict[str, EndpointStats]:
 
 def best_with_credit(
     ctx: PickContext,
-    key: attrgetter[Any],
+    top: list[EndpointStats],
+    value: Callable[[EndpointStats], float],
     credits: dict[EndpointStats, float],
     weight: float,
 ) -> list[tuple[float, EndpointStats]]:
-    """Top `ctx.count` by key + weight * credit: the top by key alone, merged with the few
-    credited endpoints."""
-    top = top_k(ctx.items, ctx.count, key)
-    totals: dict[EndpointStats, float] = {s: key(s) for s in top}
+    """Top `ctx.count` by value + weight * credit: `top` (the best by value alone) merged with
+    the few credited endpoints."""
+    totals: dict[EndpointStats, float] = {s: value(s) for s in top}
     for s, credit in credits.items():
-        totals[s] = key(s) + weight * credit
+        totals[s] = value(s) + weight * credit
     ranked = sorted(((t, s) for s, t in totals.items()), key=lambda p: -p[0])
     return ranked[: ctx.count]
 
@@ -104,12 +109,13 @@ class Composite:
     def choose(self, ctx: PickContext) -> Choice:
         share = ctx.scorer.cache_share
         credits, _ = cache_credits(ctx, share, self._config.max_load_gap)
+        top = best_by(ctx, "composite", composite_key, ctx.count)
         if not credits:
-            picked = top_k(ctx.items, ctx.count, _BASE)
+            picked = top
             best = picked[0]
             total, cache = best.base_score, 0.0
         else:
-            ranked = best_with_credit(ctx, _BASE, credits, share)
+            ranked = best_with_credit(ctx, top, _BASE, credits, share)
             picked = [s for _, s in ranked]
             best = picked[0]
             total, cache = ranked[0][0], credits.get(best, 0.0)

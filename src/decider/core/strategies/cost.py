@@ -6,13 +6,10 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys
-from decider.core.strategies.base import Choice, PickContext, Ranked, bottom_k, rotated
-
-_KEY = attrgetter("cost", "load")
+from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, cost_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +30,7 @@ class Cost:
         return CostConfig()
 
     def choose(self, ctx: PickContext) -> Choice:
-        items = ctx.items
-        start = int(self._rng.random() * len(items)) if ctx.commit else 0
-        picked = bottom_k(rotated(items, start), ctx.count, _KEY)
+        picked = best_by(ctx, "cost", cost_key, ctx.count)
         best = picked[0]
         detail = f"cost: {best.cost:g} per 1k tokens, {best.load} in flight"
         if len(picked) > 1:
@@ -43,7 +38,7 @@ class Cost:
         return Choice(picked, detail, {"cost": best.cost_score, "load": best.load_score})
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
-        order = sorted(ctx.items, key=_KEY)
+        order = sorted(ctx.items, key=cost_key)
         return [
             Ranked(s, {"cost": s.cost_score, "load": s.load_score}, s.cost_score) for s in order
         ]

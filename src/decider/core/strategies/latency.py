@@ -7,13 +7,10 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_float
-from decider.core.strategies.base import Choice, PickContext, Ranked, bottom_k, rotated
-
-_COST = attrgetter("latency_cost")
+from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, latency_key
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,10 +32,7 @@ class Latency:
         return LatencyConfig(ttft_weight=get_float(options, "ttft_weight", 0.5, path, maximum=1.0))
 
     def choose(self, ctx: PickContext) -> Choice:
-        items = ctx.items
-        # A random start breaks ties (all unmeasured) without favouring the first endpoint.
-        start = int(self._rng.random() * len(items)) if ctx.commit else 0
-        picked = bottom_k(rotated(items, start), ctx.count, _COST)
+        picked = best_by(ctx, "latency", latency_key, ctx.count)
         best = picked[0]
         metric_ms = best.latency_metric_s(self._config.ttft_weight) * 1000.0
         detail = f"latency: {metric_ms:.0f} ms EWMA x {best.in_flight + 1} outstanding"
@@ -49,7 +43,7 @@ class Latency:
         return Choice(picked, detail, {"latency": best.latency_score, "load": best.load_score})
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
-        order = sorted(ctx.items, key=_COST)
+        order = sorted(ctx.items, key=latency_key)
         return [
             Ranked(s, {"latency": s.latency_score, "load": s.load_score}, s.latency_score)
             for s in order

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_bool, get_int
 from decider.core.stats import EndpointStats
-from decider.core.strategies.base import Choice, PickContext, Ranked, bottom_k, rotated
+from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, load_key
 
 _LOAD = attrgetter("load")
 
@@ -56,9 +56,7 @@ class LeastRequest:
         n = len(items)
         choices = self._config.choice_count
         if self._config.full_scan or n <= choices:
-            # Start the scan at a random place so ties do not always go to the first endpoint.
-            start = int(self._rng.random() * n) if ctx.commit else 0
-            picked = bottom_k(rotated(items, start), ctx.count, _LOAD)
+            picked = best_by(ctx, "load", load_key, ctx.count)
             return Choice(picked, describe(picked, sampled=n, total=n))
         rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
         sampled = [items[int(rand() * n)] for _ in range(choices)]

@@ -7,13 +7,10 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys
-from decider.core.strategies.base import Choice, PickContext, Ranked, rotated, top_k
-
-_KEY = attrgetter("quota_score", "load_score")
+from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, quota_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +31,7 @@ class QuotaAware:
         return QuotaAwareConfig()
 
     def choose(self, ctx: PickContext) -> Choice:
-        items = ctx.items
-        start = int(self._rng.random() * len(items)) if ctx.commit else 0
-        picked = top_k(rotated(items, start), ctx.count, _KEY)
+        picked = best_by(ctx, "quota", quota_key, ctx.count)
         best = picked[0]
         detail = f"quota_aware: {best.quota_score:.0%} of budget left"
         if len(picked) > 1:
@@ -45,7 +40,7 @@ class QuotaAware:
         return Choice(picked, detail, {"quota": best.quota_score, "load": best.load_score})
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
-        order = sorted(ctx.items, key=_KEY, reverse=True)
+        order = sorted(ctx.items, key=quota_key)
         return [
             Ranked(s, {"quota": s.quota_score, "load": s.load_score}, s.quota_score) for s in order
         ]
