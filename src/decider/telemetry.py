@@ -16,7 +16,7 @@ import re
 import sys
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol, TextIO, TypeVar
@@ -68,6 +68,7 @@ __all__ = [
     "annotate_outcome",
     "extract_parent",
     "traced",
+    "traced_stream",
 ]
 
 SCOPE_NAME: Final = "decider"
@@ -416,6 +417,9 @@ class _ServerScope:
         if exc is not None and code is None:
             if isinstance(exc, asyncio.CancelledError):
                 code = _GRPC_CANCELLED
+            elif isinstance(exc, GeneratorExit):
+                # A stream closed by its consumer (server shutdown): not a failure.
+                pass
             else:
                 span.record_exception(exc)
                 code = _GRPC_UNKNOWN
@@ -624,6 +628,28 @@ def traced(rpc: str) -> Callable[[_M], _M]:
         async def wrapper(self: Any, request: Any, context: ServerContext) -> Any:
             with self.tracing.server_span(rpc, context):
                 return await method(self, request, context)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+_G = TypeVar("_G", bound=Callable[..., AsyncIterator[Any]])
+
+
+def traced_stream(rpc: str) -> Callable[[_G], _G]:
+    """`traced` for a server-streaming method (an async generator), such as WatchHealth.
+
+    The span covers the whole stream but is not made current: an async generator resumes in
+    whatever context its consumer runs in, so attaching across yields is unsafe.
+    """
+
+    def decorate(method: _G) -> _G:
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Any, context: ServerContext) -> AsyncIterator[Any]:
+            with self.tracing.server_span(rpc, context, activate=False):
+                async for item in method(self, request, context):
+                    yield item
 
         return wrapper  # type: ignore[return-value]
 

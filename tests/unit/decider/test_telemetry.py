@@ -41,6 +41,7 @@ from decider.telemetry import (
     annotate_outcome,
     extract_parent,
     traced,
+    traced_stream,
 )
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -575,6 +576,11 @@ class _Servicer:
     async def refuse(self, request, context):
         await context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy endpoint")
 
+    @traced_stream(Rpc.WATCH_HEALTH)
+    async def watch(self, request, context):
+        for i in range(3):
+            yield b"%d" % i
+
 
 async def test_traced_methods_on_a_real_aio_server():
     tracing, exporter = in_memory()
@@ -584,6 +590,7 @@ async def test_traced_methods_on_a_real_aio_server():
         {
             "Ok": grpc.unary_unary_rpc_method_handler(servicer.ok),
             "Refuse": grpc.unary_unary_rpc_method_handler(servicer.refuse),
+            "Watch": grpc.unary_stream_rpc_method_handler(servicer.watch),
         },
     )
     server = grpc.aio.server()
@@ -599,12 +606,43 @@ async def test_traced_methods_on_a_real_aio_server():
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await refuse_call(b"", metadata=metadata)
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            watch_call: Any = channel.unary_stream("/t.Test/Watch")
+            assert [m async for m in watch_call(b"", metadata=metadata)] == [b"0", b"1", b"2"]
+            for _ in range(100):  # the server ends the stream's span just after the last message
+                if len(exporter.get_finished_spans()) == 3:
+                    break
+                await asyncio.sleep(0.02)
     finally:
         await server.stop(None)
-    ok, refused = exporter.get_finished_spans()
+    ok, refused, watch = exporter.get_finished_spans()
+    assert watch.name == "decider.v1.DeciderService/WatchHealth"
+    assert watch.attributes is not None and watch.attributes["rpc.grpc.status_code"] == 0
+    assert format(watch.context.trace_id, "032x") == TRACE_ID
     assert format(ok.context.trace_id, "032x") == TRACE_ID
     assert ok.attributes is not None and ok.attributes["decider.endpoint.id"] == "e1"
     assert ok.attributes["rpc.grpc.status_code"] == 0
     assert refused.attributes is not None and refused.attributes["rpc.grpc.status_code"] == 14
     assert refused.status.status_code is StatusCode.ERROR
     assert not any(e.name == "exception" for e in refused.events)
+
+
+class _StreamServicer:
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
+
+    @traced_stream(Rpc.WATCH_HEALTH)
+    async def watch(self, request, context):
+        assert trace.get_current_span() is trace.INVALID_SPAN  # streams are not made current
+        for i in range(10):
+            yield i
+
+
+async def test_a_stream_closed_early_is_not_an_error():
+    tracing, exporter = in_memory()
+    stream = _StreamServicer(tracing).watch(None, FakeContext(("traceparent", SAMPLED)))
+    assert [await anext(stream), await anext(stream)] == [0, 1]
+    await stream.aclose()
+    (finished,) = exporter.get_finished_spans()
+    assert finished.attributes is not None and finished.attributes["rpc.grpc.status_code"] == 0
+    assert finished.status.status_code is StatusCode.UNSET
+    assert not finished.events
