@@ -205,3 +205,30 @@ async def test_concurrent_rpc_limit_is_resource_exhausted():
             assert admission.active == 0
     finally:
         await server.stop(0)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/decider.v1.DeciderService/Decide",
+        "/decider.v1.DeciderService/ReportOutcome",
+        "/decider.v1.RegistryService/RegisterEndpoint",
+        "/decider.v1.RegistryService/ListEndpoints",
+        "/decider.v1.DeciderService/WatchHealth",
+    ],
+)
+async def test_undecodable_bytes_get_a_status_and_the_server_stays_up(start_server, method):
+    async with start_server(endpoints_doc("m", 1)) as srv:
+        streaming = method.endswith("WatchHealth")
+        call = srv.channel.unary_stream(method) if streaming else srv.channel.unary_unary(method)
+        for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                if streaming:
+                    await call(garbage, timeout=5).read()
+                else:
+                    await call(garbage, timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "does not parse" in (err.value.details() or "")
+        reply = await srv.decider.Decide(dpb.DecideRequest(model="m"), timeout=5)
+        assert reply.endpoint.id == "m-0"
+        assert srv.server.admission.active == 0

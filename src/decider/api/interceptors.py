@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
 
 from decider.api.errors import abort, shutting_down_status, status_for_error
-from decider.errors import Overloaded, Unauthenticated
+from decider.errors import InvalidArgument, Overloaded, Unauthenticated
 
 # Quoted: grpc.RpcMethodHandler is generic only in the type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 REGISTRY_SERVICE = "decider.v1.RegistryService"
 # Health must keep answering while draining (that is how load balancers see NOT_SERVING).
@@ -46,8 +47,35 @@ def _deny(handler: Handler, status: grpc.Status) -> Handler:
     )
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can answer
+    INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _undecodable_status(request: _Undecodable) -> grpc.Status:
+    return status_for_error(
+        InvalidArgument.one("", f"the request message does not parse: {request.error[:200]}")
+    )
+
+
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses new RPCs once draining, and unary RPCs beyond `max_concurrent`.
+    """Refuses new RPCs once draining and unary RPCs beyond `max_concurrent`; answers
+    undecodable requests with INVALID_ARGUMENT.
 
     Streams (WatchHealth) are left to the watch hub's own limit, so many long-lived watchers
     do not use up the request budget. The count is taken inside the handler, before its first
@@ -71,12 +99,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self.draining:
             return _deny(handler, shutting_down_status())
-        if handler.request_streaming or handler.response_streaming:
+        if handler.request_streaming:
             return handler
+        if handler.response_streaming:
+            return self._checked_stream(handler)
         # grpc.aio stores the servicer's coroutine method here; the stubs type it for sync.
         behavior = cast(UnaryBehavior, handler.unary_unary)
 
         async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Undecodable):
+                await abort(context, _undecodable_status(request))
             if self._active >= self._max:
                 await abort(
                     context,
@@ -95,7 +127,25 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             counted,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_safe(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _checked_stream(handler: Handler) -> Handler:
+        behavior = cast(StreamBehavior, handler.unary_stream)
+
+        async def checked(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                await abort(context, _undecodable_status(request))
+            async for response in behavior(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            checked,
+            request_deserializer=_safe(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
