@@ -59,7 +59,14 @@ class LeastRequest:
             picked = best_by(ctx, "load", load_key, ctx.count)
             return Choice(picked, describe(picked, sampled=n, total=n))
         rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
-        sampled = [items[int(rand() * n)] for _ in range(choices)]
+        # Distinct samples: drawing the same endpoint twice would waste the second choice.
+        first = int(rand() * n)
+        sampled = [items[first]]
+        step = n - 1
+        for _ in range(choices - 1):
+            candidate = items[(first + 1 + int(rand() * step)) % n]
+            if candidate not in sampled:
+                sampled.append(candidate)
         best = min(sampled, key=_LOAD)
         picked = [best]
         count = min(ctx.count, n)
@@ -75,7 +82,7 @@ class LeastRequest:
             if s not in picked:
                 picked.append(s)
             tries -= 1
-        return Choice(picked, describe(picked[:choices], sampled=choices, total=n))
+        return Choice(picked, describe(picked[: len(sampled)], sampled=len(sampled), total=n))
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
         order = sorted(ctx.items, key=_LOAD)
