@@ -542,20 +542,16 @@ class Tracing:
         if tracer is None:
             return _NOOP_SCOPE
         # The sampling decision is made here, from the trace id and the caller's flag exactly
-        # as the configured built-in sampler makes it, so an unsampled call costs a
-        # SpanContext and never enters the SDK's start_span. For a sampled root the trace id
+        # as the configured built-in sampler makes it, so an unsampled call never enters the
+        # SDK's start_span. For a sampled root the trace id
         # is preset, so the SDK's own sampler sees the same id and agrees.
         parent = extract_parent(context.invocation_metadata())
         if parent is None:
             trace_id = self._ids.generate_trace_id()
             if (trace_id & _TRACE_ID_LIMIT) >= self._bound:
-                dropped = SpanContext(
-                    trace_id,
-                    self._ids.generate_span_id(),
-                    is_remote=False,
-                    trace_flags=_NOT_SAMPLED,
-                )
-                return _ServerScope(NonRecordingSpan(dropped), context, activate=activate)
+                # No caller trace and not sampled: there is no trace to correlate with, so
+                # nothing is made current (logs of this call carry no trace id).
+                return _NOOP_SCOPE
             self._ids.preset(trace_id)
             parent_context = _EMPTY_CONTEXT
         else:
