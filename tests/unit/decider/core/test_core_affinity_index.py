@@ -1,0 +1,71 @@
+"""Session table and prefix index: expiry, bounds, matching depth."""
+
+from __future__ import annotations
+
+from decider.core.affinity import PrefixIndex, SessionTable
+
+
+def test_sessions_expire_after_their_ttl_and_renew_on_use():
+    table = SessionTable(ttl_s=300, max_sessions=10)
+    table.bind("s1", "a", 0.0)
+    table.bind("s2", "b", 100.0)
+    table.bind("s1", "a", 200.0)  # renewed
+    assert table.get("s1", 450.0) == "a"
+    assert table.get("s2", 450.0) is None
+    assert table.expire(450.0) == 1
+    assert len(table) == 1
+    assert table.expire(600.0) == 1
+    assert len(table) == 0
+
+
+def test_sessions_are_bounded_least_recently_used_first():
+    table = SessionTable(ttl_s=300, max_sessions=2)
+    table.bind("s1", "a", 0.0)
+    table.bind("s2", "a", 1.0)
+    table.bind("s1", "a", 2.0)
+    table.bind("s3", "a", 3.0)
+    assert table.get("s2", 4.0) is None
+    assert table.get("s1", 4.0) == "a"
+
+
+def test_matches_finds_the_depth_of_each_holder():
+    index = PrefixIndex(blocks_per_endpoint=1000, max_blocks_per_request=1000)
+    prompt = list(range(100, 200))
+    index.record("a", prompt[:85])
+    index.record("b", prompt[:62])
+    index.record("c", prompt[:91])
+    index.record("d", [7, 8, 9])
+    assert index.matches(prompt) == {"a": 85, "b": 62, "c": 91}
+    assert index.matches(prompt[:10]) == {"a": 10, "b": 10, "c": 10}
+    assert index.matches([7, 8, 9, 10]) == {"d": 3}
+    assert index.matches([1, 2]) == {}
+    assert index.matched("c", prompt) == 91
+
+
+def test_matches_looks_at_a_bounded_number_of_holders():
+    index = PrefixIndex(blocks_per_endpoint=1000, max_blocks_per_request=1000, max_matches=3)
+    for i in range(10):
+        index.record(f"e{i}", [1, 2, 3, 4])
+    index.record("deep", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    found = index.matches([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert len(found) == 3
+    assert found["deep"] == 9
+
+
+def test_blocks_per_endpoint_bounds_the_index():
+    index = PrefixIndex(blocks_per_endpoint=100, max_blocks_per_request=1000)
+    for start in range(0, 10_000, 10):
+        index.record("a", list(range(start, start + 10)))
+    assert index.block_count <= 100
+    # The most recent prompt is still there, an old one is gone.
+    assert index.matches(list(range(9990, 10_000))) == {"a": 10}
+    assert index.matches(list(range(0, 10))) == {}
+
+
+def test_removing_an_endpoint_drops_its_blocks():
+    index = PrefixIndex(blocks_per_endpoint=100, max_blocks_per_request=1000)
+    index.record("a", [1, 2, 3])
+    index.record("b", [1, 2, 3])
+    index.remove_endpoint("a")
+    assert index.matches([1, 2, 3]) == {"b": 3}
+    assert index.block_count == 3
