@@ -84,6 +84,7 @@ class Rpc:
     REGISTER_ENDPOINT: Final = "decider.v1.RegistryService/RegisterEndpoint"
     DEREGISTER_ENDPOINT: Final = "decider.v1.RegistryService/DeregisterEndpoint"
     LIST_ENDPOINTS: Final = "decider.v1.RegistryService/ListEndpoints"
+    REPORT_PROBE_RESULTS: Final = "decider.v1.RegistryService/ReportProbeResults"
 
 
 class Attr:

@@ -43,6 +43,7 @@ from decider.telemetry import (
     traced,
     traced_stream,
 )
+from decider.v1 import decider_service_pb2, registry_service_pb2
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -113,6 +114,16 @@ REQUEST = RouteRequest(
     required_capabilities=frozenset({"tools", "json"}),
     estimated_input_tokens=1200,
 )
+
+
+def test_every_rpc_in_the_protos_has_a_span_name():
+    methods = {
+        f"{service.full_name}/{method.name}"
+        for module in (decider_service_pb2, registry_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert methods == {value for key, value in vars(Rpc).items() if key.isupper()}
 
 
 # --------------------------------------------------------------------------- settings
