@@ -142,7 +142,10 @@ def configure_logging(
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root.addHandler(handler)
-    root.setLevel(parse_level(level))
+    root_level = parse_level(level)
+    root.setLevel(root_level)
+    # httpx logs every probe request at INFO; the prober reports what matters itself.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root_level))
     _decision_log.setLevel(logging.INFO if log_decisions else _OFF)
     return handler
 

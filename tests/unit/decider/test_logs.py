@@ -63,6 +63,7 @@ def captured() -> Iterator[Captured]:
         root.removeHandler(handler)
         root.setLevel(level)
         logging.getLogger(logs.DECISIONS).setLevel(logging.NOTSET)
+        logging.getLogger("httpx").setLevel(logging.NOTSET)
 
 
 def endpoint() -> Endpoint:
@@ -144,6 +145,12 @@ def test_lines_inside_a_server_span_carry_the_trace_id(captured, traceparent):
     assert line["span_id"] == span_id
 
 
+def test_per_request_http_client_lines_stay_quiet(captured):
+    logging.getLogger("httpx").info("HTTP Request: GET http://10.0.0.1:8000/health")
+    logging.getLogger("httpx").warning("connection pool is full")
+    assert [line["message"] for line in captured.lines()] == ["connection pool is full"]
+
+
 def test_exceptions_are_included(captured):
     try:
         raise ValueError("boom")
@@ -194,6 +201,7 @@ def test_decision_lines_when_asked_for_even_at_warning_level():
         root.removeHandler(handler)
         root.setLevel(level)
         logging.getLogger(logs.DECISIONS).setLevel(logging.NOTSET)
+        logging.getLogger("httpx").setLevel(logging.NOTSET)
     ok, refused = (json.loads(line) for line in stream.getvalue().splitlines())
     assert ok["event"] == "decision" and ok["endpoint_id"] == "e1"
     assert ok["request_id"] == "r-1" and ok["elapsed_us"] == 20.0
