@@ -220,6 +220,7 @@ def test_configure_twice_replaces_the_handler():
         root.removeHandler(second)
         root.setLevel(level)
         logging.getLogger(logs.DECISIONS).setLevel(logging.NOTSET)
+        logging.getLogger("httpx").setLevel(logging.NOTSET)
 
 
 @pytest.mark.parametrize(
