@@ -25,6 +25,7 @@ import resource
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ ENDPOINTS = 100
 CHECK = "grpc.health.v1.Health/Check"
 DECIDE = "decider.v1.DeciderService/Decide"
 REPORT = "decider.v1.DeciderService/ReportOutcome"
+STREAM = "/decider.bench.v1.BenchStream/DecideStream"  # bench-only, see launch.py
 # ghz renders these per request: 1000 sessions, 16 shared system prompts, 256 conversations.
 DECIDE_DATA = json.dumps(
     {
@@ -72,6 +74,27 @@ REPORT_DATA = json.dumps(
     }
 )
 CHECK_DATA = json.dumps({"service": ""})
+
+
+def check_msg(i: int = 0) -> Any:
+    from grpc_health.v1 import health_pb2
+
+    return health_pb2.HealthCheckRequest(service="")
+
+
+def decide_msg(i: int = 0) -> Any:
+    """The binary twin of DECIDE_DATA's request number i, for h2load."""
+    from decider.v1 import decider_service_pb2 as dpb
+
+    return dpb.DecideRequest(
+        model=MODEL,
+        session_id=f"session-{i % 1000}",
+        tenant="bench",
+        estimated_input_tokens=800,
+        prefix_hashes=[1000 + i % 16, 5000 + i % 256],
+    )
+
+
 # Percentiles ghz reports; the plot draws them all.
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 
@@ -97,7 +120,9 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        return set(self.status) == {"OK"} and self.status["OK"] == self.count and not self.errors
+        # ghz reports grpc status names; h2load only HTTP classes (grpc-status is checked apart).
+        good = "OK" if "OK" in self.status else "2xx"
+        return set(self.status) == {good} and self.status[good] == self.count and not self.errors
 
 
 @dataclass
@@ -110,7 +135,10 @@ class Results:
     rss_peak_mb: float = 0.0
     architectures: dict[str, dict[str, Run]] = field(default_factory=dict)
     architecture_rss_mb: dict[str, float] = field(default_factory=dict)
+    # Server CPU per decision: unary Decide vs the bench-only bidirectional DecideStream.
+    stream: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 # -- ghz ----------------------------------------------------------------------------------------
@@ -167,6 +195,84 @@ class Ghz:
             status=dict(doc.get("statusCodeDistribution") or {}),
             errors=dict(doc.get("errorDistribution") or {}),
         )
+
+
+class H2load:
+    """nghttp2's h2load: a much lighter client than ghz, for requests/s and server CPU only.
+
+    It sends one pre-encoded gRPC body (length-prefixed messages) per request and sees HTTP
+    status only, so grpc-status 0 is checked separately (check_grpc_status)."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+
+    def run(
+        self, srv: Server, path: str, messages: list[Any], *, n: int, conns: int, streams: int
+    ) -> Run:
+        body = self.workdir / f"{path.strip('/').replace('/', '_')}-{len(messages)}.bin"
+        body.write_bytes(b"".join(grpc_frame(m) for m in messages))
+        argv = [
+            self.binary, "-n", str(n), "-c", str(conns), "-m", str(streams), "-d", str(body),
+            "-H", "content-type: application/grpc", "-H", "te: trailers",
+            f"http://{srv.addr}{path}",
+        ]  # fmt: skip
+        cpu_before, client_before = srv.cpu_s(), _children_cpu_s()
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
+        text = out.stdout
+        rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
+        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+        if not (rps and done and codes):
+            raise RuntimeError(f"h2load failed: {text[-500:]} {out.stderr[-500:]}")
+        count = int(done.group(1))
+        status = {
+            k: int(v)
+            for k, v in zip(("2xx", "3xx", "4xx", "5xx"), codes.groups(), strict=True)
+            if int(v)
+        }
+        failed = count - int(done.group(2))
+        run = Run(
+            call=path.rsplit("/", 1)[-1],
+            concurrency=conns * streams,
+            connections=conns,
+            count=count,
+            rps=float(rps.group(1)),
+            p50_ms=0.0,
+            p99_ms=0.0,
+            percentiles_ms={},
+            status=status,
+            errors={"failed": failed} if failed else {},
+        )
+        per = max(count * len(messages), 1)
+        run.server_cpu_us = (srv.cpu_s() - cpu_before) / per * 1e6
+        run.client_cpu_us = (_children_cpu_s() - client_before) / per * 1e6
+        return run
+
+
+def grpc_frame(message: Any) -> bytes:
+    data = message.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(data)) + data
+
+
+def check_grpc_status(addr: str, path: str, messages: list[Any], response: Any) -> str:
+    """One call with exactly what h2load sends; returns "" when it ends in grpc-status 0."""
+    import grpc
+
+    with grpc.insecure_channel(addr) as channel:
+        if len(messages) == 1 and "Stream" not in path:
+            call = channel.unary_unary(path, lambda m: m.SerializeToString(), response.FromString)
+            try:
+                call(messages[0], timeout=10)
+            except grpc.RpcError as err:
+                return f"{path}: {err.code().name} {err.details()}"
+            return ""
+        stream = channel.stream_stream(path, lambda m: m.SerializeToString(), response.FromString)
+        try:
+            got = list(stream(iter(messages), timeout=10))
+        except grpc.RpcError as err:
+            return f"{path}: {err.code().name} {err.details()}"
+        return "" if len(got) == len(messages) else f"{path}: {len(got)} of {len(messages)} answers"
 
 
 def _children_cpu_s() -> float:
@@ -337,7 +443,9 @@ def calls_for(
     return max(200, int(probe.rps * seconds))
 
 
-def main_run(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> None:
+def main_run(
+    ghz: Ghz, h2load: H2load | None, config: Path, args: argparse.Namespace, res: Results
+) -> None:
     c, conns = args.concurrency, args.connections
     with server(args.arch, config) as srv:
         res.rss_idle_mb = srv.rss_mb()
@@ -357,8 +465,22 @@ def main_run(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> 
                 round_[name] = ghz.run(srv, call, data, n=n, c=c, conns=conns)
             for name, call, data, _ in order if r % 2 == 0 else order[::-1]:
                 round_[f"{name}_serial"] = ghz.run(srv, call, data, n=n_serial, c=1, conns=1)
+            if h2load is not None:
+                pairs = [("check", CHECK, check_msg), ("decide", DECIDE, decide_msg)]
+                for name, call, msg in pairs if r % 2 == 0 else pairs[::-1]:
+                    round_[f"{name}_h2load"] = h2load.run(
+                        srv,
+                        "/" + call,
+                        [msg()],
+                        n=args.h2load_calls,
+                        conns=conns,
+                        streams=c // conns,
+                    )
             res.rounds.append(round_)
             print(f"round {r + 1}: " + _brief(round_), flush=True)
+
+        if h2load is not None:
+            stream_cost(h2load, srv, args, res)
 
         n_report = calls_for(ghz, srv, REPORT, REPORT_DATA, c=c, conns=conns, seconds=args.seconds)
         res.report_outcome = ghz.run(srv, REPORT, REPORT_DATA, n=n_report, c=c, conns=conns)
@@ -380,11 +502,43 @@ def main_run(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> 
         print(f"{args.many} connections: {m.status}, RSS peak {res.rss_peak_mb:.0f} MB", flush=True)
 
 
+def stream_cost(h2load: H2load, srv: Server, args: argparse.Namespace, res: Results) -> None:
+    """Server CPU per decision: unary Decide vs K decisions on one bidirectional stream."""
+    from decider.v1 import decider_service_pb2 as dpb
+
+    k = args.stream_messages
+    msgs = [decide_msg(i) for i in range(k)]
+    for path, batch, resp in (
+        (f"/{DECIDE}", msgs[:1], dpb.DecideResponse),
+        (STREAM, msgs, dpb.DecideResponse),
+    ):
+        problem = check_grpc_status(srv.addr, path, batch, resp)
+        if problem:
+            res.failures.append(f"grpc-status check: {problem}")
+            return
+    c, conns = args.concurrency, args.connections
+    calls = max(args.h2load_calls // k, 20)
+    unary = h2load.run(
+        srv, f"/{DECIDE}", msgs[:1], n=args.h2load_calls, conns=conns, streams=c // conns
+    )
+    stream = h2load.run(srv, STREAM, msgs, n=calls, conns=conns, streams=max(1, c // conns // 4))
+    res.stream = {
+        "messages_per_stream": float(k),
+        "unary_cpu_us": unary.server_cpu_us,
+        "stream_cpu_us": stream.server_cpu_us,
+        "unary_decisions_per_s": unary.rps,
+        "stream_decisions_per_s": stream.rps * k,
+    }
+    print(f"stream: {res.stream}", flush=True)
+
+
 def _brief(runs: dict[str, Run]) -> str:
     return ", ".join(f"{k} {v.rps:.0f}/s p50 {v.p50_ms:.2f} ms" for k, v in runs.items())
 
 
-def architectures(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> None:
+def architectures(
+    ghz: Ghz, h2load: H2load | None, config: Path, args: argparse.Namespace, res: Results
+) -> None:
     variants: list[tuple[str, str, int]] = [
         ("aio", "aio", 1),
         ("aio+uvloop", "uvloop", 1),
@@ -395,7 +549,7 @@ def architectures(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results
         import uvloop  # noqa: F401
     except ImportError:
         variants = [v for v in variants if v[1] != "uvloop"]
-        res.failures.append("uvloop is not installed: its variants were skipped")
+        res.notes.append("uvloop is not installed: its variants were skipped")
     c, conns = args.concurrency, args.connections
     for label, arch, processes in variants:
         with server(arch, config, processes=processes) as srv:
@@ -406,6 +560,15 @@ def architectures(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results
                 "decide": ghz.run(srv, DECIDE, DECIDE_DATA, n=n, c=c, conns=conns),
                 "decide_serial": ghz.run(srv, DECIDE, DECIDE_DATA, n=n // 5, c=1, conns=1),
             }
+            if h2load is not None:
+                # Eight connections so SO_REUSEPORT has something to spread over the processes.
+                for name, call, msg in (
+                    ("check", CHECK, check_msg),
+                    ("decide", DECIDE, decide_msg),
+                ):
+                    out[f"{name}_h2load"] = h2load.run(
+                        srv, "/" + call, [msg()], n=args.h2load_calls, conns=8, streams=c // 8
+                    )
             res.architecture_rss_mb[label] = srv.rss_mb()
             res.architectures[label] = out
             print(f"{label}: " + _brief(out), flush=True)
@@ -434,6 +597,11 @@ def summary(res: Results) -> dict[str, float]:
         "check_cpu_us": median(get("check"), "server_cpu_us"),
         "decide_cpu_us": median(get("decide"), "server_cpu_us"),
     }
+    if "check_h2load" in res.rounds[0]:
+        for name in ("check", "decide"):
+            s[f"{name}_h2load_rps"] = median(get(f"{name}_h2load"), "rps")
+            s[f"{name}_h2load_cpu_us"] = median(get(f"{name}_h2load"), "server_cpu_us")
+        s["h2load_throughput_ratio"] = s["decide_h2load_rps"] / s["check_h2load_rps"]
     s["throughput_ratio"] = s["decide_rps"] / s["check_rps"]
     s["serial_p50_ratio"] = s["decide_serial_p50_ms"] / s["check_serial_p50_ms"]
     return s
@@ -528,6 +696,41 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
         if key == "serial_p50_ms":
             ratio += f" (target <= 1.15: {lat})"
         lines.append(_row(label, f"{floor:{fmt}}", f"{decide:{fmt}}", ratio))
+    if "check_h2load_rps" in s:
+        h2 = res.rounds[0]["check_h2load"]
+        lines += [
+            "",
+            f"The same pair from h2load (nghttp2, a much lighter client than ghz: "
+            f"`-c {h2.connections} -m {h2.concurrency // h2.connections}`, one fixed request "
+            "each, grpc-status 0 checked with a separate call):",
+            "",
+            _row("", "Health/Check (floor)", "Decide", "Decide / floor"),
+            _row("---", "---:", "---:", "---:"),
+            _row(
+                "requests/s (h2load)",
+                f"{s['check_h2load_rps']:.0f}",
+                f"{s['decide_h2load_rps']:.0f}",
+                f"{s['h2load_throughput_ratio']:.2f}",
+            ),
+            _row(
+                "server CPU per call (us)",
+                f"{s['check_h2load_cpu_us']:.0f}",
+                f"{s['decide_h2load_cpu_us']:.0f}",
+                f"{s['decide_h2load_cpu_us'] / s['check_h2load_cpu_us']:.2f}",
+            ),
+        ]
+    if res.stream:
+        st = res.stream
+        lines += [
+            "",
+            f"**Streaming Decide** (a bench-only bidirectional method on the same server, "
+            f"{st['messages_per_stream']:.0f} decisions per stream, h2load): "
+            f"{st['stream_cpu_us']:.0f} us of server CPU per decision against "
+            f"{st['unary_cpu_us']:.0f} us for unary Decide, "
+            f"{st['unary_cpu_us'] / st['stream_cpu_us']:.1f}x the decisions per second per core "
+            f"({st['stream_decisions_per_s']:.0f} vs {st['unary_decisions_per_s']:.0f} decisions/s "
+            "measured here).",
+        ]
     errors = sum(m.errors.values())
     lines += [
         "",
@@ -547,39 +750,48 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
         "",
     ]
     if res.architectures:
+        h2 = "check_h2load" in next(iter(res.architectures.values()))
         lines += [
             "### Server architectures",
             "",
-            "The same runs on each architecture, built by bench/grpc/launch.py from the server's "
-            f"own parts; {args.arch_calls} calls per run under load:",
+            "The same calls on each architecture, built by bench/grpc/launch.py from the server's "
+            "own parts. Requests/s and server CPU per call come from "
+            + ("h2load (`-c 8 -m 4`)" if h2 else f"ghz ({args.arch_calls} calls)")
+            + "; latencies from ghz under load and serially:",
             "",
             _row(
                 "architecture",
                 "Check req/s",
                 "Decide req/s",
+                "Decide / Check",
+                "server CPU us per Check / Decide",
                 "Decide p50 / p99 (ms)",
                 "serial Decide p50 (ms)",
-                "server CPU us per Check / Decide",
                 "RSS (MB)",
             ),
-            _row("---", "---:", "---:", "---:", "---:", "---:", "---:"),
+            _row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"),
         ]
         for label, runs in res.architectures.items():
-            check_, d = runs["check"], runs["decide"]
+            check_ = runs["check_h2load" if h2 else "check"]
+            decide_ = runs["decide_h2load" if h2 else "decide"]
+            d = runs["decide"]
             lines.append(
                 _row(
                     label,
                     f"{check_.rps:.0f}",
-                    f"{d.rps:.0f}",
+                    f"{decide_.rps:.0f}",
+                    f"{decide_.rps / check_.rps:.2f}",
+                    f"{check_.server_cpu_us:.0f} / {decide_.server_cpu_us:.0f}",
                     f"{d.p50_ms:.2f} / {d.p99_ms:.2f}",
                     f"{runs['decide_serial'].p50_ms:.3f}",
-                    f"{check_.server_cpu_us:.0f} / {d.server_cpu_us:.0f}",
                     f"{res.architecture_rss_mb.get(label, 0.0):.0f}",
                 )
             )
         lines.append("")
     if res.failures:
         lines += ["Failures:", "", *[f"- {f}" for f in res.failures], ""]
+    if res.notes:
+        lines += ["Notes:", "", *[f"- {f}" for f in res.notes], ""]
     lines.append(END)
     return "\n".join(lines)
 
@@ -621,6 +833,9 @@ def main() -> int:
     )
     parser.add_argument("--arch-calls", type=int, default=4000)
     parser.add_argument("--skip-architectures", action="store_true")
+    parser.add_argument("--h2load", default=shutil.which("h2load") or "", help="'' to skip h2load")
+    parser.add_argument("--h2load-calls", type=int, default=6000)
+    parser.add_argument("--stream-messages", type=int, default=100)
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
     args = parser.parse_args()
     if not Path(args.ghz).exists():
@@ -642,9 +857,12 @@ def main() -> int:
         write_config(config)
         write_protoset(protoset)
         ghz = Ghz(args.ghz, protoset)
-        main_run(ghz, config, args, res)
+        h2load = H2load(args.h2load, Path(tmp)) if args.h2load else None
+        if h2load is None:
+            res.notes.append("h2load (nghttp2-client) not found: its runs were skipped")
+        main_run(ghz, h2load, config, args, res)
         if not args.skip_architectures:
-            architectures(ghz, config, args, res)
+            architectures(ghz, h2load, config, args, res)
     check(res)
     elapsed = time.monotonic() - started
 

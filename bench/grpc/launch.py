@@ -3,7 +3,8 @@
     python bench/grpc/launch.py --arch aio|uvloop|sync --config FILE --listen HOST:PORT
                                 [--processes N]
 
-- aio:    decider.server.DeciderServer as `decider serve` runs it (grpc.aio, asyncio loop).
+- aio:    decider.server.DeciderServer as `decider serve` runs it (grpc.aio, asyncio loop), plus
+          a bench-only bidirectional DecideStream method (STREAM_METHOD) on the same server.
 - uvloop: the same server on uvloop's event loop.
 - sync:   grpc.server on a thread pool with a synchronous DeciderService over the same engine,
           validation and conversions (no interceptors; the engine behind one lock).
@@ -48,10 +49,50 @@ def _aio_server_options(reuseport: bool) -> None:
     grpc.aio.server = server  # type: ignore[assignment]
 
 
-async def _serve_aio(settings: config.Settings) -> None:
-    from decider.server import serve
+# A bench-only bidirectional stream of Decide calls, to measure what a streaming Decide
+# would cost per decision next to the unary one (it is not part of the contract).
+STREAM_METHOD = "/decider.bench.v1.BenchStream/DecideStream"
 
-    await serve(settings)
+
+def _stream_handler(server: Any) -> grpc.GenericRpcHandler:
+    from decider.api import convert, validate
+    from decider.core.model import Refusal
+    from decider.v1 import decider_service_pb2 as dpb
+
+    engine = server.engine
+
+    async def decide_stream(requests: Any, context: Any) -> Any:
+        async for request in requests:
+            validate.decide_request(request)
+            result = engine.decide(convert.route_request_from_proto(request), now=time.monotonic())
+            if isinstance(result, Refusal):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "refused")
+            yield convert.decision_to_proto(result)
+
+    service, method = STREAM_METHOD.strip("/").split("/")
+    handler = grpc.stream_stream_rpc_method_handler(
+        decide_stream,
+        request_deserializer=dpb.DecideRequest.FromString,
+        response_serializer=dpb.DecideResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(service, {method: handler})
+
+
+async def _serve_aio(settings: config.Settings) -> None:
+    """decider.server.serve, plus the bench-only stream method on the same server."""
+    from decider.server import DeciderServer
+
+    server = DeciderServer(settings)
+    server._server.add_generic_rpc_handlers((_stream_handler(server),))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
 
 
 def run_aio(settings: config.Settings, *, use_uvloop: bool, reuseport: bool) -> None:
