@@ -366,7 +366,8 @@ def _status_int(code: object) -> int | None:
 
 
 class _NoopScope:
-    """Returned when tracing is off: no metadata read, no context change, no allocation."""
+    """Returned when tracing is off (nothing read) or for an unsampled call with no caller
+    trace: no context change, no allocation."""
 
     __slots__ = ()
 
