@@ -54,7 +54,10 @@ class DeciderServer:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
         observer: Observer | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        """`observer` and `interceptors` are the telemetry seams: the observer sees every
+        decision and outcome; the interceptors run after admission and the admin token."""
         self.settings = settings
         self._clock = clock
         srv = settings.server
@@ -69,11 +72,12 @@ class DeciderServer:
         self._on_membership(self.registry.snapshot())
 
         self.admission = AdmissionInterceptor(max_concurrent=srv.max_concurrent_rpcs)
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.admission]
+        chain: list[grpc.aio.ServerInterceptor] = [self.admission]
         if srv.admin_token:
-            interceptors.append(AdminTokenInterceptor(srv.admin_token))
+            chain.append(AdminTokenInterceptor(srv.admin_token))
+        chain.extend(interceptors)
         self._server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=chain,
             options=[
                 ("grpc.max_receive_message_length", srv.max_message_bytes),
                 ("grpc.max_send_message_length", srv.max_message_bytes),
@@ -176,9 +180,11 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     on_ready: Callable[[DeciderServer], None] | None = None,
+    observer: Observer | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Serves until `shutdown_trigger` returns; without one, until SIGTERM or SIGINT."""
-    server = DeciderServer(settings)
+    server = DeciderServer(settings, observer=observer, interceptors=interceptors)
     try:
         await server.start()
     except BaseException:
