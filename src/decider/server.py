@@ -112,6 +112,7 @@ class DeciderServer:
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._stop_now: asyncio.Future[None] | None = None
 
     async def start(self) -> int:
         """Binds, starts serving and returns the bound port (useful with port 0)."""
@@ -149,6 +150,11 @@ class DeciderServer:
                 await task
         self.registry.close()
         log.info("decider stopped")
+
+    def stop_now(self) -> None:
+        """Ends a drain in progress at once: RPCs still running are cancelled."""
+        log.warning("decider stopping now, cancelling RPCs still in flight")
+        self._stop_now = asyncio.ensure_future(self._server.stop(None))
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -192,13 +198,20 @@ async def serve(
         raise
     if on_ready is not None:
         on_ready(server)
+    signals: tuple[signal.Signals, ...] = ()
+    loop = asyncio.get_running_loop()
     if shutdown_trigger is None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for signum in signals:
             loop.add_signal_handler(signum, stop.set)
         shutdown_trigger = stop.wait
     try:
         await shutdown_trigger()
     finally:
+        # A second signal while draining cuts the grace period short (Ctrl-C twice).
+        for signum in signals:
+            loop.add_signal_handler(signum, server.stop_now)
         await server.stop()
+        for signum in signals:
+            loop.remove_signal_handler(signum)

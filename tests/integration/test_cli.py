@@ -174,3 +174,46 @@ async def test_signal_drains_streams_and_exits_zero(tmp_path, signum):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_second_signal_ends_the_grace_period(tmp_path):
+    """A Health.Watch stream never ends by itself, so it holds the 60 s drain open; the
+    second SIGTERM must end it long before that."""
+    path = tmp_path / "decider.toml"
+    path.write_text(CONFIG.replace("grace_period_s = 5.0", "grace_period_s = 60.0"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "decider",
+        "serve",
+        "--config",
+        str(path),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        port = await _read_port(proc.stderr, seen)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await asyncio.wait_for(health.read(), 5)).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+            proc.send_signal(signal.SIGTERM)
+            assert (await asyncio.wait_for(health.read(), 10)).status == (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(proc.wait(), 30)
+        rest = (await proc.stderr.read()).decode()
+        assert code == 0, "".join(seen) + rest
+        assert "stopping now" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
