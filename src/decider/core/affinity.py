@@ -66,7 +66,7 @@ class _Blocks:
 
 class PrefixIndex:
     def __init__(
-        self, *, blocks_per_endpoint: int, max_blocks_per_request: int, max_matches: int = 8
+        self, *, blocks_per_endpoint: int, max_blocks_per_request: int, max_matches: int = 4
     ) -> None:
         self._half = max(1, blocks_per_endpoint // 2)
         self._max_blocks = max_blocks_per_request

@@ -110,6 +110,7 @@ class Engine:
             load_reference=routing.load_reference,
             max_report_age_s=routing.load_report_max_age_s,
             ttft_weight=latency.ttft_weight,
+            decay_s=routing.latency_decay_s,
         )
         self._strategies: dict[str, Strategy] = {
             name: factory(routing.options(name), rng) for name, factory in STRATEGIES.items()
@@ -658,6 +659,10 @@ class Engine:
             record_latency(
                 target, latency_s=outcome.latency_s, ttft_s=outcome.ttft_s, now=now, decay_s=decay_s
             )
+            if target.latency_ref_s <= 0.0 < target.latency_ewma_s:
+                # The model's first latency report: give it a reference now, not at the next
+                # refresh, so unmeasured endpoints stop looking infinitely fast.
+                self._refresh_group(self._by_model[target.model], now)
             self._record_breaker(target, ok=True, now=now)
             if pending is not None and pending.prefix:
                 self._index.record(target.id, pending.prefix)
@@ -766,19 +771,22 @@ class Engine:
         """Per-model latency reference (median of reported EWMAs) and cheapest cost, then every
         endpoint's scores (stale load reports drop out, quota headroom refills)."""
         self._refresh_at = now + _REFRESH_EVERY_S
-        ttft_weight = self._ttft_weight
         for group in self._by_model.values():
-            known = [s.latency_metric_s(ttft_weight) for s in group if s.latency_ewma_s > 0.0]
-            ref = median(known)
-            costs = [s.cost for s in group if s.cost > 0.0]
-            cost_ref = min(costs) if costs else 0.0
-            for s in group:
-                s.latency_ref_s = ref
-                s.cost_ref = cost_ref
-                endpoint = s.endpoint
-                if endpoint.requests_per_minute or endpoint.tokens_per_minute:
-                    s.quota_score = self._ledger.endpoint_headroom(s.id, now)
-                self._scorer.rescore(s, now)
+            self._refresh_group(group, now)
+
+    def _refresh_group(self, group: Sequence[EndpointStats], now: float) -> None:
+        ttft_weight = self._ttft_weight
+        known = [s.latency_metric_s(ttft_weight) for s in group if s.latency_ewma_s > 0.0]
+        ref = median(known)
+        costs = [s.cost for s in group if s.cost > 0.0]
+        cost_ref = min(costs) if costs else 0.0
+        for s in group:
+            s.latency_ref_s = ref
+            s.cost_ref = cost_ref
+            endpoint = s.endpoint
+            if endpoint.requests_per_minute or endpoint.tokens_per_minute:
+                s.quota_score = self._ledger.endpoint_headroom(s.id, now)
+            self._scorer.rescore(s, now)
 
     # -- live state ------------------------------------------------------------------------------
 

@@ -171,7 +171,7 @@ class CacheSettings:
     # Blocks of one request looked at; longer prompts are indexed by their first blocks only.
     max_blocks_per_request: int = 1024
     # Endpoints whose cached prefix a decision looks at, deepest matches first.
-    max_matches: int = 8
+    max_matches: int = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -131,10 +131,13 @@ class EndpointStats:
 class FactorWeights:
     """Weights of the composite score's factors (they need not sum to 1)."""
 
+    # Tuned with the cluster simulator (docs/SIMULATION.md): prefix-cache reuse matters most for
+    # time to first token, load keeps a hot prefix from piling up, and latency (TTFT when
+    # reported) only breaks near-ties, because a single slow answer is a noisy signal.
     load: float = 0.3
-    latency: float = 0.2
-    cache: float = 0.3
-    quota: float = 0.1
+    latency: float = 0.05
+    cache: float = 0.6
+    quota: float = 0.05
     health: float = 0.05
     cost: float = 0.05
 
@@ -155,7 +158,7 @@ def peak_ewma(previous_s: float, sample_s: float, *, elapsed_s: float, decay_s: 
 class Scorer:
     """Recomputes one endpoint's factor scores after any change to it."""
 
-    __slots__ = ("_load_reference", "_max_report_age_s", "_ttft_weight", "_w", "_wt")
+    __slots__ = ("_decay_s", "_load_reference", "_max_report_age_s", "_ttft_weight", "_w", "_wt")
 
     def __init__(
         self,
@@ -164,7 +167,9 @@ class Scorer:
         load_reference: float,
         max_report_age_s: float,
         ttft_weight: float,
+        decay_s: float = 10.0,
     ) -> None:
+        self._decay_s = decay_s
         self._w = weights
         self._wt = weights.total or 1.0
         self._load_reference = load_reference
@@ -188,6 +193,11 @@ class Scorer:
         s.load = s.in_flight + queued
         s.load_score = 1.0 / (1.0 + s.load / self._load_reference)
         metric = s.latency_metric_s(self._ttft_weight)
+        if s.latency_ewma_s > 0.0 and now > s.latency_at:
+            # As Finagle reads a peak EWMA: decay towards zero with the time since the last
+            # sample, so an endpoint avoided after one slow answer is tried again rather than
+            # starved of the samples that would clear it.
+            metric *= math.exp((s.latency_at - now) / self._decay_s)
         ref = s.latency_ref_s
         s.latency_score = ref / (ref + metric) if metric > 0.0 and ref > 0.0 else 0.5
         # Peak EWMA times outstanding work, as linkerd and Finagle rank by.

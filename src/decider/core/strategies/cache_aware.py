@@ -49,8 +49,8 @@ class CacheAware:
     def choose(self, ctx: PickContext) -> Choice:
         c = self._config
         total_weight = c.cache_weight + c.load_weight
-        credits, blocks = cache_credits(ctx, c.cache_weight, c.max_load_gap)
         top = best_by(ctx, "load", load_key, ctx.count)
+        credits, blocks = cache_credits(ctx, c.cache_weight, c.max_load_gap, top[0].load)
         if not credits:
             picked = top
             best = picked[0]

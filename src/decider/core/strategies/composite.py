@@ -46,10 +46,11 @@ def parse_weights(options: Mapping[str, Any], path: str, default: FactorWeights)
 
 
 def cache_credits(
-    ctx: PickContext, share: float, gap: float
+    ctx: PickContext, share: float, gap: float, min_load: float | None = None
 ) -> tuple[dict[EndpointStats, float], int]:
     """Cache score (matched / total blocks) of the usable endpoints holding the request's prefix,
-    leaving out those over the load gap; and the number of blocks looked at."""
+    leaving out those more than `gap` busier than the least loaded candidate (`min_load`, looked
+    up when not given); and the number of blocks looked at."""
     hashes = ctx.request.prefix_hashes
     if not hashes or share <= 0.0:
         return {}, 0
@@ -58,7 +59,9 @@ def cache_credits(
         return {}, 0
     total = min(len(hashes), ctx.index.max_blocks)
     members = members_of(ctx)
-    limit = best_by(ctx, "load", load_key, 1)[0].load + gap
+    if min_load is None:
+        min_load = best_by(ctx, "load", load_key, 1)[0].load
+    limit = min_load + gap
     credits: dict[EndpointStats, float] = {}
     for endpoint_id, depth in matches.items():
         s = members.get(endpoint_id)
@@ -119,10 +122,7 @@ class Composite:
             picked = [s for _, s in ranked]
             best = picked[0]
             total, cache = ranked[0][0], credits.get(best, 0.0)
-        detail = (
-            f"composite: score {total:.2f} (cache {cache:.0%}, {best.in_flight} in flight,"
-            f" latency {best.latency_score:.2f}, health {best.health_score:.2f})"
-        )
+        detail = f"composite: score {total:.2f}, cache {cache:.0%}, {best.load} in flight"
         return Choice(picked, detail, ctx.scorer.factor_scores(best, cache))
 
     def rank(self, ctx: PickContext) -> list[Ranked]:

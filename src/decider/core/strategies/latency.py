@@ -1,6 +1,12 @@
-"""latency: lowest peak-EWMA latency times outstanding requests (Finagle's and linkerd's cost
-function), with time to first token blended in where endpoints report it. Endpoints with no
-reports yet count at the model's median, so they get tried without being favoured."""
+"""latency: lowest peak-EWMA latency times outstanding requests (Finagle's and linkerd's cost),
+by the power of two choices as linkerd does, or by a full scan. Time to first token is used where
+endpoints report it. Endpoints with no reports yet count at the model's median, so they get tried
+without being favoured, and an EWMA decays while no samples come, so one slow answer does not
+starve an endpoint of the traffic that would clear it.
+
+Latency reports arrive with outcomes, after the whole generation; sampling two candidates
+instead of always taking the single best keeps that lag from sending every request to the
+endpoint that looked fastest a few seconds ago."""
 
 from __future__ import annotations
 
@@ -9,14 +15,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys, get_float
+from decider.core.settings import check_keys, get_bool, get_float, get_int
+from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, latency_key
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LatencyConfig:
-    # Share of time to first token in the latency metric when an endpoint reports it.
-    ttft_weight: float = 0.5
+    # Share of time to first token in the latency metric when an endpoint reports it. TTFT alone
+    # by default: end-to-end latency mostly measures how many tokens were asked for.
+    ttft_weight: float = 1.0
+    choice_count: int = 2
+    full_scan: bool = False
 
 
 class Latency:
@@ -28,11 +38,42 @@ class Latency:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> LatencyConfig:
-        check_keys(options, {"ttft_weight"}, path)
-        return LatencyConfig(ttft_weight=get_float(options, "ttft_weight", 0.5, path, maximum=1.0))
+        check_keys(options, {"ttft_weight", "choice_count", "full_scan"}, path)
+        return LatencyConfig(
+            ttft_weight=get_float(options, "ttft_weight", 1.0, path, maximum=1.0),
+            choice_count=get_int(options, "choice_count", 2, path, minimum=2),
+            full_scan=get_bool(options, "full_scan", False, path),
+        )
 
     def choose(self, ctx: PickContext) -> Choice:
-        picked = best_by(ctx, "latency", latency_key, ctx.count)
+        items = ctx.items
+        n = len(items)
+        choices = self._config.choice_count
+        if self._config.full_scan or n <= choices:
+            picked = best_by(ctx, "latency", latency_key, ctx.count)
+        else:
+            rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
+            first = int(rand() * n)
+            sampled = [items[first]]
+            for _ in range(choices - 1):
+                candidate = items[(first + 1 + int(rand() * (n - 1))) % n]
+                if candidate not in sampled:
+                    sampled.append(candidate)
+            sampled.sort(key=latency_key)
+            picked = sampled[: ctx.count]
+            if len(picked) < min(ctx.count, n):
+                for s in best_by(ctx, "latency", latency_key, ctx.count + len(picked)):
+                    if s not in picked:
+                        picked.append(s)
+                        if len(picked) == ctx.count:
+                            break
+        return Choice(
+            picked,
+            self._describe(picked),
+            {"latency": picked[0].latency_score, "load": picked[0].load_score},
+        )
+
+    def _describe(self, picked: list[EndpointStats]) -> str:
         best = picked[0]
         metric_ms = best.latency_metric_s(self._config.ttft_weight) * 1000.0
         detail = f"latency: {metric_ms:.0f} ms EWMA x {best.in_flight + 1} outstanding"
@@ -40,7 +81,7 @@ class Latency:
             other = picked[1]
             detail += f" vs {other.latency_metric_s(self._config.ttft_weight) * 1000.0:.0f} ms"
             detail += f" x {other.in_flight + 1}"
-        return Choice(picked, detail, {"latency": best.latency_score, "load": best.load_score})
+        return detail
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
         order = sorted(ctx.items, key=latency_key)

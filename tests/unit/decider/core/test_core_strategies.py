@@ -182,7 +182,7 @@ def test_peak_ewma_jumps_up_and_decays_down():
 
 def test_latency_prefers_the_fastest_until_it_is_busy():
     ids = ("fast", "mid", "slow")
-    engine, clock = make(endpoints(ids))
+    engine, clock = make(endpoints(ids), {"routing": {"latency": {"full_scan": True}}})
     for endpoint_id, latency in (("fast", 0.1), ("mid", 0.5), ("slow", 1.0)):
         engine.record_outcome(
             Outcome(
