@@ -35,7 +35,14 @@ from decider.core.model import (
 )
 from decider.core.quota import QuotaLedger
 from decider.core.settings import EngineSettings
-from decider.core.stats import LABEL_TAG, EndpointStats, Scorer, median, record_latency
+from decider.core.stats import (
+    LABEL_TAG,
+    EndpointStats,
+    Scorer,
+    median,
+    note_pick,
+    record_latency,
+)
 from decider.core.strategies import STRATEGIES, Strategy
 from decider.core.strategies.ab_split import AbSplit
 from decider.core.strategies.base import Choice, PickContext, Pool, Ranked
@@ -338,6 +345,7 @@ class Engine:
         self, chosen: EndpointStats, request: RouteRequest, decision_id: str, now: float
     ) -> None:
         chosen.in_flight += 1
+        note_pick(chosen, now)
         if self._breakers.on_pick(chosen.id):
             self._drop_pools(chosen.model)
         tokens = request.estimated_input_tokens
