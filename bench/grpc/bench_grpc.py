@@ -144,10 +144,17 @@ class Results:
 # -- ghz ----------------------------------------------------------------------------------------
 
 
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    """Runs argv on the given CPUs (taskset syntax) when pinning is asked for."""
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+
 class Ghz:
     def __init__(self, binary: str, protoset: Path) -> None:
         self.binary = binary
         self.protoset = protoset
+        # CPUs the load generator is pinned to; None leaves it to the scheduler.
+        self.cpus: str | None = None
 
     def run(
         self,
@@ -176,7 +183,9 @@ class Ghz:
             "-d", data, "-n", str(n), "-c", str(c), "--connections", str(conns),
             "--timeout", f"{timeout_s}s", "--connect-timeout", "20s", "-O", "json", addr,
         ]  # fmt: skip
-        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
+        out = subprocess.run(
+            pinned(argv, self.cpus), capture_output=True, text=True, check=False, timeout=600
+        )
         if not out.stdout.strip():
             raise RuntimeError(f"ghz failed: {out.stderr.strip()}")
         doc = json.loads(out.stdout)
@@ -206,6 +215,7 @@ class H2load:
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.cpus: str | None = None
 
     def run(
         self, srv: Server, path: str, messages: list[Any], *, n: int, conns: int, streams: int
@@ -218,7 +228,9 @@ class H2load:
             f"http://{srv.addr}{path}",
         ]  # fmt: skip
         cpu_before, client_before = srv.cpu_s(), _children_cpu_s()
-        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
+        out = subprocess.run(
+            pinned(argv, self.cpus), capture_output=True, text=True, check=False, timeout=600
+        )
         text = out.stdout
         rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
         done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
@@ -369,13 +381,21 @@ class Server:
 
 
 @contextmanager
-def server(arch: str, config: Path, *, processes: int = 1) -> Iterator[Server]:
+def server(
+    arch: str,
+    config: Path,
+    *,
+    processes: int = 1,
+    cpus: str | None = None,
+    cache_protos: bool = False,
+) -> Iterator[Server]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DECIDER_LOG_LEVEL": "WARNING"}
     argv = [sys.executable, str(LAUNCH), "--arch", arch, "--config", str(config)]
+    argv += ["--cache-protos"] if cache_protos else []
     argv += ["--listen", f"127.0.0.1:{port}", "--processes", str(processes)]
     proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        pinned(argv, cpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
         ready = 0
@@ -447,7 +467,13 @@ def main_run(
     ghz: Ghz, h2load: H2load | None, config: Path, args: argparse.Namespace, res: Results
 ) -> None:
     c, conns = args.concurrency, args.connections
-    with server(args.arch, config) as srv:
+    # Server on one core, load generators on the other, so neither steals the other's CPU.
+    pin = bool(args.pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2)
+    ghz.cpus = "1" if pin else None
+    if h2load is not None:
+        h2load.cpus = ghz.cpus
+    res.machine["pinned"] = pin
+    with server(args.arch, config, cpus="0" if pin else None) as srv:
         res.rss_idle_mb = srv.rss_mb()
         # Warm up and size the phases so each takes about args.seconds on this machine.
         n_check = calls_for(ghz, srv, CHECK, CHECK_DATA, c=c, conns=conns, seconds=args.seconds)
@@ -498,6 +524,9 @@ def main_run(
                 timeout_s=60,
             )
         res.rss_peak_mb = max(rss.peak_mb, srv.rss_mb())
+    ghz.cpus = None
+    if h2load is not None:
+        h2load.cpus = None
         m = res.many_connections
         print(f"{args.many} connections: {m.status}, RSS peak {res.rss_peak_mb:.0f} MB", flush=True)
 
@@ -539,20 +568,31 @@ def _brief(runs: dict[str, Run]) -> str:
 def architectures(
     ghz: Ghz, h2load: H2load | None, config: Path, args: argparse.Namespace, res: Results
 ) -> None:
-    variants: list[tuple[str, str, int]] = [
-        ("aio", "aio", 1),
-        ("aio+uvloop", "uvloop", 1),
-        ("sync", "sync", 1),
+    variants: list[tuple[str, str, int, bool]] = [
+        ("aio", "aio", 1, False),
+        ("aio+uvloop", "uvloop", 1, False),
+        ("sync", "sync", 1, False),
+        ("aio x2 reuseport", "aio", 2, False),
+        ("aio+uvloop x2 reuseport", "uvloop", 2, False),
+        # Not an architecture: the proposed Endpoint proto cache in the Decide adapter.
+        ("aio, cached Endpoint protos", "aio", 1, True),
+        ("aio+uvloop, cached Endpoint protos", "uvloop", 1, True),
     ]
-    variants += [("aio x2 reuseport", "aio", 2), ("aio+uvloop x2 reuseport", "uvloop", 2)]
     try:
         import uvloop  # noqa: F401
     except ImportError:
         variants = [v for v in variants if v[1] != "uvloop"]
         res.notes.append("uvloop is not installed: its variants were skipped")
     c, conns = args.concurrency, args.connections
-    for label, arch, processes in variants:
-        with server(arch, config, processes=processes) as srv:
+    # Pinned as in the main run: one server process on core 0, the load generator on core 1;
+    # the multi-process variants get both cores and share core 1 with the load generator.
+    pin = bool(args.pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2)
+    ghz.cpus = "1" if pin else None
+    if h2load is not None:
+        h2load.cpus = ghz.cpus
+    for label, arch, processes, cache_protos in variants:
+        cpus = ("0" if processes == 1 else "0,1") if pin else None
+        with server(arch, config, processes=processes, cpus=cpus, cache_protos=cache_protos) as srv:
             ghz.run(srv, DECIDE, DECIDE_DATA, n=500, c=c, conns=conns)  # warm-up
             n = int(args.arch_calls)
             out = {
@@ -833,6 +873,9 @@ def main() -> int:
     )
     parser.add_argument("--arch-calls", type=int, default=4000)
     parser.add_argument("--skip-architectures", action="store_true")
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="main run: do not pin server/client"
+    )
     parser.add_argument("--h2load", default=shutil.which("h2load") or "", help="'' to skip h2load")
     parser.add_argument("--h2load-calls", type=int, default=6000)
     parser.add_argument("--stream-messages", type=int, default=100)

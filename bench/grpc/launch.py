@@ -1,7 +1,7 @@
 """Bench-only launcher: the same Decider under different server architectures.
 
     python bench/grpc/launch.py --arch aio|uvloop|sync --config FILE --listen HOST:PORT
-                                [--processes N]
+                                [--processes N] [--cache-protos]
 
 - aio:    decider.server.DeciderServer as `decider serve` runs it (grpc.aio, asyncio loop), plus
           a bench-only bidirectional DecideStream method (STREAM_METHOD) on the same server.
@@ -10,6 +10,8 @@
           validation and conversions (no interceptors; the engine behind one lock).
 - --processes N: N copies of the chosen architecture on one port with SO_REUSEPORT; the kernel
           spreads connections over them. Each process has its own engine state.
+
+- --cache-protos: a proposed change to the Decide adapter (see _cache_endpoint_protos).
 
 Each process logs "decider serving on ... (port N)" as `decider serve` does. Nothing here is
 used outside bench/grpc; the architecture the server ships is chosen from these measurements.
@@ -95,6 +97,47 @@ async def _serve_aio(settings: config.Settings) -> None:
         await server.stop()
 
 
+def _cache_endpoint_protos() -> None:
+    """A proposed adapter change, measured here before it is made: build each Endpoint's proto
+    once per registry snapshot instead of on every Decide (endpoints are immutable values, so
+    an identity check finds the cached one), and the RetryPolicy once per settings."""
+    from decider.api import convert
+    from decider.v1 import decider_service_pb2 as dpb
+
+    endpoints: dict[str, tuple[Any, Any]] = {}
+    retries: dict[Any, Any] = {}
+
+    def endpoint(e: Any) -> Any:
+        hit = endpoints.get(e.id)
+        if hit is None or hit[0] is not e:
+            hit = (e, convert.endpoint_to_proto(e))
+            endpoints[e.id] = hit
+        return hit[1]
+
+    def decision_to_proto(d: Any) -> Any:
+        if d.candidates:
+            return original(d)
+        retry = retries.get(d.retry)
+        if retry is None:
+            retry = retries[d.retry] = original(d).retry
+        r = dpb.DecideResponse(
+            decision_id=d.decision_id,
+            reason=d.reason,
+            strategy=d.strategy,
+            affinity_hit=d.affinity_hit,
+            candidate_count=d.candidate_count,
+        )
+        r.endpoint.CopyFrom(endpoint(d.endpoint))
+        r.fallbacks.extend(endpoint(e) for e in d.fallbacks)
+        r.retry.CopyFrom(retry)
+        r.scores.update(d.scores)
+        r.skipped.update(d.skipped)
+        return r
+
+    original = convert.decision_to_proto
+    convert.decision_to_proto = decision_to_proto
+
+
 def run_aio(settings: config.Settings, *, use_uvloop: bool, reuseport: bool) -> None:
     _aio_server_options(reuseport)
     if use_uvloop:
@@ -176,6 +219,9 @@ def main() -> int:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=16, help="sync server's thread pool")
+    parser.add_argument(
+        "--cache-protos", action="store_true", help="measure the proposed Endpoint proto cache"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -184,6 +230,8 @@ def main() -> int:
     if args.processes > 1:
         return _supervise(args)
     settings = config.load(args.config, flags={"listen": args.listen, "data_dir": ""})
+    if args.cache_protos:
+        _cache_endpoint_protos()
     if args.arch == "sync":
         run_sync(settings, reuseport=reuseport, threads=args.threads)
     else:
@@ -195,6 +243,7 @@ def _supervise(args: argparse.Namespace) -> int:
     """Starts N single-process copies on the same port and forwards SIGTERM to them."""
     argv = [sys.executable, __file__, "--arch", args.arch, "--config", args.config]
     argv += ["--listen", args.listen, "--threads", str(args.threads)]
+    argv += ["--cache-protos"] if args.cache_protos else []
     env = {**os.environ, "BENCH_REUSEPORT": "1"}
     children = [subprocess.Popen(argv, env=env) for _ in range(args.processes)]
 
