@@ -1,7 +1,8 @@
 """The grpc.aio process: wires registry -> engine <- prober, watch hub, servicers; owns lifecycle.
 
 Start: registry snapshot -> engine and prober; gRPC server with health, reflection and the
-interceptors; the engine tick loop and the prober run as tasks.
+interceptors; the engine tick loop (which also expires stale standalone-prober reports) and the
+embedded prober run as tasks.
 Stop (SIGTERM/SIGINT or the shutdown trigger): health NOT_SERVING, new RPCs refused, watch
 streams ended cleanly, in-flight RPCs given `grace_period_s` to finish, then tasks closed.
 """
@@ -28,8 +29,9 @@ from decider.api.ports import Clock, Observer
 from decider.api.registry_service import RegistryService
 from decider.config import Settings
 from decider.core.engine import Engine
-from decider.core.model import Endpoint, HealthEvent
+from decider.core.model import Endpoint, HealthEvent, HealthStatus
 from decider.errors import ConfigError
+from decider.probe_reports import ProbeReports
 from decider.registry import EndpointStore, Registry
 from decider.v1 import decider_service_pb2, registry_service_pb2
 from decider.v1 import decider_service_pb2_grpc as dgrpc
@@ -67,7 +69,11 @@ class DeciderServer:
             self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
         )
         self.engine = Engine(settings.engine, rng=rng or random.Random(), on_event=self._on_event)
-        self.prober = Prober(settings.probe, self.engine, clock=clock)
+        # [probe] embedded = false: a standalone decider-probe reports instead.
+        self.prober = (
+            Prober(settings.probe, self.engine, clock=clock) if settings.probe.embedded else None
+        )
+        self.probe_reports = ProbeReports()
         self.registry.subscribe(self._on_membership)
         self._on_membership(self.registry.snapshot())
 
@@ -90,13 +96,14 @@ class DeciderServer:
                 self.engine,
                 self.hub,
                 clock=clock,
-                on_failure=self.prober.probe_soon,
+                on_failure=self.prober.probe_soon if self.prober is not None else None,
                 observer=observer,
             ),
             self._server,
         )
         rgrpc.add_RegistryServiceServicer_to_server(
-            RegistryService(self.registry, self.engine, clock=clock), self._server
+            RegistryService(self.registry, self.engine, clock=clock, reports=self.probe_reports),
+            self._server,
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -124,10 +131,9 @@ class DeciderServer:
         await self._server.start()
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._tasks = [
-            asyncio.create_task(self._tick_loop(), name="decider-tick"),
-            asyncio.create_task(self.prober.run(), name="decider-prober"),
-        ]
+        self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]
+        if self.prober is not None:
+            self._tasks.append(asyncio.create_task(self.prober.run(), name="decider-prober"))
         log.info("decider serving on %s (port %d)", listen, self.port)
         return self.port
 
@@ -144,7 +150,8 @@ class DeciderServer:
         await self._server.stop(grace)
         for task in self._tasks:
             task.cancel()
-        await self.prober.aclose()
+        if self.prober is not None:
+            await self.prober.aclose()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -161,7 +168,9 @@ class DeciderServer:
 
     def _on_membership(self, endpoints: Sequence[Endpoint]) -> None:
         self.engine.set_endpoints(endpoints, now=self._clock())
-        self.prober.set_endpoints(endpoints)
+        if self.prober is not None:
+            self.prober.set_endpoints(endpoints)
+        self.probe_reports.retain({e.id for e in endpoints})
 
     def _on_event(self, event: HealthEvent) -> None:
         # Called by the engine mid-method: only enqueue (watch.py never blocks).
@@ -176,7 +185,12 @@ class DeciderServer:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                self.engine.tick(now=self._clock())
+                now = self._clock()
+                self.engine.tick(now=now)
+                for stale in self.probe_reports.expire(now=now):
+                    self.engine.set_health(
+                        stale.endpoint_id, HealthStatus.UNKNOWN, reason=stale.reason, now=now
+                    )
             except Exception:
                 log.exception("engine tick failed")
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from decider_support import BadRequest, detail, endpoints_doc
+from google.protobuf.duration_pb2 import Duration
 
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
@@ -117,3 +120,37 @@ async def test_deregister_unknown_is_not_found(start_server):
             )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "ghost" in (err.value.details() or "")
+
+
+async def _status(srv, endpoint_id: str) -> epb.EndpointStatus:
+    listed = await srv.registry.ListEndpoints(rpb.ListEndpointsRequest(), timeout=5)
+    return listed.statuses[endpoint_id]
+
+
+async def test_standalone_prober_results_apply_then_go_stale(start_server):
+    async with start_server(endpoints_doc("m", 2, probe={"embedded": False})) as srv:
+        assert srv.server.prober is None
+        reply = await srv.registry.ReportProbeResults(
+            rpb.ReportProbeResultsRequest(
+                prober_id="probe-a",
+                results=[
+                    rpb.ProbeResult(
+                        endpoint_id="m-0", status=epb.HEALTH_STATUS_UNHEALTHY, reason="HTTP 503"
+                    ),
+                    rpb.ProbeResult(endpoint_id="ghost", status=epb.HEALTH_STATUS_HEALTHY),
+                ],
+                valid_for=Duration(nanos=300_000_000),
+            )
+        )
+        assert list(reply.unknown_endpoint_ids) == ["ghost"]
+        status = await _status(srv, "m-0")
+        assert status.health == epb.HEALTH_STATUS_UNHEALTHY
+        assert status.health_reason == "probe-a: HTTP 503"
+
+        for _ in range(200):
+            status = await _status(srv, "m-0")
+            if "stale" in status.health_reason:
+                break
+            await asyncio.sleep(0.05)
+        assert status.health == epb.HEALTH_STATUS_UNSPECIFIED
+        assert status.health_reason.startswith("probe-a: results stale")

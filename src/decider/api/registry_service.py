@@ -10,6 +10,7 @@ import grpc
 from decider.api import convert, validate
 from decider.api.errors import unary
 from decider.api.ports import Clock, DecisionEngine
+from decider.probe_reports import ProbeReports
 from decider.registry import Registry, validated
 from decider.v1 import registry_service_pb2 as rpb
 from decider.v1 import registry_service_pb2_grpc as rgrpc
@@ -19,11 +20,17 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 class RegistryService(rgrpc.RegistryServiceServicer):
     def __init__(
-        self, registry: Registry, engine: DecisionEngine, *, clock: Clock = time.monotonic
+        self,
+        registry: Registry,
+        engine: DecisionEngine,
+        *,
+        clock: Clock = time.monotonic,
+        reports: ProbeReports | None = None,
     ) -> None:
         self._registry = registry
         self._engine = engine
         self._clock = clock
+        self._reports = reports or ProbeReports()
 
     @unary
     async def RegisterEndpoint(
@@ -68,6 +75,12 @@ class RegistryService(rgrpc.RegistryServiceServicer):
             status = convert.health_status_from_proto(result.status)
             reason = f"{prober}: {result.reason}" if result.reason else prober
             self._engine.set_health(result.endpoint_id, status, reason=reason, now=now)
+            self._reports.record(
+                result.endpoint_id,
+                prober_id=prober,
+                valid_for_s=convert.duration_s(request.valid_for),
+                now=now,
+            )
             if result.HasField("load"):
                 load = convert.load_from_proto(result.load)
                 self._engine.record_load(result.endpoint_id, load, now=now)

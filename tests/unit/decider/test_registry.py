@@ -6,6 +6,7 @@ import pytest
 
 from decider.core.model import Endpoint, MetricsKind
 from decider.errors import InvalidArgument, NotFound
+from decider.probe_reports import ProbeReports
 from decider.registry import EndpointStore, Registry, check_endpoint
 
 
@@ -104,3 +105,18 @@ def test_rejected_register_writes_nothing(tmp_path):
 
 def _fields(endpoint: Endpoint) -> dict:
     return {name: getattr(endpoint, name) for name in Endpoint.__dataclass_fields__}
+
+
+def test_probe_reports_expire_once_and_name_the_prober():
+    reports = ProbeReports()
+    reports.record("a", prober_id="probe-a", valid_for_s=15, now=100)
+    reports.record("b", prober_id="probe-a", valid_for_s=0, now=100)
+    reports.record("c", prober_id="probe-b", valid_for_s=15, now=100)
+    assert reports.expire(now=114.9) == []
+    reports.record("c", prober_id="probe-b", valid_for_s=15, now=110)
+    (stale,) = reports.expire(now=116)
+    assert stale.endpoint_id == "a"
+    assert stale.reason == "probe-a: results stale (no report for 16 s)"
+    assert reports.expire(now=116) == []
+    reports.retain({"a", "b"})
+    assert reports.expire(now=1000) == []
