@@ -143,3 +143,17 @@ async def test_concurrent_decisions_all_answer(start_server):
         assert Counter(r.endpoint.id for r in replies) == {"m-0": 67, "m-1": 67, "m-2": 66} or (
             sorted(Counter(r.endpoint.id for r in replies).values()) == [66, 67, 67]
         )
+
+
+async def test_explain_lists_every_candidate_and_changes_nothing(start_server):
+    async with start_server(endpoints_doc("m", 3, routing=ROUND_ROBIN)) as srv:
+        explained = await srv.decider.Decide(dpb.DecideRequest(model="m", explain=True))
+        assert sorted(c.endpoint_id for c in explained.candidates) == ["m-0", "m-1", "m-2"]
+        assert {c.rank for c in explained.candidates} == {1, 2, 3}
+        # Explain changes no state: the round robin goes on from where it was.
+        ids = ["m-0", "m-1", "m-2"]
+        first = await srv.decider.Decide(dpb.DecideRequest(model="m"))
+        for _ in range(4):
+            await srv.decider.Decide(dpb.DecideRequest(model="m", explain=True))
+        second = await srv.decider.Decide(dpb.DecideRequest(model="m"))
+        assert second.endpoint.id == ids[(ids.index(first.endpoint.id) + 1) % 3]
