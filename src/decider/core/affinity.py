@@ -10,17 +10,19 @@ endpoints holding them, so matching looks at a handful of endpoints instead of e
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 
 class SessionTable:
-    """session key -> (endpoint id, expiry), least recently used first."""
+    """session key -> (endpoint id, expiry), least recently used first.
+
+    A plain dict kept in use order (a renewal deletes and re-inserts the key) costs less than half
+    the memory of an OrderedDict per session."""
 
     def __init__(self, *, ttl_s: float, max_sessions: int) -> None:
         self._ttl_s = ttl_s
         self._max = max_sessions
-        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._entries: dict[str, tuple[str, float]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -35,22 +37,22 @@ class SessionTable:
     def bind(self, key: str, endpoint_id: str, now: float) -> None:
         """Bind or renew; renewing moves the session to the most recently used end."""
         entries = self._entries
+        entries.pop(key, None)
         entries[key] = (endpoint_id, now + self._ttl_s)
-        entries.move_to_end(key)
         if len(entries) > self._max:
-            entries.popitem(last=False)
+            del entries[next(iter(entries))]
 
     def expire(self, now: float) -> int:
         """Drop expired sessions; the TTL is the same for all, so they are at the front."""
         entries = self._entries
-        dropped = 0
-        while entries:
-            key, (_, expires_at) = next(iter(entries.items()))
+        expired = []
+        for key, (_, expires_at) in entries.items():
             if expires_at > now:
                 break
+            expired.append(key)
+        for key in expired:
             del entries[key]
-            dropped += 1
-        return dropped
+        return len(expired)
 
 
 class _Blocks:
@@ -74,7 +76,7 @@ class PrefixIndex:
         self._blocks: dict[str, _Blocks] = {}
         # Anchor block (the block at depth 1, 2, 4, 8, ... of a served prompt) -> endpoints that
         # hold it, least recently recorded first.
-        self._anchors: dict[int, dict[str, None]] = {}
+        self._anchors: dict[int, str | dict[str, None]] = {}
 
     @property
     def max_blocks(self) -> int:
@@ -100,8 +102,11 @@ class PrefixIndex:
         while d <= n:
             h = hashes[d - 1]
             holders = anchors.get(h)
-            if holders is None:
-                anchors[h] = {endpoint_id: None}
+            if holders is None or holders == endpoint_id:
+                # Most anchors have one holder: store its id itself, not a container.
+                anchors[h] = endpoint_id
+            elif isinstance(holders, str):
+                anchors[h] = {holders: None, endpoint_id: None}
             else:
                 # Re-inserting moves the endpoint to the most recent end.
                 holders.pop(endpoint_id, None)
@@ -115,28 +120,30 @@ class PrefixIndex:
         blocks.old = blocks.young
         blocks.young = {}
         # Anchors that fell out with the old generation leave the reverse map.
-        anchors = self._anchors
         for h in dropped:
-            if h in blocks.old:
-                continue
-            holders = anchors.get(h)
-            if holders is not None and endpoint_id in holders:
-                del holders[endpoint_id]
-                if not holders:
-                    del anchors[h]
+            if h not in blocks.old:
+                self._unanchor(h, endpoint_id)
+
+    def _unanchor(self, h: int, endpoint_id: str) -> None:
+        anchors = self._anchors
+        holders = anchors.get(h)
+        if holders is None:
+            return
+        if isinstance(holders, str):
+            if holders == endpoint_id:
+                del anchors[h]
+        elif endpoint_id in holders:
+            del holders[endpoint_id]
+            if len(holders) == 1:
+                anchors[h] = next(iter(holders))
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         blocks = self._blocks.pop(endpoint_id, None)
         if blocks is None:
             return
-        anchors = self._anchors
         for generation in (blocks.young, blocks.old):
             for h in generation:
-                holders = anchors.get(h)
-                if holders is not None and endpoint_id in holders:
-                    del holders[endpoint_id]
-                    if not holders:
-                        del anchors[h]
+                self._unanchor(h, endpoint_id)
 
     def matches(self, hashes: Sequence[int]) -> dict[str, int]:
         """Endpoint id -> number of leading blocks of `hashes` it holds, for at most
@@ -159,7 +166,7 @@ class PrefixIndex:
             if holders:
                 top = min(2 * d - 1, n)
                 last = hashes[top - 1]
-                for endpoint_id in reversed(holders):
+                for endpoint_id in (holders,) if isinstance(holders, str) else reversed(holders):
                     if endpoint_id in found:
                         continue
                     blocks = blocks_of.get(endpoint_id)

@@ -70,6 +70,8 @@ _EMPTY_CAPS: frozenset[str] = frozenset()
 # How often tick() refreshes every endpoint's scores (stale load reports, quota refill) and each
 # model's latency reference.
 _REFRESH_EVERY_S = 1.0
+# In-flight expiry resolution: a decision expires between in_flight_timeout_s and this much later.
+_EXPIRY_BUCKET_S = 0.1
 
 
 class _Pending:
@@ -155,8 +157,11 @@ class Engine:
         # model -> required capabilities -> Pool
         self._pools: dict[str, dict[frozenset[str], Pool]] = {}
         self._pending: dict[str, _Pending] = {}
-        # (expires_at, decision_id) in issue order; the timeout is constant, so also expiry order.
-        self._expiry: deque[tuple[float, str]] = deque()
+        # [expires_at, first_seq, last_seq]: decisions grouped by 0.1 s of issue time, in issue
+        # order (the timeout is constant, so also expiry order). Groups rather than one entry per
+        # decision keep memory flat however many decisions are open.
+        self._expiry: deque[list[float]] = deque()
+        self._bucket_end = -math.inf
         self._id_prefix = f"{rng.getrandbits(48):012x}-"
         self._seq = 0
         self._refresh_at = -math.inf
@@ -357,7 +362,12 @@ class Engine:
             chosen.quota_score = self._ledger.endpoint_headroom(chosen.id, now)
         self._scorer.rescore(chosen, now)
         self._pending[decision_id] = _Pending(chosen, request.tenant, tokens, request.prefix_hashes)
-        self._expiry.append((now + self._settings.routing.in_flight_timeout_s, decision_id))
+        if now < self._bucket_end:
+            self._expiry[-1][2] = self._seq
+        else:
+            self._bucket_end = now + _EXPIRY_BUCKET_S
+            expires_at = self._bucket_end + self._settings.routing.in_flight_timeout_s
+            self._expiry.append([expires_at, self._seq, self._seq])
 
     def _filter(
         self, pool: Pool, request: RouteRequest, now: float
@@ -763,17 +773,19 @@ class Engine:
     def _expire(self, now: float) -> None:
         expiry = self._expiry
         pending = self._pending
+        prefix = self._id_prefix
         while expiry and expiry[0][0] <= now:
-            _, decision_id = expiry.popleft()
-            entry = pending.pop(decision_id, None)
-            if entry is None:
-                continue
-            s = entry.stats
-            if self._stats.get(s.id) is s:
-                if s.in_flight > 0:
-                    s.in_flight -= 1
-                self._record_breaker_release(s)
-                self._scorer.rescore(s, now)
+            _, first, last = expiry.popleft()
+            for seq in range(int(first), int(last) + 1):
+                entry = pending.pop(prefix + str(seq), None)
+                if entry is None:
+                    continue
+                s = entry.stats
+                if self._stats.get(s.id) is s:
+                    if s.in_flight > 0:
+                        s.in_flight -= 1
+                    self._record_breaker_release(s)
+                    self._scorer.rescore(s, now)
 
     def _refresh(self, now: float) -> None:
         """Per-model latency reference (median of reported EWMAs) and cheapest cost, then every
