@@ -185,10 +185,12 @@ def _check_listen(listen: str, where: str) -> None:
         raise ConfigError(f"{where}: {listen!r}, must be HOST:PORT (port 0 picks a free one)")
 
 
-def _check(value: Any, spec: _Key, where: str) -> Any:
+def _check(value: Any, spec: _Key, where: str, *, shown: str = "") -> Any:
+    """The value, checked against `spec`; errors show `shown` (the raw text) when given."""
+    shown = shown or _show(value)
     if spec.kind is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: {_show(value)}, must be a string")
+            raise ConfigError(f"{where}: {shown}, must be a string")
         if spec.choices and value.upper() not in spec.choices:
             raise ConfigError(f"{where}: {value!r}, must be one of {', '.join(spec.choices)}")
         return value.upper() if spec.choices else value
@@ -204,7 +206,7 @@ def _check(value: Any, spec: _Key, where: str) -> Any:
         or (spec.low is not None and value < spec.low)
         or (spec.high is not None and value > spec.high)
     ):
-        raise ConfigError(f"{where}: {_show(value)}, must be {what}{_range(spec)}")
+        raise ConfigError(f"{where}: {shown}, must be {what}{_range(spec)}")
     return float(value) if spec.kind is float else value
 
 
@@ -217,7 +219,7 @@ def _coerce_text(raw: str, spec: _Key, where: str) -> Any:
             value = float(raw)
     except ValueError:
         pass
-    return _check(value, spec, where)
+    return _check(value, spec, where, shown=repr(raw))
 
 
 def _parse_endpoints(value: Any) -> tuple[Endpoint, ...]:
@@ -304,7 +306,11 @@ def _show(value: Any) -> str:
 
 def _range(spec: _Key) -> str:
     if spec.low is not None and spec.high is not None:
-        return f" from {spec.low:g} to {spec.high:g}"
+        return f" from {_num(spec.low)} to {_num(spec.high)}"
     if spec.low is not None:
-        return f" >= {spec.low:g}"
+        return f" >= {_num(spec.low)}"
     return ""
+
+
+def _num(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"

@@ -77,6 +77,10 @@ def test_log_level_is_case_insensitive():
             "server.max_message_bytes: 'big', must be an integer",
         ),
         ("[server]\ngrace_period_s = -1\n", "server.grace_period_s: -1, must be a number from 0"),
+        (
+            "[server]\nmax_concurrent_rpcs = 0\n",
+            "server.max_concurrent_rpcs: 0, must be an integer from 1 to 1000000",
+        ),
         ("[server]\ntick_interval_ms = true\n", "server.tick_interval_ms: True"),
         ("[server]\nlisten = ':80'\n", "server.listen: ':80', must be HOST:PORT"),
         ("[server]\nlog_level = 'loud'\n", "server.log_level: 'loud', must be one of"),
@@ -119,6 +123,7 @@ def test_errors_name_the_file_key_and_value(tmp_path, text, message):
             "environment DECIDER_MAX_CONCURRENT_RPCS: 'many'",
         ),
         ({"DECIDER_LISTEN": "nope"}, "listen: 'nope'"),
+        ({"DECIDER_GRACE_PERIOD_S": "-1"}, "DECIDER_GRACE_PERIOD_S: '-1', must be a number from 0"),
     ],
 )
 def test_env_errors_name_the_variable(env, message):
