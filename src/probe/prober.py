@@ -82,13 +82,20 @@ class Prober:
         self._connect = connect or tcp_connect
         self._rng = rng or random.Random()
         # trust_env=False: probes go straight to the endpoint, never through an HTTP proxy
-        # picked up from the environment. No pool limit: a hung backend holds a connection
-        # for at most timeout_s, and a pool wait must not count as the endpoint's failure.
+        # picked up from the environment. HTTP checks share max_concurrent_http slots, taken
+        # before a check's timeout starts, so waiting for a slot never counts as the
+        # endpoint's failure. No keep-alive: httpcore's pool scans every pooled connection on
+        # each request, and with one idle connection per endpoint that made a GET cost ~15 ms
+        # of CPU at 1000 endpoints; full checks 30 s apart would not reuse them anyway
+        # (measured in bench/bench_detection.py).
+        self._http_slots = asyncio.Semaphore(settings.max_concurrent_http)
         self._client = httpx.AsyncClient(
             transport=transport,
             trust_env=False,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+            limits=httpx.Limits(
+                max_connections=settings.max_concurrent_http, max_keepalive_connections=0
+            ),
         )
         self._targets: dict[str, _Target] = {}
         self._heap: list[tuple[float, int, str, CheckKind, int]] = []
@@ -212,7 +219,7 @@ class Prober:
         s = self._settings
         if target.endpoint.health_url:
             self._schedule(
-                target, CheckKind.HTTP, now + self._rng.uniform(0, min(s.interval_s, 1.0))
+                target, CheckKind.HTTP, now + self._rng.uniform(0, min(s.interval_s, 5.0))
             )
             if s.liveness != "off" and target.host:
                 self._schedule(
@@ -315,15 +322,16 @@ class Prober:
                 timeout_s=s.liveness_timeout_s,
                 clock=self._clock,
             )
-        return await http_check(
-            self._client,
-            endpoint_id=endpoint.id,
-            url=endpoint.metrics_url if kind is CheckKind.METRICS else endpoint.health_url,
-            headers=target.headers,
-            timeout_s=_timeout_for(s, kind),
-            kind=kind,
-            clock=self._clock,
-        )
+        async with self._http_slots:
+            return await http_check(
+                self._client,
+                endpoint_id=endpoint.id,
+                url=endpoint.metrics_url if kind is CheckKind.METRICS else endpoint.health_url,
+                headers=target.headers,
+                timeout_s=_timeout_for(s, kind),
+                kind=kind,
+                clock=self._clock,
+            )
 
     def _on_health(self, target: _Target, result: ProbeResult, now: float) -> None:
         s = self._settings

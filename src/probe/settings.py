@@ -41,6 +41,8 @@ class ProbeSettings:
     liveness_timeout_s: float = 1.0
     # DEGRADED instead of HEALTHY when the last successful probe took longer than this.
     degraded_latency_s: float = 1.0
+    # HTTP checks (health, liveness in "http" mode, metrics) running at once; more wait.
+    max_concurrent_http: int = 32
     # Load scraping of metrics_url.
     metrics_interval_s: float = 2.0
     metrics_timeout_s: float = 1.0
@@ -96,7 +98,7 @@ class ProbeSettings:
                 raise ConfigError(f"probe.{key}: {value!r}, must be > 0")
         if not 0.0 <= self.jitter_fraction < 1.0:
             raise ConfigError(f"probe.jitter_fraction: {self.jitter_fraction!r}, must be in [0, 1)")
-        for key in ("unhealthy_threshold", "healthy_threshold"):
+        for key in ("unhealthy_threshold", "healthy_threshold", "max_concurrent_http"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"probe.{key}: {getattr(self, key)!r}, must be >= 1")
         if self.degraded_queue_depth < 0:
@@ -115,7 +117,9 @@ class ProbeSettings:
             )
 
 
-_INT_KEYS = frozenset({"unhealthy_threshold", "healthy_threshold", "degraded_queue_depth"})
+_INT_KEYS = frozenset(
+    {"unhealthy_threshold", "healthy_threshold", "degraded_queue_depth", "max_concurrent_http"}
+)
 _POSITIVE_KEYS = (
     "interval_s",
     "timeout_s",

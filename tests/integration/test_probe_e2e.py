@@ -73,8 +73,8 @@ async def test_killed_backend_reaches_watchers_and_is_not_chosen(start_server, b
     alive, victim = await backends(), await backends()
     doc = {"endpoints": [endpoint_doc("alive", alive), endpoint_doc("victim", victim)]}
     async with start_server(doc) as srv:
-        await wait_status(srv, "victim", HEALTHY, within_s=5)
-        await wait_status(srv, "alive", HEALTHY, within_s=5)
+        await wait_status(srv, "victim", HEALTHY, within_s=10)
+        await wait_status(srv, "alive", HEALTHY, within_s=10)
         stream = srv.decider.WatchHealth(dpb.WatchHealthRequest(model="m"))
         snapshot = await stream.read()
         assert snapshot.snapshot
@@ -115,7 +115,7 @@ async def test_standalone_prober_reports_and_follows_the_registry(start_server, 
         "probe": {"interval_s": 3600, "liveness": "off"},
     }
     async with start_server(doc, admin_token="sesame") as srv:
-        await wait_status(srv, "first", HEALTHY, within_s=5)
+        await wait_status(srv, "first", HEALTHY, within_s=10)
         standalone = StandaloneProber(
             ProbeSettings(
                 unhealthy_interval_s=0.2,
@@ -252,7 +252,7 @@ async def test_decider_probe_command_end_to_end(start_server, backends):
         "probe": {"interval_s": 3600, "liveness": "off"},
     }
     async with start_server(doc, admin_token="sesame") as srv:
-        await wait_status(srv, "cli", HEALTHY, within_s=5)
+        await wait_status(srv, "cli", HEALTHY, within_s=10)
         path = f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         env = {**os.environ, "PYTHONPATH": path}
         env["DECIDER_ADMIN_TOKEN"] = "sesame"

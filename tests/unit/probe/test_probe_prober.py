@@ -1,3 +1,4 @@
+import asyncio
 import itertools
 import random
 
@@ -80,6 +81,30 @@ async def test_full_check_intervals_stay_within_jitter_bounds():
     assert all(27.0 <= g <= 30.0 for g in gaps)
     # Jitter really varies the gaps.
     assert max(gaps) - min(gaps) > 1.0
+    await prober.aclose()
+
+
+async def test_http_checks_share_the_concurrency_cap():
+    clock = FakeClock()
+    running, peak = [0], [0]
+
+    async def slow(request):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.01)
+        running[0] -= 1
+        return httpx.Response(200)
+
+    prober = Prober(
+        ProbeSettings(max_concurrent_http=2, liveness="off"),
+        RecordingSink(),
+        clock=clock,
+        transport=httpx.MockTransport(slow),
+    )
+    prober.set_endpoints([endpoint(f"e{i}", 9000 + i) for i in range(10)])
+    clock.advance(10)
+    await prober.run_due()
+    assert peak[0] == 2
     await prober.aclose()
 
 
@@ -380,12 +405,10 @@ async def test_changed_metrics_url_expires_old_load():
 
 async def test_run_loop_probes_with_real_time():
     # The long-lived loop, with a real clock and a mock transport: first check within ~1 s.
-    import asyncio
-
     sink = RecordingSink()
     http = ScriptedHTTP()
     http.set(URL, ok)
-    prober = Prober(ProbeSettings(liveness="off"), sink, transport=http.transport())
+    prober = Prober(ProbeSettings(liveness="off", interval_s=0.5), sink, transport=http.transport())
     task = asyncio.create_task(prober.run())
     prober.set_endpoints([endpoint()])
     for _ in range(300):

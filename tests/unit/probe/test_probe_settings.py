@@ -44,6 +44,7 @@ def test_parse_accepts_ints_for_floats_and_headers():
             "probe.report_valid_for_s: 10.0, must be greater than probe.report_interval_s (10.0)",
         ),
         ({"headers": {"a": {"X-Key": 5}}}, "probe.headers.a.X-Key: must be a string"),
+        ({"max_concurrent_http": 0}, "probe.max_concurrent_http: 0, must be >= 1"),
         ({"embedded": "no"}, "probe.embedded: 'no', must be true or false"),
         ({"headers": []}, "probe.headers: must be a table of endpoint id -> header table"),
     ],
