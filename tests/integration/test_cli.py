@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -213,6 +214,46 @@ async def test_a_second_signal_ends_the_grace_period(tmp_path):
         rest = (await proc.stderr.read()).decode()
         assert code == 0, "".join(seen) + rest
         assert "stopping now" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_demo_serves_decisions_and_its_stand_ins_answer(tmp_path):
+    """What `make run` starts: Decide answers for the demo model at once, and the endpoint it
+    names is an OpenAI-compatible stand-in."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "decider",
+        "serve",
+        "--demo",
+        "--listen",
+        "127.0.0.1:0",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        port = await _read_port(proc.stderr, seen)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            decider = dgrpc.DeciderServiceStub(channel)  # type: ignore[arg-type]
+            reply = await decider.Decide(
+                dpb.DecideRequest(model="llama-3.1-8b", session_id="demo"), timeout=10
+            )
+        assert reply.endpoint.id in {"llama-a", "llama-b", "llama-c"}
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            answer = await client.post(
+                f"http://{reply.endpoint.address}/v1/chat/completions",
+                json={"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}]},
+            )
+        assert answer.status_code == 200
+        assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
