@@ -709,8 +709,13 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
         "```",
         "",
         f"Machine: {mach['cpus']} vCPU ({mach['cpu']}), {mach['python']}, grpcio {mach['grpcio']}. "
-        "ghz runs on the same two cores as the server and the machine was shared with other work, "
-        "so requests/s are a lower bound; server CPU per call (from /proc) is the steadier number. "
+        + (
+            "The server is pinned to core 0 and the load generator to core 1 (taskset). "
+            if mach.get("pinned")
+            else "The load generator shares the cores with the server. "
+        )
+        + "Other work shared the machine, so requests/s are a lower bound; server CPU per call "
+        "(from /proc) is the steadier number. "
         f"Main run: `{args.arch}` server (what `decider serve` runs), medians of {len(res.rounds)} "
         "rounds in which Check and Decide alternate on the same server; under load = ghz "
         f"`-c {c.concurrency} --connections {c.connections}`; serial = one call in flight.",
