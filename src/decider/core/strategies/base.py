@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from decider.core.model import RouteRequest
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from decider.core.affinity import PrefixIndex, SessionTable
     from decider.core.quota import QuotaLedger
 
-NO_SCORES: Mapping[str, float] = {}
+NO_SCORES: Mapping[str, float] = MappingProxyType({})
 
 
 class Pool:
@@ -156,16 +157,24 @@ class PickContext:
         self.now = now
 
 
-@dataclass(slots=True)
 class Choice:
     """The strategy's answer: `picked[0]` is chosen, the rest are fallbacks (distinct)."""
 
-    picked: list[EndpointStats]
-    # The strategy's part of the reason, e.g. "least_request: 2 in flight vs 5 and 7".
-    detail: str
-    # Per-factor scores of the chosen endpoint, 0.0 to 1.0.
-    scores: Mapping[str, float] = field(default_factory=dict)
-    affinity_hit: bool = False
+    __slots__ = ("affinity_hit", "detail", "picked", "scores")
+
+    def __init__(
+        self,
+        picked: list[EndpointStats],
+        detail: str,
+        scores: Mapping[str, float] = NO_SCORES,
+        affinity_hit: bool = False,
+    ) -> None:
+        self.picked = picked
+        # The strategy's part of the reason, e.g. "least_request: 2 in flight vs 5 and 7".
+        self.detail = detail
+        # Per-factor scores of the chosen endpoint, 0.0 to 1.0.
+        self.scores = scores
+        self.affinity_hit = affinity_hit
 
 
 @dataclass(frozen=True, slots=True)
