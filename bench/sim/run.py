@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     default_name, available = known_strategies()
-    strategies = [s.strip() for s in args.strategies.split(",")]
+    strategies = list(dict.fromkeys(s.strip() for s in args.strategies.split(",")))
     unknown = [s for s in strategies if s and s not in available.split(",")]
     if unknown:
         print(f"skipping strategies the engine does not have: {', '.join(unknown)}")

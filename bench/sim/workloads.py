@@ -339,7 +339,7 @@ def crash(seed: int, *, scale: float = 1.0) -> Workload:
 
 
 def slow_endpoint(seed: int, *, scale: float = 1.0) -> Workload:
-    """Independent prompts; one endpoint runs at a third of the speed but answers its probes."""
+    """Independent prompts; one endpoint slows to a third of its speed but answers its probes."""
     rate, window = 13.0, 90.0 * scale
     rng = random.Random(f"slow_endpoint/{seed}")
     keys = _Keys()
@@ -355,15 +355,15 @@ def slow_endpoint(seed: int, *, scale: float = 1.0) -> Workload:
         )
         for i, t in enumerate(_poisson(rng, rate, window))
     ]
-    endpoints = _endpoints(8)
-    endpoints[7] = replace(endpoints[7], slow_factor=3.0)
+    slow_at_s = 20.0
     return Workload(
         name="slow_endpoint",
         description=(
-            "8 endpoints, ep-7 at a third of the speed (healthy on every probe); "
-            "independent 500-3000-token prompts"
+            f"8 endpoints; ep-7 drops to a third of its speed at {slow_at_s:g} s and stays there, "
+            "answering every probe (slow but alive); independent 500-3000-token prompts"
         ),
-        endpoints=tuple(endpoints),
+        endpoints=tuple(_endpoints(8)),
+        faults=(Fault(endpoint_id="ep-7", at_s=slow_at_s, kind="slow", factor=3.0),),
         sessions=tuple(sessions),
         arrival_window_s=window,
         parameters=(("arrivals", f"Poisson {rate:g}/s"), ("slow factor of ep-7", "3")),
