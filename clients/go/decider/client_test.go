@@ -281,3 +281,26 @@ func TestDecideHasADeadline(t *testing.T) {
 		t.Fatalf("err = %v, want a deadline-exceeded ErrUnreachable", err)
 	}
 }
+
+func TestRouteDoesNotBlameTheEndpointWhenTheCallerGivesUp(t *testing.T) {
+	f := &fakeDecider{DecideFunc: func(*pb.DecideRequest) (*pb.DecideResponse, error) {
+		return &pb.DecideResponse{DecisionId: "d", Endpoint: ep("a"), Fallbacks: []*pb.Endpoint{ep("b")}}, nil
+	}}
+	c, _ := startFake(t, f, Options{})
+	ctx, cancel := context.WithCancel(t.Context())
+	var tried []string
+	_, err := c.Route(ctx, &pb.DecideRequest{Model: "m"}, func(_ context.Context, e *pb.Endpoint) Attempt {
+		tried = append(tried, e.GetId())
+		cancel() // the user hung up while the endpoint was working
+		return Attempt{Result: pb.Result_RESULT_ERROR, Err: context.Canceled}
+	})
+	if !errors.Is(err, context.Canceled) || !slices.Equal(tried, []string{"a"}) {
+		t.Fatalf("err = %v after %v, want context.Canceled after a only", err, tried)
+	}
+	if err := c.Flush(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if outs := f.Outcomes(); len(outs) != 0 {
+		t.Fatalf("reported %v for a cancelled request", outs)
+	}
+}

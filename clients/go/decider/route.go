@@ -96,6 +96,13 @@ func (c *Client) Route(ctx context.Context, req *pb.DecideRequest, try TryFunc) 
 		latency := time.Since(start)
 		out.Tried = append(out.Tried, ep.GetId())
 		out.Endpoint, out.Attempt = ep, a
+		if ctx.Err() != nil && a.Result != pb.Result_RESULT_SUCCESS {
+			// The caller gave up (a user closing the connection), which says nothing about
+			// the endpoint. The contract has no "cancelled" result, so report nothing rather
+			// than an error that would count toward the endpoint's breaker; the decision's
+			// in-flight slot expires on the server.
+			return out, ctx.Err()
+		}
 		c.ReportOutcomeAsync(Outcome{
 			DecisionID:       dec.ID,
 			EndpointID:       ep.GetId(),
@@ -108,9 +115,6 @@ func (c *Client) Route(ctx context.Context, req *pb.DecideRequest, try TryFunc) 
 		})
 		if a.Result == pb.Result_RESULT_SUCCESS || a.Final {
 			return out, nil
-		}
-		if ctx.Err() != nil {
-			return out, ctx.Err()
 		}
 	}
 	return out, fmt.Errorf("%w: %d attempts (%s)", ErrAttemptsExhausted, len(out.Tried), lastErr(out))
