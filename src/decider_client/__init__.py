@@ -7,6 +7,8 @@ async with DeciderClient("127.0.0.1:50051", fail_open=True, watch=True) as decid
 from decider.v1.decider_service_pb2 import DecideRequest
 from decider_client._client import (
     REASON_NO_HEALTHY_ENDPOINT,
+    REASON_SERVER_OVERLOADED,
+    REASON_SHUTTING_DOWN,
     Attempt,
     AttemptFn,
     AttemptsExhausted,
@@ -24,6 +26,8 @@ from decider_client._client import (
 
 __all__ = [
     "REASON_NO_HEALTHY_ENDPOINT",
+    "REASON_SERVER_OVERLOADED",
+    "REASON_SHUTTING_DOWN",
     "Attempt",
     "AttemptFn",
     "AttemptsExhausted",

@@ -28,13 +28,15 @@ from decider.v1 import registry_service_pb2_grpc as rgrpc
 
 log = logging.getLogger("decider_client")
 
+# ErrorInfo reasons Decider sets (README, "Status codes").
 REASON_NO_HEALTHY_ENDPOINT = "NO_HEALTHY_ENDPOINT"
+REASON_SHUTTING_DOWN = "SHUTTING_DOWN"
+REASON_SERVER_OVERLOADED = "SERVER_OVERLOADED"
 _DETAILS_KEY = "grpc-status-details-bin"
-# Codes that mean Decider itself did not answer. Decider's own UNAVAILABLE carries an
-# ErrorInfo; UNKNOWN and INTERNAL come from a broken hop or a crashed handler.
+# Codes that mean Decider itself did not answer; UNKNOWN and INTERNAL come from a broken hop
+# or a crashed handler. UNAVAILABLE and RESOURCE_EXHAUSTED depend on the ErrorInfo.
 _UNREACHABLE_CODES = frozenset(
     {
-        grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.CANCELLED,
         grpc.StatusCode.UNKNOWN,
@@ -79,8 +81,13 @@ def is_unreachable(err: BaseException) -> bool:
     if not isinstance(err, grpc.aio.AioRpcError):
         return isinstance(err, (OSError, asyncio.TimeoutError))
     code = err.code()
+    info = _error_info(err)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return _error_info(err) is None
+        # Only NO_HEALTHY_ENDPOINT is an answer; no ErrorInfo (transport) or SHUTTING_DOWN is not.
+        return info is None or info.reason != REASON_NO_HEALTHY_ENDPOINT
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # A tenant over quota is an answer; a server out of capacity is not.
+        return info is not None and info.reason == REASON_SERVER_OVERLOADED
     return code in _UNREACHABLE_CODES
 
 

@@ -157,6 +157,9 @@ func TestRefusalsAreNotUnreachable(t *testing.T) {
 		{"not found", status.Error(codes.NotFound, "model m"), false, false, 0},
 		{"invalid", status.Error(codes.InvalidArgument, "strategy"), false, false, 0},
 		{"transport unavailable", status.Error(codes.Unavailable, "connection refused"), true, false, 0},
+		{"draining", withInfo(codes.Unavailable, ReasonShuttingDown), true, false, 0},
+		{"overloaded", withInfo(codes.ResourceExhausted, ReasonServerOverloaded), true, false, 0},
+		{"message too large", status.Error(codes.ResourceExhausted, "grpc: received message larger than max"), false, false, 0},
 		{"deadline", status.Error(codes.DeadlineExceeded, "deadline"), true, false, 0},
 		{"plain error", errors.New("boom"), true, false, 0},
 	}
@@ -303,4 +306,12 @@ func TestRouteDoesNotBlameTheEndpointWhenTheCallerGivesUp(t *testing.T) {
 	if outs := f.Outcomes(); len(outs) != 0 {
 		t.Fatalf("reported %v for a cancelled request", outs)
 	}
+}
+
+func withInfo(code codes.Code, reason string) error {
+	st, err := status.New(code, reason).WithDetails(&errdetails.ErrorInfo{Reason: reason})
+	if err != nil {
+		panic(err)
+	}
+	return st.Err()
 }

@@ -10,16 +10,22 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
-// ReasonNoHealthyEndpoint is the ErrorInfo reason Decider sets on UNAVAILABLE
-// when it is up but has no usable endpoint for the request.
-const ReasonNoHealthyEndpoint = "NO_HEALTHY_ENDPOINT"
+// ErrorInfo reasons Decider sets on its statuses (README, "Status codes").
+const (
+	// UNAVAILABLE: Decider is up but no endpoint is usable for the request.
+	ReasonNoHealthyEndpoint = "NO_HEALTHY_ENDPOINT"
+	// UNAVAILABLE: the server is draining after SIGTERM.
+	ReasonShuttingDown = "SHUTTING_DOWN"
+	// RESOURCE_EXHAUSTED: the server is at max_concurrent_rpcs.
+	ReasonServerOverloaded = "SERVER_OVERLOADED"
+)
 
 // Unreachable reports whether err means Decider itself could not answer (the
-// connection failed, the deadline passed, the server is shutting down) as
-// opposed to Decider answering with a refusal.
+// connection failed, the deadline passed, the server is draining or overloaded)
+// as opposed to Decider answering with a refusal about the request.
 //
-// Decider's own UNAVAILABLE always carries an ErrorInfo detail; transport
-// failures and a draining server's refusals carry none.
+// Transport failures carry no ErrorInfo; Decider's own UNAVAILABLE says why in
+// one, and only NO_HEALTHY_ENDPOINT is an answer about the endpoints.
 func Unreachable(err error) bool {
 	if err == nil {
 		return false
@@ -28,9 +34,13 @@ func Unreachable(err error) bool {
 	if !ok {
 		return true
 	}
+	info := errorInfo(st)
 	switch st.Code() {
 	case codes.Unavailable:
-		return errorInfo(st) == nil
+		return info == nil || info.GetReason() != ReasonNoHealthyEndpoint
+	case codes.ResourceExhausted:
+		// A tenant over quota is an answer; a server out of capacity is not.
+		return info != nil && info.GetReason() == ReasonServerOverloaded
 	case codes.DeadlineExceeded, codes.Canceled, codes.Unknown, codes.Internal:
 		// Canceled here comes from the transport (the caller's own cancellation is
 		// checked before this is consulted); Unknown and Internal come from a

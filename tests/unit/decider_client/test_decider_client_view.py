@@ -57,6 +57,23 @@ def aio_error(code: grpc.StatusCode, *details: object) -> grpc.aio.AioRpcError:
             2.0,
         ),
         (aio_error(grpc.StatusCode.NOT_FOUND), False, False, 0.0),
+        (
+            aio_error(
+                grpc.StatusCode.UNAVAILABLE, error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN")
+            ),
+            True,
+            False,
+            0.0,
+        ),
+        (
+            aio_error(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                error_details_pb2.ErrorInfo(reason="SERVER_OVERLOADED"),
+            ),
+            True,
+            False,
+            0.0,
+        ),
         (aio_error(grpc.StatusCode.UNAVAILABLE), True, False, 0.0),
         (aio_error(grpc.StatusCode.DEADLINE_EXCEEDED), True, False, 0.0),
         (ConnectionRefusedError(), True, False, 0.0),
