@@ -133,6 +133,7 @@ class Results:
     many_connections: Run | None = None
     rss_idle_mb: float = 0.0
     rss_peak_mb: float = 0.0
+    peak_connections: int = 0
     architectures: dict[str, dict[str, Run]] = field(default_factory=dict)
     architecture_rss_mb: dict[str, float] = field(default_factory=dict)
     # Server CPU per decision: unary Decide vs the bench-only bidirectional DecideStream.
@@ -430,12 +431,30 @@ def _drain(proc: subprocess.Popen[str], log: list[str]) -> None:
         del log[:-200]
 
 
+def established(port: int) -> int:
+    """TCP connections in ESTABLISHED state on the server's side of `port` (/proc/net/tcp)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 01 is ESTABLISHED.
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
 class RssSampler:
-    """Samples the server's RSS every 100 ms in a thread; keeps the peak."""
+    """Samples the server's RSS and open connections every 100 ms in a thread; keeps peaks."""
 
     def __init__(self, srv: Server) -> None:
         self.srv = srv
         self.peak_mb = 0.0
+        self.peak_connections = 0
+        self._port = int(srv.addr.rsplit(":", 1)[1])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -450,6 +469,7 @@ class RssSampler:
     def _loop(self) -> None:
         while not self._stop.wait(0.1):
             self.peak_mb = max(self.peak_mb, self.srv.rss_mb())
+            self.peak_connections = max(self.peak_connections, established(self._port))
 
 
 # -- the phases ---------------------------------------------------------------------------------
@@ -524,11 +544,16 @@ def main_run(
                 timeout_s=60,
             )
         res.rss_peak_mb = max(rss.peak_mb, srv.rss_mb())
+        res.peak_connections = rss.peak_connections
     ghz.cpus = None
     if h2load is not None:
         h2load.cpus = None
         m = res.many_connections
-        print(f"{args.many} connections: {m.status}, RSS peak {res.rss_peak_mb:.0f} MB", flush=True)
+        print(
+            f"{args.many} connections ({res.peak_connections} seen open at once): {m.status}, "
+            f"RSS peak {res.rss_peak_mb:.0f} MB",
+            flush=True,
+        )
 
 
 def stream_cost(h2load: H2load, srv: Server, args: argparse.Namespace, res: Results) -> None:
@@ -785,7 +810,8 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
         f"- **ReportOutcome**: {ro.rps:.0f} requests/s, p50 {ro.p50_ms:.2f} ms, "
         f"p99 {ro.p99_ms:.2f} ms, {ro.server_cpu_us:.0f} us server CPU per call.",
         f"- **{m.connections} concurrent HTTP/2 connections** doing Decide, one call in flight on "
-        f"each ({m.count} calls): {m.rps:.0f} requests/s, p50 {m.p50_ms:.1f} ms, p99 "
+        f"each ({m.count} calls; the server saw {res.peak_connections} established at once): "
+        f"{m.rps:.0f} requests/s, p50 {m.p50_ms:.1f} ms, p99 "
         f"{m.p99_ms:.1f} ms, status {', '.join(f'{k} {v}' for k, v in m.status.items())}, "
         f"{errors} errors.",
         f"- **Server RSS**: {res.rss_idle_mb:.0f} MB idle with {ENDPOINTS} endpoints, peak "
