@@ -38,3 +38,35 @@ def test_engine_tables_size_the_prefix_index_like_the_caches_and_take_overrides(
     )
     assert tables["cache"] == {"blocks_per_endpoint": blocks, "max_matches": 2}
     assert tables["routing"] == {"default_strategy": "random"}
+
+
+def test_numbers_do_not_depend_on_string_hash_randomisation(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.sim",
+                "--workloads=two_models",
+                "--strategies=,least_request",
+                "--scale=0.05",
+                "--jobs=1",
+                "--no-write",
+            ],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outputs.append([line for line in done.stdout.splitlines() if line.startswith("| ")])
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]) > 4
