@@ -271,21 +271,24 @@ def median(values: list[float]) -> float:
 
 class RankHeap:
     """The usable endpoints of one pool ordered by one key (smallest first), kept current
-    incrementally: every rescore of a member pushes a fresh entry, and entries whose key no longer
-    matches the endpoint's current key are dropped lazily when they reach the top. A decision then
-    costs O(log n) instead of a pass over every candidate."""
+    incrementally: every rescore of a member pushes a fresh entry, and entries that are not their
+    member's latest are dropped lazily when they reach the top. A decision then costs O(log n)
+    instead of a pass over every candidate. Among equal keys the member changed least recently
+    comes first, which rotates ties instead of always answering with the same endpoint."""
 
-    __slots__ = ("_heap", "_key", "_limit", "_members", "_seq", "alive")
+    __slots__ = ("_heap", "_key", "_latest", "_limit", "_members", "_seq", "alive")
 
     def __init__(
         self, members: Sequence[EndpointStats], key: Callable[[EndpointStats], Any]
     ) -> None:
         self._key = key
-        # Tie-break among equal keys: the member changed least recently first.
-        self._seq = 0
         self._members = members
         self._limit = 4 * len(members) + 64
         self.alive = True
+        # Each member's live entry, by sequence number (negative: from the initial build).
+        n = len(members)
+        self._latest: dict[EndpointStats, int] = {s: i - n for i, s in enumerate(members)}
+        self._seq = 0
         self._heap: list[tuple[Any, int, EndpointStats]] = []
         self._rebuild()
         for s in members:
@@ -293,39 +296,39 @@ class RankHeap:
 
     def _rebuild(self) -> None:
         key = self._key
-        # Each member's latest entry decides its place among equal keys.
-        latest: dict[EndpointStats, int] = {}
-        for entry in self._heap:
-            seq = latest.get(entry[2])
-            if seq is None or entry[1] > seq:
-                latest[entry[2]] = entry[1]
-        n = len(self._members)
-        heap = [(key(s), latest.get(s, i - n), s) for i, s in enumerate(self._members)]
+        latest = self._latest
+        heap = [(key(s), latest[s], s) for s in self._members]
         heapq.heapify(heap)
         self._heap = heap
 
     def push(self, s: EndpointStats) -> None:
         self._seq += 1
+        self._latest[s] = self._seq
         heapq.heappush(self._heap, (self._key(s), self._seq, s))
         if len(self._heap) > self._limit:
             self._rebuild()
 
-    def best(self, count: int) -> list[EndpointStats]:
-        """Up to `count` distinct members, best first (their current keys ascending)."""
+    def first(self) -> EndpointStats:
+        """The best member."""
         heap = self._heap
-        key = self._key
+        latest = self._latest
+        while True:
+            entry = heap[0]
+            if latest[entry[2]] == entry[1]:
+                return entry[2]
+            heapq.heappop(heap)
+
+    def best(self, count: int) -> list[EndpointStats]:
+        """Up to `count` distinct members, best first."""
+        heap = self._heap
+        latest = self._latest
         pop = heapq.heappop
         out: list[EndpointStats] = []
         kept: list[tuple[Any, int, EndpointStats]] = []
         while heap and len(out) < count:
-            entry = heap[0]
-            s = entry[2]
-            if entry[0] != key(s):
-                pop(heap)
-                continue
-            pop(heap)
-            if s not in out:
-                out.append(s)
+            entry = pop(heap)
+            if latest[entry[2]] == entry[1]:
+                out.append(entry[2])
                 kept.append(entry)
         for entry in kept:
             heapq.heappush(heap, entry)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_float
@@ -60,7 +60,10 @@ def cache_credits(
     total = min(len(hashes), ctx.index.max_blocks)
     members = members_of(ctx)
     if min_load is None:
-        min_load = best_by(ctx, "load", load_key, 1)[0].load
+        if ctx.filtered:
+            min_load = min(s.load for s in ctx.items)
+        else:
+            min_load = ctx.pool.heap("load", load_key).first().load
     limit = min_load + gap
     credits: dict[EndpointStats, float] = {}
     for endpoint_id, depth in matches.items():
@@ -91,8 +94,8 @@ def best_with_credit(
     totals: dict[EndpointStats, float] = {s: value(s) for s in top}
     for s, credit in credits.items():
         totals[s] = value(s) + weight * credit
-    ranked = sorted(((t, s) for s, t in totals.items()), key=lambda p: -p[0])
-    return ranked[: ctx.count]
+    ranked = sorted(totals.items(), key=itemgetter(1), reverse=True)
+    return [(t, s) for s, t in ranked[: ctx.count]]
 
 
 class Composite:

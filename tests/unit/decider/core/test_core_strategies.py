@@ -451,3 +451,15 @@ def test_composite_spreads_load_without_outcomes():
         decided(engine.decide(request(), now=clock.now)).endpoint.id for _ in range(400)
     )
     assert counts == {i: 100 for i in ids}
+
+
+@pytest.mark.parametrize("strategy", ["least_request", "cost", "quota_aware", "cache_aware"])
+def test_ties_rotate_instead_of_always_picking_the_same_endpoint(strategy):
+    ids = ("a", "b", "c")
+    engine, clock = make(endpoints(ids), {"routing": {"least_request": {"full_scan": True}}})
+    counts = Counter()
+    for _ in range(300):
+        d = decided(engine.decide(request(strategy=strategy), now=clock.now))
+        counts[d.endpoint.id] += 1
+        succeed(engine, d, clock.now)
+    assert counts == {"a": 100, "b": 100, "c": 100}

@@ -1,0 +1,76 @@
+"""Per-endpoint stats: factor scores and the incremental rank heaps."""
+
+from __future__ import annotations
+
+import random
+
+from fakes import endpoint
+
+from decider.core.model import HealthStatus, LoadReport
+from decider.core.stats import EndpointStats, FactorWeights, RankHeap, Scorer
+
+
+def stats(n):
+    return [EndpointStats(endpoint(f"e{i}"), health=HealthStatus.HEALTHY) for i in range(n)]
+
+
+def scorer():
+    return Scorer(FactorWeights(), load_reference=4.0, max_report_age_s=10.0, ttft_weight=1.0)
+
+
+def test_rank_heap_follows_every_rescore():
+    rng = random.Random(3)
+    members = stats(50)
+    sc = scorer()
+    for s in members:
+        sc.rescore(s, 0.0)
+    heap = RankHeap(members, lambda s: s.load)
+    for step in range(2000):
+        s = rng.choice(members)
+        s.in_flight = max(0, s.in_flight + rng.choice((-1, 1, 1)))
+        sc.rescore(s, float(step))
+        expected = sorted(s.load for s in members)[:3]
+        assert [s.load for s in heap.best(3)] == expected
+        assert heap.first().load == expected[0]
+
+
+def test_rank_heap_breaks_ties_by_least_recently_changed():
+    members = stats(3)
+    sc = scorer()
+    heap = RankHeap(members, lambda s: s.load)
+    order = []
+    for _ in range(6):
+        s = heap.first()
+        order.append(s.id)
+        s.in_flight += 1
+        sc.rescore(s, 0.0)
+        s.in_flight -= 1
+        sc.rescore(s, 0.0)  # back to the same load, but changed last: behind the others
+    assert order == ["e0", "e1", "e2", "e0", "e1", "e2"]
+
+
+def test_closed_heaps_stop_receiving_entries():
+    members = stats(2)
+    sc = scorer()
+    heap = RankHeap(members, lambda s: s.load)
+    heap.close()
+    sc.rescore(members[0], 0.0)
+    assert members[0].heaps == []
+
+
+def test_load_score_counts_reported_queue_and_recent_picks():
+    (s,) = stats(1)
+    sc = scorer()
+    sc.rescore(s, 0.0)
+    assert s.load_score == 1.0
+    s.load_report, s.load_at = LoadReport(queue_depth=4), 0.0
+    sc.rescore(s, 1.0)
+    assert s.load == 4
+    assert s.load_score == 0.5
+    sc.rescore(s, 20.0)  # the report is stale
+    assert s.load == 0
+
+
+def test_factor_weights_total():
+    assert FactorWeights().total == 1.1
+    assert FactorWeights(load=1, latency=0, cache=0, quota=0, health=0, cost=0).total == 1
