@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from decider import config
@@ -142,3 +145,10 @@ def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError) as err:
         config.load(tmp_path / "absent.toml")
     assert "absent.toml: cannot read config" in str(err.value)
+
+
+def test_the_example_demo_config_is_the_embedded_one():
+    root = Path(__file__).resolve().parents[3]
+    embedded = config.load(root / "src/decider/defaults/demo.toml")
+    example = config.load(root / "examples/demo.toml")
+    assert replace(embedded, source="") == replace(example, source="")
