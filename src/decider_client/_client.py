@@ -516,5 +516,8 @@ class DeciderClient:
                     self._apply(resp)
             except grpc.aio.AioRpcError as err:
                 log.debug("decider_client: health stream ended: %s", err.code().name)
+            except Exception:
+                # The view must outlive a bad message; the next stream starts with a snapshot.
+                log.exception("decider_client: health stream failed")
             backoff_s = 0.1 if got else min(backoff_s * 2, 5.0)
             await asyncio.sleep(backoff_s)
