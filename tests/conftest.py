@@ -9,7 +9,7 @@ event loop and hands back aio stubs instead.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,10 @@ def make_settings(
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Running]:
-    server = DeciderServer(settings)
+async def running(
+    settings: Settings, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> AsyncIterator[Running]:
+    server = DeciderServer(settings, interceptors=interceptors)
     port = await server.start()
     address = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(address)
@@ -70,7 +72,12 @@ StartServer = Callable[..., contextlib.AbstractAsyncContextManager[Running]]
 def start_server(tmp_path: Path) -> StartServer:
     """`async with start_server(doc, **server_settings) as srv:` runs a server for the block."""
 
-    def start(doc: Mapping[str, Any] | None = None, **server: Any) -> Any:
-        return running(make_settings(tmp_path / "data", doc, **server))
+    def start(
+        doc: Mapping[str, Any] | None = None,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        **server: Any,
+    ) -> Any:
+        return running(make_settings(tmp_path / "data", doc, **server), interceptors=interceptors)
 
     return start
