@@ -4,11 +4,13 @@
 
 On one server, alternating round by round: grpc.health.v1.Health/Check (the transport floor of
 the same stack) and Decide (100 endpoints, composite strategy, sessions and prefix hashes so
-session and cache affinity are exercised), each under concurrent load and serially. Then
+session and cache affinity are exercised), each under concurrent load and serially, from ghz
+and, when it is installed, from h2load (a lighter client). Then a streaming Decide cost probe,
 ReportOutcome throughput, 1000 concurrent HTTP/2 connections doing Decide with the server's RSS
-sampled, and the same Check/Decide pair on each server architecture (bench/grpc/launch.py).
-Every ghz run uses a fixed request count (not a duration, which cuts calls off mid-flight) and
-must come back all grpc-status 0.
+and connections sampled, and the same calls on each server architecture (launch.py).
+Before the load, 20 requests go through the gateway flow with decider_client (Decide, a failing
+attempt, a fallback, ReportOutcome) on the same server. Every ghz run uses a fixed request
+count (not a duration, which cuts calls off mid-flight) and must come back all grpc-status 0.
 
 Writes bench/results/grpc_load.json, docs/img/grpc_latency.png and the "gRPC load" section of
 docs/BENCHMARKS.md (between its markers; the other sections are left alone).
@@ -17,6 +19,7 @@ docs/BENCHMARKS.md (between its markers; the other sections are left alone).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -495,6 +498,9 @@ def main_run(
     res.machine["pinned"] = pin
     with server(args.arch, config, cpus="0" if pin else None) as srv:
         res.rss_idle_mb = srv.rss_mb()
+        problem = asyncio.run(gateway_flow(srv.addr))
+        if problem:
+            res.failures.append(f"gateway flow through decider_client: {problem}")
         # Warm up and size the phases so each takes about args.seconds on this machine.
         n_check = calls_for(ghz, srv, CHECK, CHECK_DATA, c=c, conns=conns, seconds=args.seconds)
         n_decide = calls_for(ghz, srv, DECIDE, DECIDE_DATA, c=c, conns=conns, seconds=args.seconds)
@@ -584,6 +590,33 @@ def stream_cost(h2load: H2load, srv: Server, args: argparse.Namespace, res: Resu
         "stream_decisions_per_s": stream.rps * k,
     }
     print(f"stream: {res.stream}", flush=True)
+
+
+async def gateway_flow(addr: str) -> str:
+    """Before any load, the whole gateway flow through decider_client: route 20 requests
+    whose first endpoint fails, report every outcome, and check nothing went wrong."""
+    from decider.v1 import decider_service_pb2 as dpb
+    from decider.v1 import endpoint_pb2 as epb
+    from decider_client import Attempt, DeciderClient
+
+    tries: list[str] = []
+
+    async def attempt(ep: epb.Endpoint) -> Attempt:
+        tries.append(ep.id)
+        if len(tries) == 1:
+            return Attempt(result=dpb.RESULT_ERROR, error="scripted failure")
+        return Attempt(result=dpb.RESULT_SUCCESS, input_tokens=800, output_tokens=120)
+
+    async with DeciderClient(addr, decide_timeout_s=5) as client:
+        for i in range(20):
+            tries.clear()
+            routed = await client.route(decide_msg(i), attempt)
+            if not routed.decision_id or len(set(routed.tried)) != 2:
+                return f"request {i}: {routed}"
+        await client.flush()
+        if client.stats.failed_reports or client.stats.dropped_reports:
+            return f"reports failed: {client.stats}"
+    return ""
 
 
 def _brief(runs: dict[str, Run]) -> str:
@@ -805,7 +838,9 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
     lines += [
         "",
         "Every ghz run is checked for grpc-status 0 on every call: "
-        + ("all OK." if not res.failures else "see the failures below."),
+        + ("all OK." if not res.failures else "see the failures below.")
+        + " Before the load, 20 requests go through the whole gateway flow with decider_client "
+        "(the first endpoint fails, a fallback answers, every outcome is reported).",
         "",
         f"- **ReportOutcome**: {ro.rps:.0f} requests/s, p50 {ro.p50_ms:.2f} ms, "
         f"p99 {ro.p99_ms:.2f} ms, {ro.server_cpu_us:.0f} us server CPU per call.",
