@@ -115,6 +115,30 @@ def check_targets(results: Sequence[RunResult], default_strategy: str) -> list[T
     return targets
 
 
+def findings(results: Sequence[RunResult], default_strategy: str) -> list[str]:
+    """One line per workload: the default against round_robin and the best strategy."""
+    lines = []
+    for name, runs in by_workload(results).items():
+        default = next((r for r in runs if r.strategy == ""), None)
+        rr = next((r for r in runs if r.strategy == "round_robin"), None)
+        if default is None:
+            continue
+        best = min(runs, key=lambda r: r.ttft_p90_s)
+        line = (
+            f"- **{name}**: the default's TTFT p90 is {_s(default.ttft_p90_s)} s "
+            f"(best: {label(best.strategy, default_strategy)}, {_s(best.ttft_p90_s)} s)"
+        )
+        if rr is not None:
+            line += (
+                f"; against round_robin: TTFT p90 {_s(rr.ttft_p90_s)} s, p99 "
+                f"{_s(default.ttft_p99_s)} s vs {_s(rr.ttft_p99_s)} s, output "
+                f"{default.output_tokens_per_s:.0f} vs {rr.output_tokens_per_s:.0f} tok/s, "
+                f"cache hit {default.cache_hit_rate:.0%} vs {rr.cache_hit_rate:.0%}"
+            )
+        lines.append(line + ".")
+    return lines
+
+
 def _params(obj: object) -> str:
     return ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields(obj))  # type: ignore[arg-type]
 
@@ -144,6 +168,8 @@ def markdown(
         "| target | met | numbers |\n| --- | --- | --- |\n"
         + "\n".join(f"| {t.name} | {'yes' if t.met else 'NO'} | {t.detail} |" for t in targets)
         + "\n",
+        "## In short\n",
+        "\n".join(findings(results, default_strategy)) + "\n",
         "## Results\n",
     ]
     if with_plots:
@@ -196,6 +222,16 @@ def markdown(
         "in-flight (queued + running) over the time average of the mean, across live "
         "endpoints of a model, worst model; failed = never completed; to dead = attempts "
         "sent to a dead endpoint (after the prober reported it UNHEALTHY).\n",
+        "## Running it\n",
+        "`make sim` runs the whole sweep (every workload under every strategy listed, on two "
+        "processes; a minute or two on two cores) and rewrites this file and "
+        "docs/img/sim_*.png. `python -m bench.sim --help` lists the options: `--seed`, "
+        "`--scale` (multiplies every arrival window; 0.2 for a quick look), `--workloads`, "
+        "`--strategies` (an empty name is the configured default), `--engine-config FILE` "
+        "(a TOML file whose engine tables override the defaults, to try weights or "
+        "thresholds), `--jobs` and `--no-write` (print only). Runs share nothing and read no "
+        "clock, and nothing depends on string hash order, so the numbers are the same for "
+        "the same seed, engine and Python on any machine.\n",
         "## Parameters\n",
         f"- servers: {_params(server)}",
         f"- prober: {_params(ProberParams.from_probe_settings())}",
