@@ -12,6 +12,7 @@ from decider.api import convert, validate
 from decider.api.errors import abort, map_errors, status_for_refusal, unary
 from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
 from decider.core.model import Refusal, Result
+from decider.telemetry import Rpc, Tracing, traced, traced_stream
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.watch import WatchHub
@@ -28,6 +29,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         clock: Clock = time.monotonic,
         on_failure: Callable[[str], None] | None = None,
         observer: Observer | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._engine = engine
         self._hub = hub
@@ -35,7 +37,10 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         # Called with the endpoint id when an outcome reports ERROR or TIMEOUT (prober.probe_soon).
         self._on_failure = on_failure
         self._observer: Observer = observer or NullObserver()
+        # Read by @traced: one server span per call, continuing the caller's W3C trace.
+        self.tracing = tracing or Tracing.disabled()
 
+    @traced(Rpc.DECIDE)
     @unary
     async def Decide(self, request: dpb.DecideRequest, context: Context) -> dpb.DecideResponse:
         validate.decide_request(request)
@@ -48,6 +53,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         else:
             return convert.decision_to_proto(result)
 
+    @traced(Rpc.REPORT_OUTCOME)
     @unary
     async def ReportOutcome(
         self, request: dpb.ReportOutcomeRequest, context: Context
@@ -60,6 +66,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
             self._on_failure(outcome.endpoint_id)
         return dpb.ReportOutcomeResponse(decision_found=found)
 
+    @traced_stream(Rpc.WATCH_HEALTH)
     async def WatchHealth(
         self, request: dpb.WatchHealthRequest, context: Context
     ) -> AsyncIterator[dpb.WatchHealthResponse]:

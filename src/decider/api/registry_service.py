@@ -6,12 +6,15 @@ import time
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from decider.api import convert, validate
 from decider.api.errors import unary
 from decider.api.ports import Clock, DecisionEngine
+from decider.logs import log_registry_change
 from decider.probe_reports import ProbeReports
 from decider.registry import Registry, validated
+from decider.telemetry import Rpc, Tracing, annotate_endpoint, traced
 from decider.v1 import registry_service_pb2 as rpb
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 
@@ -26,40 +29,52 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         *,
         clock: Clock = time.monotonic,
         reports: ProbeReports | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._registry = registry
         self._engine = engine
         self._clock = clock
         self._reports = reports or ProbeReports()
+        # Read by @traced: one server span per admin call.
+        self.tracing = tracing or Tracing.disabled()
 
+    @traced(Rpc.REGISTER_ENDPOINT)
     @unary
     async def RegisterEndpoint(
         self, request: rpb.RegisterEndpointRequest, context: Context
     ) -> rpb.RegisterEndpointResponse:
         validate.register_endpoint_request(request)
         endpoint = validated(convert.endpoint_from_proto(request.endpoint), prefix="endpoint.")
+        annotate_endpoint(trace.get_current_span(), endpoint.id, model=endpoint.model)
         created = self._registry.register(endpoint)
         stored = self._registry.get(endpoint.id) or endpoint
+        log_registry_change("registered" if created else "updated", stored)
         return rpb.RegisterEndpointResponse(
             endpoint=convert.endpoint_to_proto(stored), created=created
         )
 
+    @traced(Rpc.DEREGISTER_ENDPOINT)
     @unary
     async def DeregisterEndpoint(
         self, request: rpb.DeregisterEndpointRequest, context: Context
     ) -> rpb.DeregisterEndpointResponse:
         validate.deregister_endpoint_request(request)
+        annotate_endpoint(trace.get_current_span(), request.endpoint_id)
         self._registry.deregister(request.endpoint_id)
+        log_registry_change("deregistered", request.endpoint_id)
         return rpb.DeregisterEndpointResponse()
 
+    @traced(Rpc.LIST_ENDPOINTS)
     @unary
     async def ListEndpoints(
         self, request: rpb.ListEndpointsRequest, context: Context
     ) -> rpb.ListEndpointsResponse:
         validate.list_endpoints_request(request)
+        annotate_endpoint(trace.get_current_span(), "", model=request.model)
         states = self._engine.endpoint_states(model=request.model, now=self._clock())
         return convert.list_response(sorted(states, key=lambda s: s.endpoint.id))
 
+    @traced(Rpc.REPORT_PROBE_RESULTS)
     @unary
     async def ReportProbeResults(
         self, request: rpb.ReportProbeResultsRequest, context: Context
