@@ -6,8 +6,8 @@
 1. Detection: real backends on 127.0.0.1 are made to fail (killed, hung, answering 503) at
    random moments of their probe cycle; we time the UNHEALTHY verdict, with the default
    settings and with `liveness = "http"`.
-2. Cost at N endpoints (default 1000): the listeners run in a child process so that only the
-   prober's CPU is measured; N endpoint entries share a few listeners (all 127.0.0.1). For each
+2. Cost at N endpoints (default 1000): the listeners (default one per endpoint, all on
+   127.0.0.1) run in a child process so that only the prober's CPU is measured. For each
    liveness mode we report CPU% of one core over a steady window, event-loop lag, and the wall
    and CPU time of one liveness round over all N. A variant with one sleeping task per endpoint
    (instead of the prober's single timer heap) is measured for comparison.
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import multiprocessing
 import multiprocessing.connection
+import os
 import random
 import statistics
 import sys
@@ -170,17 +171,24 @@ async def steady_cost(variant: str, ports: list[int], n: int, seconds: float) ->
             asyncio.create_task(per_endpoint(int(e.address.rsplit(":", 1)[1]))) for e in endpoints
         ]
     else:
-        liveness = {"heap-connect": "connect", "heap-http": "http", "heap-off": "off"}[variant]
+        liveness = {
+            "heap-connect": "connect",
+            "heap-connect-only": "connect",
+            "heap-http": "http",
+            "heap-off": "off",
+        }[variant]
+        # heap-connect-only: liveness alone (full checks an hour apart), to set against "tasks".
+        interval_s = 3600.0 if variant == "heap-connect-only" else 30.0
         prober = Prober(
-            ProbeSettings(liveness=liveness),
+            ProbeSettings(liveness=liveness, interval_s=interval_s),
             sink,
             connect=counting_connect,
             transport=CountingTransport(counter),
         )
         prober.set_endpoints(endpoints)
         tasks = [asyncio.create_task(prober.run())]
-    # Let the first checks (spread over ~2 s) settle before measuring.
-    await asyncio.sleep(4)
+    # Let the first checks (spread over 5 s) settle before measuring.
+    await asyncio.sleep(8)
     stop = asyncio.Event()
     lags: list[float] = []
     lag_task = asyncio.create_task(loop_lag(stop, lags))
@@ -213,7 +221,7 @@ class CountingTransport(httpx.AsyncBaseTransport):
     def __init__(self, counter: list[int]) -> None:
         self._counter = counter
         self._inner = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=0)
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -239,14 +247,19 @@ async def one_round(ports: list[int], n: int) -> tuple[float, float]:
 
 
 async def one_http_round(ports: list[int], n: int) -> tuple[float, float]:
-    async with httpx.AsyncClient(
-        trust_env=False, limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    ) as client:
+    """The same round as HTTP GETs, with the prober's client settings (32 at once, no
+    keep-alive)."""
+    slots = asyncio.Semaphore(ProbeSettings().max_concurrent_http)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(trust_env=False, limits=limits) as client:
         urls = [f"http://127.0.0.1:{ports[i % len(ports)]}/health" for i in range(n)]
-        # Warm the pool: steady state reuses keep-alive connections.
-        await asyncio.gather(*(client.get(u) for u in urls[: len(ports)]))
+
+        async def get(url: str) -> None:
+            async with slots:
+                await client.get(url, timeout=5.0)
+
         cpu0, wall0 = time.process_time(), time.monotonic()
-        await asyncio.gather(*(client.get(u, timeout=2.0) for u in urls), return_exceptions=True)
+        await asyncio.gather(*(get(u) for u in urls), return_exceptions=True)
         cpu1, wall1 = time.process_time(), time.monotonic()
     return wall1 - wall0, cpu1 - cpu0
 
@@ -264,6 +277,7 @@ def stats_line(d: Detection) -> str:
 
 async def main_async(args: argparse.Namespace) -> None:
     print(f"# bench_detection  (python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')})")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if not args.skip_detection:
         print("\n## Detection time, failure -> UNHEALTHY verdict (seconds)\n")
         print("| failure | liveness | trials | median | p90 | max | missed |")
@@ -282,10 +296,13 @@ async def main_async(args: argparse.Namespace) -> None:
     proc.start()
     ports: list[int] = parent.recv()
     try:
-        print(f"\n## One liveness round over {n} endpoints ({len(ports)} listeners)\n")
+        print(f"\n## One round over {n} endpoints ({len(ports)} listeners)\n")
         print("| check | wall ms | prober CPU ms | CPU us per check |")
         print("| --- | --- | --- | --- |")
-        for name, fn in (("tcp connect+reset", one_round), ("http GET (pooled)", one_http_round)):
+        for name, fn in (
+            ("tcp connect+reset", one_round),
+            ("http GET (32 at once)", one_http_round),
+        ):
             walls, cpus = [], []
             for _ in range(3):
                 wall, cpu = await fn(ports, n)
@@ -298,7 +315,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"\n## Steady state at {n} endpoints, {args.seconds:g} s window\n")
         print("| variant | checks/s | CPU % of one core | loop lag p50 ms | p99 ms | max ms |")
         print("| --- | --- | --- | --- | --- | --- |")
-        for variant in ("heap-off", "heap-connect", "tasks", "heap-http"):
+        for variant in args.variants.split(",") * args.repeat:
             c = await steady_cost(variant, ports, n, args.seconds)
             print(
                 f"| {variant} | {c.checks_per_s:.0f} | {c.cpu_pct:.1f} | {c.lag_p50_ms:.2f} "
@@ -313,11 +330,18 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--endpoints", type=int, default=1000)
-    parser.add_argument("--listeners", type=int, default=10)
+    parser.add_argument("--listeners", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--quick", action="store_true", help="5 trials, 8 s windows")
     parser.add_argument("--skip-detection", action="store_true")
+    parser.add_argument("--skip-round", action="store_true")
+    parser.add_argument(
+        "--variants",
+        default="heap-off,heap-connect,heap-connect-only,tasks,heap-http",
+        help="steady-state variants, comma-separated",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="run the variant list this often")
     args = parser.parse_args()
     if args.quick:
         args.trials, args.seconds = 5, 8.0
