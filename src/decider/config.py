@@ -18,6 +18,7 @@ from typing import Any
 from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
 from decider.errors import ConfigError
+from decider.metrics import parse_listen
 from decider.registry import SOURCE_CONFIG, check_endpoint
 from probe import ProbeSettings
 
@@ -46,6 +47,10 @@ class ServerSettings:
     # Engine housekeeping period (in-flight expiry, breaker half-open, session expiry).
     tick_interval_ms: int = 100
     log_level: str = "INFO"
+    # HOST:PORT of the Prometheus /metrics endpoint; empty serves none.
+    metrics_listen: str = ""
+    # One log line per Decide (off: gateways call Decide for every request).
+    log_decisions: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +82,8 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "watch_queue_size": _Key(int, 1, 1_000_000),
     "tick_interval_ms": _Key(int, 1, 60_000),
     "log_level": _Key(str, choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    "metrics_listen": _Key(str),
+    "log_decisions": _Key(bool),
 }
 assert set(_SERVER_KEYS) == {f.name for f in fields(ServerSettings)}
 
@@ -119,6 +126,7 @@ def load(
         if raw is not None:
             where = f"environment {ENV_PREFIX}{key.upper()}"
             server = replace(server, **{key: _coerce_text(raw, spec, where)})
+            _check_metrics_listen(server, key, where)
     for key, value in (flags or {}).items():
         if value is None:
             continue
@@ -126,6 +134,7 @@ def load(
             raise ConfigError(f"flag --{key.replace('_', '-')}: not a server setting")
         where = f"flag --{key.replace('_', '-')}"
         server = replace(server, **{key: _check(value, _SERVER_KEYS[key], where)})
+        _check_metrics_listen(server, key, where)
     _check_listen(server.listen, "listen")
     return replace(settings, server=server)
 
@@ -176,7 +185,14 @@ def _parse_server(value: Any) -> ServerSettings:
         out[key] = _check(raw, spec, f"server.{key}")
     if "listen" in out:
         _check_listen(out["listen"], "server.listen")
+    if out.get("metrics_listen"):
+        parse_listen(out["metrics_listen"], name="server.metrics_listen")
     return ServerSettings(**out)
+
+
+def _check_metrics_listen(server: ServerSettings, key: str, where: str) -> None:
+    if key == "metrics_listen" and server.metrics_listen:
+        parse_listen(server.metrics_listen, name=where)
 
 
 def _check_listen(listen: str, where: str) -> None:
@@ -188,6 +204,10 @@ def _check_listen(listen: str, where: str) -> None:
 def _check(value: Any, spec: _Key, where: str, *, shown: str = "") -> Any:
     """The value, checked against `spec`; errors show `shown` (the raw text) when given."""
     shown = shown or _show(value)
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {shown}, must be true or false")
+        return value
     if spec.kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {shown}, must be a string")
@@ -212,6 +232,8 @@ def _check(value: Any, spec: _Key, where: str, *, shown: str = "") -> Any:
 
 def _coerce_text(raw: str, spec: _Key, where: str) -> Any:
     value: Any = raw
+    if spec.kind is bool:
+        value = {"true": True, "1": True, "false": False, "0": False}.get(raw.strip().lower(), raw)
     try:
         if spec.kind is int:
             value = int(raw)

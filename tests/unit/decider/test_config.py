@@ -152,3 +152,30 @@ def test_the_example_demo_config_is_the_embedded_one():
     embedded = config.load(root / "src/decider/defaults/demo.toml")
     example = config.load(root / "examples/demo.toml")
     assert replace(embedded, source="") == replace(example, source="")
+
+
+def test_metrics_listen_and_log_decisions_from_file_env_and_flags(tmp_path):
+    path = _write(tmp_path, "[server]\nmetrics_listen = ':9464'\nlog_decisions = true\n")
+    assert config.load(path).server.metrics_listen == ":9464"
+    assert config.load(path).server.log_decisions is True
+    env = {"DECIDER_METRICS_LISTEN": "127.0.0.1:0", "DECIDER_LOG_DECISIONS": "false"}
+    server = config.load(path, env=env).server
+    assert (server.metrics_listen, server.log_decisions) == ("127.0.0.1:0", False)
+    flags = {"metrics_listen": "[::1]:9000", "log_decisions": True}
+    server = config.load(path, env=env, flags=flags).server
+    assert (server.metrics_listen, server.log_decisions) == ("[::1]:9000", True)
+    assert config.load(None).server.metrics_listen == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[server]\nmetrics_listen = 'nowhere'\n", {}, "server.metrics_listen: 'nowhere'"),
+        ("[server]\nlog_decisions = 'yes'\n", {}, "server.log_decisions: 'yes', must be true"),
+        ("", {"DECIDER_METRICS_LISTEN": "9464"}, "environment DECIDER_METRICS_LISTEN: '9464'"),
+        ("", {"DECIDER_LOG_DECISIONS": "maybe"}, "environment DECIDER_LOG_DECISIONS: 'maybe'"),
+    ],
+)
+def test_observability_setting_errors_name_where(tmp_path, text, env, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(_write(tmp_path, text), env=env)
