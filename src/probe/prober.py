@@ -79,12 +79,18 @@ class Prober:
         transport: httpx.AsyncBaseTransport | None = None,
         connect: Connector | None = None,
         rng: random.Random | None = None,
+        on_result: Callable[[ProbeResult], None] | None = None,
+        on_scrape_error: Callable[[str, str], None] | None = None,
     ) -> None:
+        """`on_result` sees every completed check; `on_scrape_error(endpoint_id, reason)` a
+        load scrape that answered but could not be parsed (both for metrics; must not block)."""
         self._settings = settings
         self._sink = sink
         self._clock = clock
         self._connect = connect or tcp_connect
         self._rng = rng or random.Random()
+        self._on_result = on_result
+        self._on_scrape_error = on_scrape_error
         # trust_env=False: probes go straight to the endpoint, never through an HTTP proxy
         # picked up from the environment. HTTP checks share max_concurrent_http slots, taken
         # before a check's timeout starts, so waiting for a slot never counts as the
@@ -317,6 +323,8 @@ class Prober:
                 self._on_metrics(target, result, now)
             else:
                 self._on_health(target, result, now)
+            if result is not None and self._on_result is not None:
+                self._on_result(result)
         except Exception:
             log.exception(
                 "handling the %s result of endpoint %s failed", kind.value, target.endpoint.id
@@ -373,6 +381,8 @@ class Prober:
                 load = parse_load(result.body, target.endpoint.metrics_kind)
             except ValueError:
                 load = None
+                if self._on_scrape_error is not None:
+                    self._on_scrape_error(target.endpoint.id, "parse_error")
         if load is not None:
             target.load = load
             target.load_at = now
