@@ -61,7 +61,7 @@ def parse_load(text: str, kind: MetricsKind) -> LoadReport | None:
     wanted = {*names.waiting, *names.running, *names.kv_cache}
     sums: dict[str, float] = {}
     maxima: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_only(text, _prefixes(wanted))):
         for sample in family.samples:
             if sample.name not in wanted:
                 continue
@@ -77,6 +77,18 @@ def parse_load(text: str, kind: MetricsKind) -> LoadReport | None:
         running=_count(running),
         kv_cache_utilization=min(max(kv_cache or 0.0, 0.0), 1.0),
     )
+
+
+def _prefixes(wanted: set[str]) -> tuple[str, ...]:
+    return tuple(
+        sorted({*wanted, *(f"# TYPE {n}" for n in wanted), *(f"# HELP {n}" for n in wanted)})
+    )
+
+
+def _only(text: str, prefixes: tuple[str, ...]) -> str:
+    """The lines about the wanted gauges. A vLLM /metrics page is mostly histograms; handing
+    the parser only these few lines makes a scrape about a hundred times cheaper."""
+    return "\n".join(line for line in text.splitlines() if line.startswith(prefixes)) + "\n"
 
 
 def _first(candidates: tuple[str, ...], values: Mapping[str, float]) -> float | None:

@@ -118,3 +118,12 @@ def test_out_of_range_values_are_clamped():
 def test_garbage_raises_value_error():
     with pytest.raises(ValueError):
         parse_load("vllm:num_requests_waiting{ 3\n", MetricsKind.VLLM)
+
+
+def test_lines_about_other_metrics_are_not_parsed():
+    # Only the kind's own gauges reach the parser, so a malformed histogram line elsewhere on
+    # the page (or the cost of parsing hundreds of them) does not matter.
+    text = VLLM + "vllm:e2e_request_latency_seconds_bucket{le= broken\n"
+    assert parse_load(text, MetricsKind.VLLM) == LoadReport(
+        queue_depth=7, running=7, kv_cache_utilization=0.5
+    )
