@@ -7,7 +7,16 @@ from types import MappingProxyType
 from google.protobuf.duration_pb2 import Duration
 
 from decider.api import convert
-from decider.core.model import Endpoint, MetricsKind, Result
+from decider.core.model import (
+    BreakerState,
+    CandidateExplanation,
+    Decision,
+    Endpoint,
+    HealthStatus,
+    MetricsKind,
+    Result,
+    RetryAdvice,
+)
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 
@@ -69,3 +78,76 @@ def test_route_request_and_outcome():
 
 def test_durations():
     assert convert.duration_s(convert.to_duration(2.25)) == 2.25
+
+
+def _decision(endpoints: list[Endpoint], **fields: object) -> Decision:
+    values: dict[str, object] = {
+        "decision_id": "d-1",
+        "endpoint": endpoints[0],
+        "fallbacks": tuple(endpoints[1:]),
+        "strategy": "composite",
+        "reason": "least loaded",
+        "scores": MappingProxyType({"load": 1.0, "latency": 0.5}),
+        "retry": RetryAdvice(
+            max_attempts=3, initial_backoff_s=0.1, max_backoff_s=1.5, backoff_multiplier=2.0
+        ),
+        "affinity_hit": True,
+        "candidate_count": 7,
+        "skipped": MappingProxyType({"unhealthy": 2}),
+    }
+    values.update(fields)
+    return Decision(**values)  # type: ignore[arg-type]
+
+
+def _endpoint(i: int, **fields: object) -> Endpoint:
+    values: dict[str, object] = {
+        "id": f"ep-{i}",
+        "address": f"h:{i}",
+        "model": "m",
+        "labels": MappingProxyType({"zone": "x"}),
+        "probe_headers": MappingProxyType({"authorization": "secret"}),
+        "capabilities": frozenset({"tools"}),
+    }
+    values.update(fields)
+    return Endpoint(**values)  # type: ignore[arg-type]
+
+
+def test_decision_encoder_matches_decision_to_proto():
+    encoder = convert.DecisionEncoder()
+    endpoints = [_endpoint(i) for i in range(4)]
+    for order in (endpoints, endpoints[::-1], endpoints[1:3]):
+        decision = _decision(order)
+        encoded = encoder.decide_response(decision)
+        assert encoded == convert.decision_to_proto(decision)
+        assert [e.id for e in encoded.fallbacks] == [e.id for e in order[1:]]
+    assert encoded.endpoint.probe_headers["authorization"] == convert.REDACTED
+
+
+def test_decision_encoder_explain_mode_keeps_candidates():
+    explanation = CandidateExplanation(
+        endpoint_id="ep-0",
+        rank=1,
+        scores=MappingProxyType({"load": 1.0}),
+        skip_reason="",
+        health=HealthStatus.HEALTHY,
+        breaker_state=BreakerState.CLOSED,
+        in_flight=2,
+        total_score=0.9,
+    )
+    decision = _decision([_endpoint(0)], candidates=(explanation,))
+    encoded = convert.DecisionEncoder().decide_response(decision)
+    assert encoded == convert.decision_to_proto(decision)
+    assert encoded.candidates[0].endpoint_id == "ep-0"
+
+
+def test_decision_encoder_rebuilds_when_an_endpoint_changes():
+    encoder = convert.DecisionEncoder(max_entries=2)
+    before = _endpoint(0, address="old:1")
+    assert encoder.decide_response(_decision([before])).endpoint.address == "old:1"
+    # A new snapshot: same id, new value.
+    after = _endpoint(0, address="new:1")
+    assert encoder.decide_response(_decision([after])).endpoint.address == "new:1"
+    # Past max_entries the cache starts over instead of growing.
+    for i in range(1, 6):
+        decision = _decision([_endpoint(i), after])
+        assert encoder.decide_response(decision) == convert.decision_to_proto(decision)

@@ -98,3 +98,35 @@ def test_validate_collects_every_violation():
         "session_id",
         "exclude_endpoint_ids",
     ]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        dpb.DecideRequest(model="m" * 513),
+        dpb.DecideRequest(model="m", request_id="r" * 513),
+        dpb.DecideRequest(model="m", tenant="t" * 513),
+        dpb.DecideRequest(model="m", strategy="s" * 513),
+        dpb.DecideRequest(model="m", required_capabilities=["c" * 513]),
+        dpb.DecideRequest(model="m", required_capabilities=["c"] * 65),
+        dpb.DecideRequest(model="m", exclude_endpoint_ids=["e" * 513]),
+        dpb.DecideRequest(model="m", prefix_hashes=[1] * 8193),
+        dpb.DecideRequest(model="m", max_fallbacks=65),
+    ],
+)
+def test_validate_decide_fast_path_lets_no_bad_field_through(request_):
+    with pytest.raises(InvalidArgument):
+        validate.decide_request(request_)
+
+
+def test_validate_decide_accepts_requests_at_the_limits():
+    validate.decide_request(
+        dpb.DecideRequest(
+            model="m" * 512,
+            request_id="r" * 512,
+            required_capabilities=["c" * 512] * 64,
+            exclude_endpoint_ids=["e"] * 256,
+            prefix_hashes=[2**64 - 1] * 8192,
+            max_fallbacks=64,
+        )
+    )
