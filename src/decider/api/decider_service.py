@@ -39,6 +39,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         self._observer: Observer = observer or NullObserver()
         # Read by @traced: one server span per call, continuing the caller's W3C trace.
         self.tracing = tracing or Tracing.disabled()
+        self._encoder = convert.DecisionEncoder()
 
     @traced(Rpc.DECIDE)
     @unary
@@ -51,7 +52,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         if isinstance(result, Refusal):
             await abort(context, status_for_refusal(result))
         else:
-            return convert.decision_to_proto(result)
+            return self._encoder.decide_response(result)
 
     @traced(Rpc.REPORT_OUTCOME)
     @unary
