@@ -20,6 +20,7 @@ from decider import config
 from decider.config import Settings
 from decider.core.model import Endpoint
 from decider.server import serve
+from decider.telemetry import Tracing
 
 log = logging.getLogger("decider.demo")
 
@@ -139,10 +140,10 @@ async def start_stand_ins(endpoints: tuple[Endpoint, ...]) -> list[StandIn]:
     return started
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, *, tracing: Tracing | None = None) -> None:
     stand_ins = await start_stand_ins(settings.endpoints)
     try:
-        await serve(settings, on_ready=lambda server: _print_hint(server.port))
+        await serve(settings, on_ready=lambda server: _print_hint(server.port), tracing=tracing)
     finally:
         for stand_in in stand_ins:
             await stand_in.close()

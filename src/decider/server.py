@@ -31,8 +31,11 @@ from decider.config import Settings
 from decider.core.engine import Engine
 from decider.core.model import Endpoint, HealthEvent, HealthStatus
 from decider.errors import ConfigError
+from decider.logs import log_health_event
+from decider.metrics import Metrics, MetricsServer, parse_listen
 from decider.probe_reports import ProbeReports
 from decider.registry import EndpointStore, Registry
+from decider.telemetry import TelemetryObserver, Tracing
 from decider.v1 import decider_service_pb2, registry_service_pb2
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import registry_service_pb2_grpc as rgrpc
@@ -57,12 +60,22 @@ class DeciderServer:
         rng: random.Random | None = None,
         observer: Observer | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
+        metrics_listen: str | None = None,
     ) -> None:
         """`observer` and `interceptors` are the telemetry seams: the observer sees every
-        decision and outcome; the interceptors run after admission and the admin token."""
+        decision and outcome (default: spans, metrics and the decision log); the interceptors
+        run after admission and the admin token. `tracing` is shut down by stop();
+        `metrics_listen` (default `[server] metrics_listen`) serves `metrics` on /metrics."""
         self.settings = settings
         self._clock = clock
         srv = settings.server
+        self.tracing = tracing or Tracing.disabled()
+        self.metrics = metrics or Metrics()
+        listen_metrics = srv.metrics_listen if metrics_listen is None else metrics_listen
+        self._metrics_address = parse_listen(listen_metrics) if listen_metrics else None
+        self.metrics_server: MetricsServer | None = None
         store = EndpointStore(srv.data_dir) if srv.data_dir else None
         self.registry = Registry(settings.endpoints, store=store)
         self.hub = WatchHub(
@@ -71,11 +84,22 @@ class DeciderServer:
         self.engine = Engine(settings.engine, rng=rng or random.Random(), on_event=self._on_event)
         # [probe] embedded = false: a standalone decider-probe reports instead.
         self.prober = (
-            Prober(settings.probe, self.engine, clock=clock) if settings.probe.embedded else None
+            Prober(
+                settings.probe,
+                self.engine,
+                clock=clock,
+                on_result=self.metrics.record_probe_result,
+                on_scrape_error=self._on_scrape_error,
+            )
+            if settings.probe.embedded
+            else None
         )
         self.probe_reports = ProbeReports()
+        self._members: frozenset[str] = frozenset()
         self.registry.subscribe(self._on_membership)
         self._on_membership(self.registry.snapshot())
+        self.metrics.bind_endpoint_states(lambda: self.engine.endpoint_states(now=self._clock()))
+        self.metrics.bind_watcher_count(lambda: self.hub.watcher_count)
 
         self.admission = AdmissionInterceptor(max_concurrent=srv.max_concurrent_rpcs)
         chain: list[grpc.aio.ServerInterceptor] = [self.admission]
@@ -97,12 +121,19 @@ class DeciderServer:
                 self.hub,
                 clock=clock,
                 on_failure=self.prober.probe_soon if self.prober is not None else None,
-                observer=observer,
+                observer=observer or TelemetryObserver(self.metrics),
+                tracing=self.tracing,
             ),
             self._server,
         )
         rgrpc.add_RegistryServiceServicer_to_server(
-            RegistryService(self.registry, self.engine, clock=clock, reports=self.probe_reports),
+            RegistryService(
+                self.registry,
+                self.engine,
+                clock=clock,
+                reports=self.probe_reports,
+                tracing=self.tracing,
+            ),
             self._server,
         )
         self.health = health_aio.HealthServicer()
@@ -134,6 +165,17 @@ class DeciderServer:
         self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]
         if self.prober is not None:
             self._tasks.append(asyncio.create_task(self.prober.run(), name="decider-prober"))
+        if self._metrics_address is not None:
+            host, port = self._metrics_address
+            self.metrics_server = MetricsServer(self.metrics, host=host, port=port)
+            try:
+                bound = await self.metrics_server.start()
+            except OSError as exc:
+                self.metrics_server = None
+                raise ConfigError(
+                    f"metrics_listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from exc
+            log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
         log.info("decider serving on %s (port %d)", listen, self.port)
         return self.port
 
@@ -155,7 +197,11 @@ class DeciderServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         self.registry.close()
+        # Flushes spans still queued; the exporter blocks, so off the event loop.
+        await asyncio.to_thread(self.tracing.shutdown)
         log.info("decider stopped")
 
     def stop_now(self) -> None:
@@ -171,10 +217,18 @@ class DeciderServer:
         if self.prober is not None:
             self.prober.set_endpoints(endpoints)
         self.probe_reports.retain({e.id for e in endpoints})
+        members = frozenset(e.id for e in endpoints)
+        for gone in self._members - members:
+            self.metrics.forget_endpoint(gone)
+        self._members = members
 
     def _on_event(self, event: HealthEvent) -> None:
-        # Called by the engine mid-method: only enqueue (watch.py never blocks).
+        # Called by the engine mid-method: only enqueue (watch.py never blocks) and log.
         self.hub.publish(event)
+        log_health_event(event)
+
+    def _on_scrape_error(self, endpoint_id: str, reason: str) -> None:
+        self.metrics.record_scrape_error(endpoint_id, reason=reason)
 
     def _health_snapshot(self, model: str) -> list[HealthEvent]:
         states = self.engine.endpoint_states(model=model, now=self._clock())
@@ -202,9 +256,10 @@ async def serve(
     on_ready: Callable[[DeciderServer], None] | None = None,
     observer: Observer | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tracing: Tracing | None = None,
 ) -> None:
     """Serves until `shutdown_trigger` returns; without one, until SIGTERM or SIGINT."""
-    server = DeciderServer(settings, observer=observer, interceptors=interceptors)
+    server = DeciderServer(settings, observer=observer, interceptors=interceptors, tracing=tracing)
     try:
         await server.start()
     except BaseException:
