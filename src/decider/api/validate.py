@@ -91,7 +91,7 @@ def report_outcome_request(r: dpb.ReportOutcomeRequest) -> None:
     v.string("decision_id", r.decision_id)
     v.string("endpoint_id", r.endpoint_id, required=True)
     if r.result == dpb.RESULT_UNSPECIFIED:
-        v.add("result", "required: SUCCESS, ERROR, TIMEOUT or RATE_LIMITED")
+        v.add("result", "required: SUCCESS, ERROR, TIMEOUT, RATE_LIMITED or CANCELLED")
     elif r.result not in dpb.Result.values():
         v.add("result", f"{r.result} is not a known Result")
     for name in ("latency", "time_to_first_token"):

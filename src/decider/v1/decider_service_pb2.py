@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from decider.v1 import endpoint_pb2 as decider_dot_v1_dot_endpoint__pb2
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n decider/v1/decider_service.proto\x12\ndecider.v1\x1a\x19\x64\x65\x63ider/v1/endpoint.proto\x1a\x1egoogle/protobuf/duration.proto\"\x84\x02\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x1d\n\x15required_capabilities\x18\x05 \x03(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x06 \x01(\r\x12\x15\n\rprefix_hashes\x18\x07 \x03(\x04\x12\x1c\n\x14\x65xclude_endpoint_ids\x18\x08 \x03(\t\x12\x10\n\x08strategy\x18\t \x01(\t\x12\x0f\n\x07\x65xplain\x18\n \x01(\x08\x12\x15\n\rmax_fallbacks\x18\x0b \x01(\r\"\xf6\x03\n\x0e\x44\x65\x63ideResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12&\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32\x14.decider.v1.Endpoint\x12\'\n\tfallbacks\x18\x03 \x03(\x0b\x32\x14.decider.v1.Endpoint\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x36\n\x06scores\x18\x06 \x03(\x0b\x32&.decider.v1.DecideResponse.ScoresEntry\x12&\n\x05retry\x18\x07 \x01(\x0b\x32\x17.decider.v1.RetryPolicy\x12\x14\n\x0c\x61\x66\x66inity_hit\x18\x08 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_count\x18\t \x01(\r\x12\x38\n\x07skipped\x18\n \x03(\x0b\x32\'.decider.v1.DecideResponse.SkippedEntry\x12\x34\n\ncandidates\x18\x0b \x03(\x0b\x32 .decider.v1.CandidateExplanation\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xa3\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x04 \x01(\x01\"\xbe\x02\n\x14\x43\x61ndidateExplanation\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12<\n\x06scores\x18\x03 \x03(\x0b\x32,.decider.v1.CandidateExplanation.ScoresEntry\x12\x13\n\x0bskip_reason\x18\x04 \x01(\t\x12(\n\x06health\x18\x05 \x01(\x0e\x32\x18.decider.v1.HealthStatus\x12/\n\rbreaker_state\x18\x06 \x01(\x0e\x32\x18.decider.v1.BreakerState\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x13\n\x0btotal_score\x18\x08 \x01(\x01\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9b\x02\n\x14ReportOutcomeRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\"\n\x06result\x18\x03 \x01(\x0e\x32\x12.decider.v1.Result\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\r\x12\x15\n\routput_tokens\x18\x06 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12$\n\x04load\x18\x08 \x01(\x0b\x32\x16.decider.v1.LoadReport\"/\n\x15ReportOutcomeResponse\x12\x16\n\x0e\x64\x65\x63ision_found\x18\x01 \x01(\x08\"#\n\x12WatchHealthRequest\x12\r\n\x05model\x18\x01 \x01(\t\"P\n\x13WatchHealthResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.decider.v1.HealthEvent\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\"\xad\x01\n\x0bHealthEvent\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.decider.v1.HealthStatus\x12/\n\rbreaker_state\x18\x03 \x01(\x0e\x32\x18.decider.v1.BreakerState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07removed\x18\x06 \x01(\x08*s\n\x06Result\x12\x16\n\x12RESULT_UNSPECIFIED\x10\x00\x12\x12\n\x0eRESULT_SUCCESS\x10\x01\x12\x10\n\x0cRESULT_ERROR\x10\x02\x12\x12\n\x0eRESULT_TIMEOUT\x10\x03\x12\x17\n\x13RESULT_RATE_LIMITED\x10\x04\x32\xf9\x01\n\x0e\x44\x65\x63iderService\x12?\n\x06\x44\x65\x63ide\x12\x19.decider.v1.DecideRequest\x1a\x1a.decider.v1.DecideResponse\x12T\n\rReportOutcome\x12 .decider.v1.ReportOutcomeRequest\x1a!.decider.v1.ReportOutcomeResponse\x12P\n\x0bWatchHealth\x12\x1e.decider.v1.WatchHealthRequest\x1a\x1f.decider.v1.WatchHealthResponse0\x01\x42\x44ZBgithub.com/decider-dev/decider/clients/go/gen/decider/v1;deciderv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n decider/v1/decider_service.proto\x12\ndecider.v1\x1a\x19\x64\x65\x63ider/v1/endpoint.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\x84\x02\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x1d\n\x15required_capabilities\x18\x05 \x03(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x06 \x01(\r\x12\x15\n\rprefix_hashes\x18\x07 \x03(\x04\x12\x1c\n\x14\x65xclude_endpoint_ids\x18\x08 \x03(\t\x12\x10\n\x08strategy\x18\t \x01(\t\x12\x0f\n\x07\x65xplain\x18\n \x01(\x08\x12\x15\n\rmax_fallbacks\x18\x0b \x01(\r\"\xf6\x03\n\x0e\x44\x65\x63ideResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12&\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32\x14.decider.v1.Endpoint\x12\'\n\tfallbacks\x18\x03 \x03(\x0b\x32\x14.decider.v1.Endpoint\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x36\n\x06scores\x18\x06 \x03(\x0b\x32&.decider.v1.DecideResponse.ScoresEntry\x12&\n\x05retry\x18\x07 \x01(\x0b\x32\x17.decider.v1.RetryPolicy\x12\x14\n\x0c\x61\x66\x66inity_hit\x18\x08 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_count\x18\t \x01(\r\x12\x38\n\x07skipped\x18\n \x03(\x0b\x32\'.decider.v1.DecideResponse.SkippedEntry\x12\x34\n\ncandidates\x18\x0b \x03(\x0b\x32 .decider.v1.CandidateExplanation\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"X\n\x13\x44\x65\x63ideStreamRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12)\n\x06\x64\x65\x63ide\x18\x02 \x01(\x0b\x32\x19.decider.v1.DecideRequest\"\x8b\x01\n\x14\x44\x65\x63ideStreamResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12,\n\x06\x64\x65\x63ide\x18\x02 \x01(\x0b\x32\x1a.decider.v1.DecideResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.decider.v1.StatusH\x00\x42\x08\n\x06result\"N\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\xa3\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x04 \x01(\x01\"\xbe\x02\n\x14\x43\x61ndidateExplanation\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12<\n\x06scores\x18\x03 \x03(\x0b\x32,.decider.v1.CandidateExplanation.ScoresEntry\x12\x13\n\x0bskip_reason\x18\x04 \x01(\t\x12(\n\x06health\x18\x05 \x01(\x0e\x32\x18.decider.v1.HealthStatus\x12/\n\rbreaker_state\x18\x06 \x01(\x0e\x32\x18.decider.v1.BreakerState\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x13\n\x0btotal_score\x18\x08 \x01(\x01\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9b\x02\n\x14ReportOutcomeRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\"\n\x06result\x18\x03 \x01(\x0e\x32\x12.decider.v1.Result\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\r\x12\x15\n\routput_tokens\x18\x06 \x01(\r\x12\x36\n\x13time_to_first_token\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12$\n\x04load\x18\x08 \x01(\x0b\x32\x16.decider.v1.LoadReport\"/\n\x15ReportOutcomeResponse\x12\x16\n\x0e\x64\x65\x63ision_found\x18\x01 \x01(\x08\"#\n\x12WatchHealthRequest\x12\r\n\x05model\x18\x01 \x01(\t\"P\n\x13WatchHealthResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.decider.v1.HealthEvent\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\"\xad\x01\n\x0bHealthEvent\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.decider.v1.HealthStatus\x12/\n\rbreaker_state\x18\x03 \x01(\x0e\x32\x18.decider.v1.BreakerState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07removed\x18\x06 \x01(\x08*\x89\x01\n\x06Result\x12\x16\n\x12RESULT_UNSPECIFIED\x10\x00\x12\x12\n\x0eRESULT_SUCCESS\x10\x01\x12\x10\n\x0cRESULT_ERROR\x10\x02\x12\x12\n\x0eRESULT_TIMEOUT\x10\x03\x12\x17\n\x13RESULT_RATE_LIMITED\x10\x04\x12\x14\n\x10RESULT_CANCELLED\x10\x05\x32\xd0\x02\n\x0e\x44\x65\x63iderService\x12?\n\x06\x44\x65\x63ide\x12\x19.decider.v1.DecideRequest\x1a\x1a.decider.v1.DecideResponse\x12T\n\rReportOutcome\x12 .decider.v1.ReportOutcomeRequest\x1a!.decider.v1.ReportOutcomeResponse\x12P\n\x0bWatchHealth\x12\x1e.decider.v1.WatchHealthRequest\x1a\x1f.decider.v1.WatchHealthResponse0\x01\x12U\n\x0c\x44\x65\x63ideStream\x12\x1f.decider.v1.DecideStreamRequest\x1a .decider.v1.DecideStreamResponse(\x01\x30\x01\x42\x44ZBgithub.com/decider-dev/decider/clients/go/gen/decider/v1;deciderv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,32 +41,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECIDERESPONSE_SKIPPEDENTRY']._serialized_options = b'8\001'
   _globals['_CANDIDATEEXPLANATION_SCORESENTRY']._loaded_options = None
   _globals['_CANDIDATEEXPLANATION_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_RESULT']._serialized_start=1992
-  _globals['_RESULT']._serialized_end=2107
-  _globals['_DECIDEREQUEST']._serialized_start=108
-  _globals['_DECIDEREQUEST']._serialized_end=368
-  _globals['_DECIDERESPONSE']._serialized_start=371
-  _globals['_DECIDERESPONSE']._serialized_end=873
-  _globals['_DECIDERESPONSE_SCORESENTRY']._serialized_start=780
-  _globals['_DECIDERESPONSE_SCORESENTRY']._serialized_end=825
-  _globals['_DECIDERESPONSE_SKIPPEDENTRY']._serialized_start=827
-  _globals['_DECIDERESPONSE_SKIPPEDENTRY']._serialized_end=873
-  _globals['_RETRYPOLICY']._serialized_start=876
-  _globals['_RETRYPOLICY']._serialized_end=1039
-  _globals['_CANDIDATEEXPLANATION']._serialized_start=1042
-  _globals['_CANDIDATEEXPLANATION']._serialized_end=1360
-  _globals['_CANDIDATEEXPLANATION_SCORESENTRY']._serialized_start=780
-  _globals['_CANDIDATEEXPLANATION_SCORESENTRY']._serialized_end=825
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1363
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=1646
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=1648
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=1695
-  _globals['_WATCHHEALTHREQUEST']._serialized_start=1697
-  _globals['_WATCHHEALTHREQUEST']._serialized_end=1732
-  _globals['_WATCHHEALTHRESPONSE']._serialized_start=1734
-  _globals['_WATCHHEALTHRESPONSE']._serialized_end=1814
-  _globals['_HEALTHEVENT']._serialized_start=1817
-  _globals['_HEALTHEVENT']._serialized_end=1990
-  _globals['_DECIDERSERVICE']._serialized_start=2110
-  _globals['_DECIDERSERVICE']._serialized_end=2359
+  _globals['_RESULT']._serialized_start=2332
+  _globals['_RESULT']._serialized_end=2469
+  _globals['_DECIDEREQUEST']._serialized_start=135
+  _globals['_DECIDEREQUEST']._serialized_end=395
+  _globals['_DECIDERESPONSE']._serialized_start=398
+  _globals['_DECIDERESPONSE']._serialized_end=900
+  _globals['_DECIDERESPONSE_SCORESENTRY']._serialized_start=807
+  _globals['_DECIDERESPONSE_SCORESENTRY']._serialized_end=852
+  _globals['_DECIDERESPONSE_SKIPPEDENTRY']._serialized_start=854
+  _globals['_DECIDERESPONSE_SKIPPEDENTRY']._serialized_end=900
+  _globals['_DECIDESTREAMREQUEST']._serialized_start=902
+  _globals['_DECIDESTREAMREQUEST']._serialized_end=990
+  _globals['_DECIDESTREAMRESPONSE']._serialized_start=993
+  _globals['_DECIDESTREAMRESPONSE']._serialized_end=1132
+  _globals['_STATUS']._serialized_start=1134
+  _globals['_STATUS']._serialized_end=1212
+  _globals['_RETRYPOLICY']._serialized_start=1215
+  _globals['_RETRYPOLICY']._serialized_end=1378
+  _globals['_CANDIDATEEXPLANATION']._serialized_start=1381
+  _globals['_CANDIDATEEXPLANATION']._serialized_end=1699
+  _globals['_CANDIDATEEXPLANATION_SCORESENTRY']._serialized_start=807
+  _globals['_CANDIDATEEXPLANATION_SCORESENTRY']._serialized_end=852
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1702
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=1985
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=1987
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=2034
+  _globals['_WATCHHEALTHREQUEST']._serialized_start=2036
+  _globals['_WATCHHEALTHREQUEST']._serialized_end=2071
+  _globals['_WATCHHEALTHRESPONSE']._serialized_start=2073
+  _globals['_WATCHHEALTHRESPONSE']._serialized_end=2153
+  _globals['_HEALTHEVENT']._serialized_start=2156
+  _globals['_HEALTHEVENT']._serialized_end=2329
+  _globals['_DECIDERSERVICE']._serialized_start=2472
+  _globals['_DECIDERSERVICE']._serialized_end=2808
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from decider.v1 import endpoint_pb2 as _endpoint_pb2
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -33,6 +34,11 @@ class _ResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Result.ValueTy
     RESULT_TIMEOUT: _Result.ValueType  # 3
     RESULT_RATE_LIMITED: _Result.ValueType  # 4
     """The endpoint answered 429: cooled down briefly, not counted as a hard failure."""
+    RESULT_CANCELLED: _Result.ValueType  # 5
+    """The caller gave up on the request (client cancel, deadline upstream of the endpoint):
+    frees the decision's in-flight slot without charging the endpoint: no breaker failure
+    and no latency sample.
+    """
 
 class Result(_Result, metaclass=_ResultEnumTypeWrapper): ...
 
@@ -42,6 +48,11 @@ RESULT_ERROR: Result.ValueType  # 2
 RESULT_TIMEOUT: Result.ValueType  # 3
 RESULT_RATE_LIMITED: Result.ValueType  # 4
 """The endpoint answered 429: cooled down briefly, not counted as a hard failure."""
+RESULT_CANCELLED: Result.ValueType  # 5
+"""The caller gave up on the request (client cancel, deadline upstream of the endpoint):
+frees the decision's in-flight slot without charging the endpoint: no breaker failure
+and no latency sample.
+"""
 Global___Result: _TypeAlias = Result  # noqa: Y015
 
 @_typing.final
@@ -221,6 +232,95 @@ class DecideResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecideResponse: _TypeAlias = DecideResponse  # noqa: Y015
+
+@_typing.final
+class DecideStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    DECIDE_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.int
+    """Echoed in this request's response; any value the caller likes, for example a counter."""
+    @_builtins.property
+    def decide(self) -> Global___DecideRequest: ...
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.int = ...,
+        decide: Global___DecideRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decide", b"decide"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "decide", b"decide"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideStreamRequest: _TypeAlias = DecideStreamRequest  # noqa: Y015
+
+@_typing.final
+class DecideStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    DECIDE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.int
+    """The correlation_id of the request this answers."""
+    @_builtins.property
+    def decide(self) -> Global___DecideResponse:
+        """The decision, as a unary Decide would return it."""
+
+    @_builtins.property
+    def error(self) -> Global___Status:
+        """Why there is no decision: the status a unary Decide would have ended with."""
+
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.int = ...,
+        decide: Global___DecideResponse | None = ...,
+        error: Global___Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decide", b"decide", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "decide", b"decide", "error", b"error", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["decide", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___DecideStreamResponse: _TypeAlias = DecideStreamResponse  # noqa: Y015
+
+@_typing.final
+class Status(_message.Message):
+    """Wire-identical to google.rpc.Status (parse its bytes as one): code, message and the same
+    rich details (BadRequest, ErrorInfo, RetryInfo, QuotaFailure) a unary call carries.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code value, the same as the gRPC status code."""
+    message: _builtins.str
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Status: _TypeAlias = Status  # noqa: Y015
 
 @_typing.final
 class RetryPolicy(_message.Message):

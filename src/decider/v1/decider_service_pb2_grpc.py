@@ -51,6 +51,11 @@ class DeciderServiceStub:
                 request_serializer=decider_dot_v1_dot_decider__service__pb2.WatchHealthRequest.SerializeToString,
                 response_deserializer=decider_dot_v1_dot_decider__service__pb2.WatchHealthResponse.FromString,
                 _registered_method=True)
+        self.DecideStream = channel.stream_stream(
+                '/decider.v1.DeciderService/DecideStream',
+                request_serializer=decider_dot_v1_dot_decider__service__pb2.DecideStreamRequest.SerializeToString,
+                response_deserializer=decider_dot_v1_dot_decider__service__pb2.DecideStreamResponse.FromString,
+                _registered_method=True)
 
 
 class DeciderServiceServicer:
@@ -79,6 +84,17 @@ class DeciderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecideStream(self, request_iterator, context):
+        """Decide for high-volume gateways: many decisions over one bidirectional stream, at a
+        fraction of the server CPU per decision of unary calls. Each request gets exactly one
+        response, in request order, after the same validation and engine call as Decide. A
+        refused or invalid request gets its error in its own response and the stream goes on;
+        the stream itself ends with a status only when the server drains or the call fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeciderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +112,11 @@ def add_DeciderServiceServicer_to_server(servicer, server):
                     servicer.WatchHealth,
                     request_deserializer=decider_dot_v1_dot_decider__service__pb2.WatchHealthRequest.FromString,
                     response_serializer=decider_dot_v1_dot_decider__service__pb2.WatchHealthResponse.SerializeToString,
+            ),
+            'DecideStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecideStream,
+                    request_deserializer=decider_dot_v1_dot_decider__service__pb2.DecideStreamRequest.FromString,
+                    response_serializer=decider_dot_v1_dot_decider__service__pb2.DecideStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +202,33 @@ class DeciderService:
             '/decider.v1.DeciderService/WatchHealth',
             decider_dot_v1_dot_decider__service__pb2.WatchHealthRequest.SerializeToString,
             decider_dot_v1_dot_decider__service__pb2.WatchHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/decider.v1.DeciderService/DecideStream',
+            decider_dot_v1_dot_decider__service__pb2.DecideStreamRequest.SerializeToString,
+            decider_dot_v1_dot_decider__service__pb2.DecideStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

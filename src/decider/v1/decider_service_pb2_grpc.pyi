@@ -41,6 +41,13 @@ class DeciderServiceStub:
     """Reports how a request sent to an endpoint went."""
     WatchHealth: _grpc.UnaryStreamMultiCallable[_decider_service_pb2.WatchHealthRequest, _decider_service_pb2.WatchHealthResponse]
     """Streams endpoint health and breaker changes: a snapshot first, then changes."""
+    DecideStream: _grpc.StreamStreamMultiCallable[_decider_service_pb2.DecideStreamRequest, _decider_service_pb2.DecideStreamResponse]
+    """Decide for high-volume gateways: many decisions over one bidirectional stream, at a
+    fraction of the server CPU per decision of unary calls. Each request gets exactly one
+    response, in request order, after the same validation and engine call as Decide. A
+    refused or invalid request gets its error in its own response and the stream goes on;
+    the stream itself ends with a status only when the server drains or the call fails.
+    """
 
 @_typing.type_check_only
 class DeciderServiceAsyncStub(DeciderServiceStub):
@@ -55,6 +62,13 @@ class DeciderServiceAsyncStub(DeciderServiceStub):
     """Reports how a request sent to an endpoint went."""
     WatchHealth: _aio.UnaryStreamMultiCallable[_decider_service_pb2.WatchHealthRequest, _decider_service_pb2.WatchHealthResponse]  # type: ignore[assignment]
     """Streams endpoint health and breaker changes: a snapshot first, then changes."""
+    DecideStream: _aio.StreamStreamMultiCallable[_decider_service_pb2.DecideStreamRequest, _decider_service_pb2.DecideStreamResponse]  # type: ignore[assignment]
+    """Decide for high-volume gateways: many decisions over one bidirectional stream, at a
+    fraction of the server CPU per decision of unary calls. Each request gets exactly one
+    response, in request order, after the same validation and engine call as Decide. A
+    refused or invalid request gets its error in its own response and the stream goes on;
+    the stream itself ends with a status only when the server drains or the call fails.
+    """
 
 class DeciderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Routing decisions for LLM gateways: where to send a request, the outcome
@@ -84,5 +98,18 @@ class DeciderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_decider_service_pb2.WatchHealthResponse], _abc.AsyncIterator[_decider_service_pb2.WatchHealthResponse]]:
         """Streams endpoint health and breaker changes: a snapshot first, then changes."""
+
+    @_abc_1.abstractmethod
+    def DecideStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_decider_service_pb2.DecideStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_decider_service_pb2.DecideStreamResponse], _abc.AsyncIterator[_decider_service_pb2.DecideStreamResponse]]:
+        """Decide for high-volume gateways: many decisions over one bidirectional stream, at a
+        fraction of the server CPU per decision of unary calls. Each request gets exactly one
+        response, in request order, after the same validation and engine call as Decide. A
+        refused or invalid request gets its error in its own response and the stream goes on;
+        the stream itself ends with a status only when the server drains or the call fails.
+        """
 
 def add_DeciderServiceServicer_to_server(servicer: DeciderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -9,6 +9,7 @@ package deciderv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	reflect "reflect"
 	sync "sync"
@@ -31,6 +32,10 @@ const (
 	Result_RESULT_TIMEOUT     Result = 3
 	// The endpoint answered 429: cooled down briefly, not counted as a hard failure.
 	Result_RESULT_RATE_LIMITED Result = 4
+	// The caller gave up on the request (client cancel, deadline upstream of the endpoint):
+	// frees the decision's in-flight slot without charging the endpoint: no breaker failure
+	// and no latency sample.
+	Result_RESULT_CANCELLED Result = 5
 )
 
 // Enum value maps for Result.
@@ -41,6 +46,7 @@ var (
 		2: "RESULT_ERROR",
 		3: "RESULT_TIMEOUT",
 		4: "RESULT_RATE_LIMITED",
+		5: "RESULT_CANCELLED",
 	}
 	Result_value = map[string]int32{
 		"RESULT_UNSPECIFIED":  0,
@@ -48,6 +54,7 @@ var (
 		"RESULT_ERROR":        2,
 		"RESULT_TIMEOUT":      3,
 		"RESULT_RATE_LIMITED": 4,
+		"RESULT_CANCELLED":    5,
 	}
 )
 
@@ -348,6 +355,215 @@ func (x *DecideResponse) GetCandidates() []*CandidateExplanation {
 	return nil
 }
 
+type DecideStreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Echoed in this request's response; any value the caller likes, for example a counter.
+	CorrelationId uint64         `protobuf:"varint,1,opt,name=correlation_id,json=correlationId,proto3" json:"correlation_id,omitempty"`
+	Decide        *DecideRequest `protobuf:"bytes,2,opt,name=decide,proto3" json:"decide,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DecideStreamRequest) Reset() {
+	*x = DecideStreamRequest{}
+	mi := &file_decider_v1_decider_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DecideStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DecideStreamRequest) ProtoMessage() {}
+
+func (x *DecideStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_decider_v1_decider_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DecideStreamRequest.ProtoReflect.Descriptor instead.
+func (*DecideStreamRequest) Descriptor() ([]byte, []int) {
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *DecideStreamRequest) GetCorrelationId() uint64 {
+	if x != nil {
+		return x.CorrelationId
+	}
+	return 0
+}
+
+func (x *DecideStreamRequest) GetDecide() *DecideRequest {
+	if x != nil {
+		return x.Decide
+	}
+	return nil
+}
+
+type DecideStreamResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The correlation_id of the request this answers.
+	CorrelationId uint64 `protobuf:"varint,1,opt,name=correlation_id,json=correlationId,proto3" json:"correlation_id,omitempty"`
+	// Types that are valid to be assigned to Result:
+	//
+	//	*DecideStreamResponse_Decide
+	//	*DecideStreamResponse_Error
+	Result        isDecideStreamResponse_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DecideStreamResponse) Reset() {
+	*x = DecideStreamResponse{}
+	mi := &file_decider_v1_decider_service_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DecideStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DecideStreamResponse) ProtoMessage() {}
+
+func (x *DecideStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_decider_v1_decider_service_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DecideStreamResponse.ProtoReflect.Descriptor instead.
+func (*DecideStreamResponse) Descriptor() ([]byte, []int) {
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *DecideStreamResponse) GetCorrelationId() uint64 {
+	if x != nil {
+		return x.CorrelationId
+	}
+	return 0
+}
+
+func (x *DecideStreamResponse) GetResult() isDecideStreamResponse_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *DecideStreamResponse) GetDecide() *DecideResponse {
+	if x != nil {
+		if x, ok := x.Result.(*DecideStreamResponse_Decide); ok {
+			return x.Decide
+		}
+	}
+	return nil
+}
+
+func (x *DecideStreamResponse) GetError() *Status {
+	if x != nil {
+		if x, ok := x.Result.(*DecideStreamResponse_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isDecideStreamResponse_Result interface {
+	isDecideStreamResponse_Result()
+}
+
+type DecideStreamResponse_Decide struct {
+	// The decision, as a unary Decide would return it.
+	Decide *DecideResponse `protobuf:"bytes,2,opt,name=decide,proto3,oneof"`
+}
+
+type DecideStreamResponse_Error struct {
+	// Why there is no decision: the status a unary Decide would have ended with.
+	Error *Status `protobuf:"bytes,3,opt,name=error,proto3,oneof"`
+}
+
+func (*DecideStreamResponse_Decide) isDecideStreamResponse_Result() {}
+
+func (*DecideStreamResponse_Error) isDecideStreamResponse_Result() {}
+
+// Wire-identical to google.rpc.Status (parse its bytes as one): code, message and the same
+// rich details (BadRequest, ErrorInfo, RetryInfo, QuotaFailure) a unary call carries.
+type Status struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A google.rpc.Code value, the same as the gRPC status code.
+	Code          int32        `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string       `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Details       []*anypb.Any `protobuf:"bytes,3,rep,name=details,proto3" json:"details,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Status) Reset() {
+	*x = Status{}
+	mi := &file_decider_v1_decider_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Status) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Status) ProtoMessage() {}
+
+func (x *Status) ProtoReflect() protoreflect.Message {
+	mi := &file_decider_v1_decider_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Status.ProtoReflect.Descriptor instead.
+func (*Status) Descriptor() ([]byte, []int) {
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Status) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *Status) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Status) GetDetails() []*anypb.Any {
+	if x != nil {
+		return x.Details
+	}
+	return nil
+}
+
 // Retry guidance for the gateway.
 type RetryPolicy struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -362,7 +578,7 @@ type RetryPolicy struct {
 
 func (x *RetryPolicy) Reset() {
 	*x = RetryPolicy{}
-	mi := &file_decider_v1_decider_service_proto_msgTypes[2]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -374,7 +590,7 @@ func (x *RetryPolicy) String() string {
 func (*RetryPolicy) ProtoMessage() {}
 
 func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_decider_v1_decider_service_proto_msgTypes[2]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -387,7 +603,7 @@ func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
 func (*RetryPolicy) Descriptor() ([]byte, []int) {
-	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{2}
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RetryPolicy) GetMaxAttempts() uint32 {
@@ -437,7 +653,7 @@ type CandidateExplanation struct {
 
 func (x *CandidateExplanation) Reset() {
 	*x = CandidateExplanation{}
-	mi := &file_decider_v1_decider_service_proto_msgTypes[3]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -449,7 +665,7 @@ func (x *CandidateExplanation) String() string {
 func (*CandidateExplanation) ProtoMessage() {}
 
 func (x *CandidateExplanation) ProtoReflect() protoreflect.Message {
-	mi := &file_decider_v1_decider_service_proto_msgTypes[3]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -462,7 +678,7 @@ func (x *CandidateExplanation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CandidateExplanation.ProtoReflect.Descriptor instead.
 func (*CandidateExplanation) Descriptor() ([]byte, []int) {
-	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{3}
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CandidateExplanation) GetEndpointId() string {
@@ -540,7 +756,7 @@ type ReportOutcomeRequest struct {
 
 func (x *ReportOutcomeRequest) Reset() {
 	*x = ReportOutcomeRequest{}
-	mi := &file_decider_v1_decider_service_proto_msgTypes[4]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -552,7 +768,7 @@ func (x *ReportOutcomeRequest) String() string {
 func (*ReportOutcomeRequest) ProtoMessage() {}
 
 func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_decider_v1_decider_service_proto_msgTypes[4]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -565,7 +781,7 @@ func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeRequest.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeRequest) Descriptor() ([]byte, []int) {
-	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{4}
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ReportOutcomeRequest) GetDecisionId() string {
@@ -634,7 +850,7 @@ type ReportOutcomeResponse struct {
 
 func (x *ReportOutcomeResponse) Reset() {
 	*x = ReportOutcomeResponse{}
-	mi := &file_decider_v1_decider_service_proto_msgTypes[5]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -646,7 +862,7 @@ func (x *ReportOutcomeResponse) String() string {
 func (*ReportOutcomeResponse) ProtoMessage() {}
 
 func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_decider_v1_decider_service_proto_msgTypes[5]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -659,7 +875,7 @@ func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeResponse.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeResponse) Descriptor() ([]byte, []int) {
-	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{5}
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReportOutcomeResponse) GetDecisionFound() bool {
@@ -679,7 +895,7 @@ type WatchHealthRequest struct {
 
 func (x *WatchHealthRequest) Reset() {
 	*x = WatchHealthRequest{}
-	mi := &file_decider_v1_decider_service_proto_msgTypes[6]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +907,7 @@ func (x *WatchHealthRequest) String() string {
 func (*WatchHealthRequest) ProtoMessage() {}
 
 func (x *WatchHealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_decider_v1_decider_service_proto_msgTypes[6]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +920,7 @@ func (x *WatchHealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchHealthRequest.ProtoReflect.Descriptor instead.
 func (*WatchHealthRequest) Descriptor() ([]byte, []int) {
-	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{6}
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WatchHealthRequest) GetModel() string {
@@ -726,7 +942,7 @@ type WatchHealthResponse struct {
 
 func (x *WatchHealthResponse) Reset() {
 	*x = WatchHealthResponse{}
-	mi := &file_decider_v1_decider_service_proto_msgTypes[7]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -738,7 +954,7 @@ func (x *WatchHealthResponse) String() string {
 func (*WatchHealthResponse) ProtoMessage() {}
 
 func (x *WatchHealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_decider_v1_decider_service_proto_msgTypes[7]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -751,7 +967,7 @@ func (x *WatchHealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchHealthResponse.ProtoReflect.Descriptor instead.
 func (*WatchHealthResponse) Descriptor() ([]byte, []int) {
-	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{7}
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *WatchHealthResponse) GetEvents() []*HealthEvent {
@@ -783,7 +999,7 @@ type HealthEvent struct {
 
 func (x *HealthEvent) Reset() {
 	*x = HealthEvent{}
-	mi := &file_decider_v1_decider_service_proto_msgTypes[8]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -795,7 +1011,7 @@ func (x *HealthEvent) String() string {
 func (*HealthEvent) ProtoMessage() {}
 
 func (x *HealthEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_decider_v1_decider_service_proto_msgTypes[8]
+	mi := &file_decider_v1_decider_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -808,7 +1024,7 @@ func (x *HealthEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthEvent.ProtoReflect.Descriptor instead.
 func (*HealthEvent) Descriptor() ([]byte, []int) {
-	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{8}
+	return file_decider_v1_decider_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HealthEvent) GetEndpointId() string {
@@ -858,7 +1074,7 @@ var File_decider_v1_decider_service_proto protoreflect.FileDescriptor
 const file_decider_v1_decider_service_proto_rawDesc = "" +
 	"\n" +
 	" decider/v1/decider_service.proto\x12\n" +
-	"decider.v1\x1a\x19decider/v1/endpoint.proto\x1a\x1egoogle/protobuf/duration.proto\"\x98\x03\n" +
+	"decider.v1\x1a\x19decider/v1/endpoint.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\x98\x03\n" +
 	"\rDecideRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
@@ -895,7 +1111,19 @@ const file_decider_v1_decider_service_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\x1a:\n" +
 	"\fSkippedEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xdf\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"o\n" +
+	"\x13DecideStreamRequest\x12%\n" +
+	"\x0ecorrelation_id\x18\x01 \x01(\x04R\rcorrelationId\x121\n" +
+	"\x06decide\x18\x02 \x01(\v2\x19.decider.v1.DecideRequestR\x06decide\"\xa9\x01\n" +
+	"\x14DecideStreamResponse\x12%\n" +
+	"\x0ecorrelation_id\x18\x01 \x01(\x04R\rcorrelationId\x124\n" +
+	"\x06decide\x18\x02 \x01(\v2\x1a.decider.v1.DecideResponseH\x00R\x06decide\x12*\n" +
+	"\x05error\x18\x03 \x01(\v2\x12.decider.v1.StatusH\x00R\x05errorB\b\n" +
+	"\x06result\"f\n" +
+	"\x06Status\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12.\n" +
+	"\adetails\x18\x03 \x03(\v2\x14.google.protobuf.AnyR\adetails\"\xdf\x01\n" +
 	"\vRetryPolicy\x12!\n" +
 	"\fmax_attempts\x18\x01 \x01(\rR\vmaxAttempts\x12B\n" +
 	"\x0finitial_backoff\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0einitialBackoff\x12:\n" +
@@ -942,17 +1170,19 @@ const file_decider_v1_decider_service_proto_rawDesc = "" +
 	"\rbreaker_state\x18\x03 \x01(\x0e2\x18.decider.v1.BreakerStateR\fbreakerState\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x14\n" +
 	"\x05model\x18\x05 \x01(\tR\x05model\x12\x18\n" +
-	"\aremoved\x18\x06 \x01(\bR\aremoved*s\n" +
+	"\aremoved\x18\x06 \x01(\bR\aremoved*\x89\x01\n" +
 	"\x06Result\x12\x16\n" +
 	"\x12RESULT_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eRESULT_SUCCESS\x10\x01\x12\x10\n" +
 	"\fRESULT_ERROR\x10\x02\x12\x12\n" +
 	"\x0eRESULT_TIMEOUT\x10\x03\x12\x17\n" +
-	"\x13RESULT_RATE_LIMITED\x10\x042\xf9\x01\n" +
+	"\x13RESULT_RATE_LIMITED\x10\x04\x12\x14\n" +
+	"\x10RESULT_CANCELLED\x10\x052\xd0\x02\n" +
 	"\x0eDeciderService\x12?\n" +
 	"\x06Decide\x12\x19.decider.v1.DecideRequest\x1a\x1a.decider.v1.DecideResponse\x12T\n" +
 	"\rReportOutcome\x12 .decider.v1.ReportOutcomeRequest\x1a!.decider.v1.ReportOutcomeResponse\x12P\n" +
-	"\vWatchHealth\x12\x1e.decider.v1.WatchHealthRequest\x1a\x1f.decider.v1.WatchHealthResponse0\x01BDZBgithub.com/decider-dev/decider/clients/go/gen/decider/v1;deciderv1b\x06proto3"
+	"\vWatchHealth\x12\x1e.decider.v1.WatchHealthRequest\x1a\x1f.decider.v1.WatchHealthResponse0\x01\x12U\n" +
+	"\fDecideStream\x12\x1f.decider.v1.DecideStreamRequest\x1a .decider.v1.DecideStreamResponse(\x010\x01BDZBgithub.com/decider-dev/decider/clients/go/gen/decider/v1;deciderv1b\x06proto3"
 
 var (
 	file_decider_v1_decider_service_proto_rawDescOnce sync.Once
@@ -967,57 +1197,67 @@ func file_decider_v1_decider_service_proto_rawDescGZIP() []byte {
 }
 
 var file_decider_v1_decider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_decider_v1_decider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_decider_v1_decider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_decider_v1_decider_service_proto_goTypes = []any{
 	(Result)(0),                   // 0: decider.v1.Result
 	(*DecideRequest)(nil),         // 1: decider.v1.DecideRequest
 	(*DecideResponse)(nil),        // 2: decider.v1.DecideResponse
-	(*RetryPolicy)(nil),           // 3: decider.v1.RetryPolicy
-	(*CandidateExplanation)(nil),  // 4: decider.v1.CandidateExplanation
-	(*ReportOutcomeRequest)(nil),  // 5: decider.v1.ReportOutcomeRequest
-	(*ReportOutcomeResponse)(nil), // 6: decider.v1.ReportOutcomeResponse
-	(*WatchHealthRequest)(nil),    // 7: decider.v1.WatchHealthRequest
-	(*WatchHealthResponse)(nil),   // 8: decider.v1.WatchHealthResponse
-	(*HealthEvent)(nil),           // 9: decider.v1.HealthEvent
-	nil,                           // 10: decider.v1.DecideResponse.ScoresEntry
-	nil,                           // 11: decider.v1.DecideResponse.SkippedEntry
-	nil,                           // 12: decider.v1.CandidateExplanation.ScoresEntry
-	(*Endpoint)(nil),              // 13: decider.v1.Endpoint
-	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
-	(HealthStatus)(0),             // 15: decider.v1.HealthStatus
-	(BreakerState)(0),             // 16: decider.v1.BreakerState
-	(*LoadReport)(nil),            // 17: decider.v1.LoadReport
+	(*DecideStreamRequest)(nil),   // 3: decider.v1.DecideStreamRequest
+	(*DecideStreamResponse)(nil),  // 4: decider.v1.DecideStreamResponse
+	(*Status)(nil),                // 5: decider.v1.Status
+	(*RetryPolicy)(nil),           // 6: decider.v1.RetryPolicy
+	(*CandidateExplanation)(nil),  // 7: decider.v1.CandidateExplanation
+	(*ReportOutcomeRequest)(nil),  // 8: decider.v1.ReportOutcomeRequest
+	(*ReportOutcomeResponse)(nil), // 9: decider.v1.ReportOutcomeResponse
+	(*WatchHealthRequest)(nil),    // 10: decider.v1.WatchHealthRequest
+	(*WatchHealthResponse)(nil),   // 11: decider.v1.WatchHealthResponse
+	(*HealthEvent)(nil),           // 12: decider.v1.HealthEvent
+	nil,                           // 13: decider.v1.DecideResponse.ScoresEntry
+	nil,                           // 14: decider.v1.DecideResponse.SkippedEntry
+	nil,                           // 15: decider.v1.CandidateExplanation.ScoresEntry
+	(*Endpoint)(nil),              // 16: decider.v1.Endpoint
+	(*anypb.Any)(nil),             // 17: google.protobuf.Any
+	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
+	(HealthStatus)(0),             // 19: decider.v1.HealthStatus
+	(BreakerState)(0),             // 20: decider.v1.BreakerState
+	(*LoadReport)(nil),            // 21: decider.v1.LoadReport
 }
 var file_decider_v1_decider_service_proto_depIdxs = []int32{
-	13, // 0: decider.v1.DecideResponse.endpoint:type_name -> decider.v1.Endpoint
-	13, // 1: decider.v1.DecideResponse.fallbacks:type_name -> decider.v1.Endpoint
-	10, // 2: decider.v1.DecideResponse.scores:type_name -> decider.v1.DecideResponse.ScoresEntry
-	3,  // 3: decider.v1.DecideResponse.retry:type_name -> decider.v1.RetryPolicy
-	11, // 4: decider.v1.DecideResponse.skipped:type_name -> decider.v1.DecideResponse.SkippedEntry
-	4,  // 5: decider.v1.DecideResponse.candidates:type_name -> decider.v1.CandidateExplanation
-	14, // 6: decider.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
-	14, // 7: decider.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
-	12, // 8: decider.v1.CandidateExplanation.scores:type_name -> decider.v1.CandidateExplanation.ScoresEntry
-	15, // 9: decider.v1.CandidateExplanation.health:type_name -> decider.v1.HealthStatus
-	16, // 10: decider.v1.CandidateExplanation.breaker_state:type_name -> decider.v1.BreakerState
-	0,  // 11: decider.v1.ReportOutcomeRequest.result:type_name -> decider.v1.Result
-	14, // 12: decider.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
-	14, // 13: decider.v1.ReportOutcomeRequest.time_to_first_token:type_name -> google.protobuf.Duration
-	17, // 14: decider.v1.ReportOutcomeRequest.load:type_name -> decider.v1.LoadReport
-	9,  // 15: decider.v1.WatchHealthResponse.events:type_name -> decider.v1.HealthEvent
-	15, // 16: decider.v1.HealthEvent.status:type_name -> decider.v1.HealthStatus
-	16, // 17: decider.v1.HealthEvent.breaker_state:type_name -> decider.v1.BreakerState
-	1,  // 18: decider.v1.DeciderService.Decide:input_type -> decider.v1.DecideRequest
-	5,  // 19: decider.v1.DeciderService.ReportOutcome:input_type -> decider.v1.ReportOutcomeRequest
-	7,  // 20: decider.v1.DeciderService.WatchHealth:input_type -> decider.v1.WatchHealthRequest
-	2,  // 21: decider.v1.DeciderService.Decide:output_type -> decider.v1.DecideResponse
-	6,  // 22: decider.v1.DeciderService.ReportOutcome:output_type -> decider.v1.ReportOutcomeResponse
-	8,  // 23: decider.v1.DeciderService.WatchHealth:output_type -> decider.v1.WatchHealthResponse
-	21, // [21:24] is the sub-list for method output_type
-	18, // [18:21] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	16, // 0: decider.v1.DecideResponse.endpoint:type_name -> decider.v1.Endpoint
+	16, // 1: decider.v1.DecideResponse.fallbacks:type_name -> decider.v1.Endpoint
+	13, // 2: decider.v1.DecideResponse.scores:type_name -> decider.v1.DecideResponse.ScoresEntry
+	6,  // 3: decider.v1.DecideResponse.retry:type_name -> decider.v1.RetryPolicy
+	14, // 4: decider.v1.DecideResponse.skipped:type_name -> decider.v1.DecideResponse.SkippedEntry
+	7,  // 5: decider.v1.DecideResponse.candidates:type_name -> decider.v1.CandidateExplanation
+	1,  // 6: decider.v1.DecideStreamRequest.decide:type_name -> decider.v1.DecideRequest
+	2,  // 7: decider.v1.DecideStreamResponse.decide:type_name -> decider.v1.DecideResponse
+	5,  // 8: decider.v1.DecideStreamResponse.error:type_name -> decider.v1.Status
+	17, // 9: decider.v1.Status.details:type_name -> google.protobuf.Any
+	18, // 10: decider.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
+	18, // 11: decider.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	15, // 12: decider.v1.CandidateExplanation.scores:type_name -> decider.v1.CandidateExplanation.ScoresEntry
+	19, // 13: decider.v1.CandidateExplanation.health:type_name -> decider.v1.HealthStatus
+	20, // 14: decider.v1.CandidateExplanation.breaker_state:type_name -> decider.v1.BreakerState
+	0,  // 15: decider.v1.ReportOutcomeRequest.result:type_name -> decider.v1.Result
+	18, // 16: decider.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
+	18, // 17: decider.v1.ReportOutcomeRequest.time_to_first_token:type_name -> google.protobuf.Duration
+	21, // 18: decider.v1.ReportOutcomeRequest.load:type_name -> decider.v1.LoadReport
+	12, // 19: decider.v1.WatchHealthResponse.events:type_name -> decider.v1.HealthEvent
+	19, // 20: decider.v1.HealthEvent.status:type_name -> decider.v1.HealthStatus
+	20, // 21: decider.v1.HealthEvent.breaker_state:type_name -> decider.v1.BreakerState
+	1,  // 22: decider.v1.DeciderService.Decide:input_type -> decider.v1.DecideRequest
+	8,  // 23: decider.v1.DeciderService.ReportOutcome:input_type -> decider.v1.ReportOutcomeRequest
+	10, // 24: decider.v1.DeciderService.WatchHealth:input_type -> decider.v1.WatchHealthRequest
+	3,  // 25: decider.v1.DeciderService.DecideStream:input_type -> decider.v1.DecideStreamRequest
+	2,  // 26: decider.v1.DeciderService.Decide:output_type -> decider.v1.DecideResponse
+	9,  // 27: decider.v1.DeciderService.ReportOutcome:output_type -> decider.v1.ReportOutcomeResponse
+	11, // 28: decider.v1.DeciderService.WatchHealth:output_type -> decider.v1.WatchHealthResponse
+	4,  // 29: decider.v1.DeciderService.DecideStream:output_type -> decider.v1.DecideStreamResponse
+	26, // [26:30] is the sub-list for method output_type
+	22, // [22:26] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_decider_v1_decider_service_proto_init() }
@@ -1026,13 +1266,17 @@ func file_decider_v1_decider_service_proto_init() {
 		return
 	}
 	file_decider_v1_endpoint_proto_init()
+	file_decider_v1_decider_service_proto_msgTypes[3].OneofWrappers = []any{
+		(*DecideStreamResponse_Decide)(nil),
+		(*DecideStreamResponse_Error)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_decider_v1_decider_service_proto_rawDesc), len(file_decider_v1_decider_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,6 +22,7 @@ const (
 	DeciderService_Decide_FullMethodName        = "/decider.v1.DeciderService/Decide"
 	DeciderService_ReportOutcome_FullMethodName = "/decider.v1.DeciderService/ReportOutcome"
 	DeciderService_WatchHealth_FullMethodName   = "/decider.v1.DeciderService/WatchHealth"
+	DeciderService_DecideStream_FullMethodName  = "/decider.v1.DeciderService/DecideStream"
 )
 
 // DeciderServiceClient is the client API for DeciderService service.
@@ -37,6 +38,12 @@ type DeciderServiceClient interface {
 	ReportOutcome(ctx context.Context, in *ReportOutcomeRequest, opts ...grpc.CallOption) (*ReportOutcomeResponse, error)
 	// Streams endpoint health and breaker changes: a snapshot first, then changes.
 	WatchHealth(ctx context.Context, in *WatchHealthRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchHealthResponse], error)
+	// Decide for high-volume gateways: many decisions over one bidirectional stream, at a
+	// fraction of the server CPU per decision of unary calls. Each request gets exactly one
+	// response, in request order, after the same validation and engine call as Decide. A
+	// refused or invalid request gets its error in its own response and the stream goes on;
+	// the stream itself ends with a status only when the server drains or the call fails.
+	DecideStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[DecideStreamRequest, DecideStreamResponse], error)
 }
 
 type deciderServiceClient struct {
@@ -86,6 +93,19 @@ func (c *deciderServiceClient) WatchHealth(ctx context.Context, in *WatchHealthR
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type DeciderService_WatchHealthClient = grpc.ServerStreamingClient[WatchHealthResponse]
 
+func (c *deciderServiceClient) DecideStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[DecideStreamRequest, DecideStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &DeciderService_ServiceDesc.Streams[1], DeciderService_DecideStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[DecideStreamRequest, DecideStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DeciderService_DecideStreamClient = grpc.BidiStreamingClient[DecideStreamRequest, DecideStreamResponse]
+
 // DeciderServiceServer is the server API for DeciderService service.
 // All implementations must embed UnimplementedDeciderServiceServer
 // for forward compatibility.
@@ -99,6 +119,12 @@ type DeciderServiceServer interface {
 	ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error)
 	// Streams endpoint health and breaker changes: a snapshot first, then changes.
 	WatchHealth(*WatchHealthRequest, grpc.ServerStreamingServer[WatchHealthResponse]) error
+	// Decide for high-volume gateways: many decisions over one bidirectional stream, at a
+	// fraction of the server CPU per decision of unary calls. Each request gets exactly one
+	// response, in request order, after the same validation and engine call as Decide. A
+	// refused or invalid request gets its error in its own response and the stream goes on;
+	// the stream itself ends with a status only when the server drains or the call fails.
+	DecideStream(grpc.BidiStreamingServer[DecideStreamRequest, DecideStreamResponse]) error
 	mustEmbedUnimplementedDeciderServiceServer()
 }
 
@@ -117,6 +143,9 @@ func (UnimplementedDeciderServiceServer) ReportOutcome(context.Context, *ReportO
 }
 func (UnimplementedDeciderServiceServer) WatchHealth(*WatchHealthRequest, grpc.ServerStreamingServer[WatchHealthResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchHealth not implemented")
+}
+func (UnimplementedDeciderServiceServer) DecideStream(grpc.BidiStreamingServer[DecideStreamRequest, DecideStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method DecideStream not implemented")
 }
 func (UnimplementedDeciderServiceServer) mustEmbedUnimplementedDeciderServiceServer() {}
 func (UnimplementedDeciderServiceServer) testEmbeddedByValue()                        {}
@@ -186,6 +215,13 @@ func _DeciderService_WatchHealth_Handler(srv interface{}, stream grpc.ServerStre
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type DeciderService_WatchHealthServer = grpc.ServerStreamingServer[WatchHealthResponse]
 
+func _DeciderService_DecideStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(DeciderServiceServer).DecideStream(&grpc.GenericServerStream[DecideStreamRequest, DecideStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DeciderService_DecideStreamServer = grpc.BidiStreamingServer[DecideStreamRequest, DecideStreamResponse]
+
 // DeciderService_ServiceDesc is the grpc.ServiceDesc for DeciderService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -207,6 +243,12 @@ var DeciderService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "WatchHealth",
 			Handler:       _DeciderService_WatchHealth_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "DecideStream",
+			Handler:       _DeciderService_DecideStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "decider/v1/decider_service.proto",
