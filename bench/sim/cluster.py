@@ -122,7 +122,16 @@ class _Flight:
 
 
 class _ProbeState:
-    __slots__ = ("chain", "failures", "load_reason", "published", "successes", "verdict")
+    __slots__ = (
+        "chain",
+        "failures",
+        "http_due_s",
+        "http_started_s",
+        "load_reason",
+        "published",
+        "successes",
+        "verdict",
+    )
 
     def __init__(self) -> None:
         self.verdict = HealthStatus.UNKNOWN
@@ -130,8 +139,14 @@ class _ProbeState:
         self.successes = 0
         self.load_reason = ""
         self.published = HealthStatus.UNKNOWN
-        # Generation of the HTTP check chain; a new chain makes the old one's events no-ops.
+        # Generation of the scheduled HTTP check; rescheduling makes the old event a no-op.
         self.chain = 0
+        self.http_due_s = math.inf
+        self.http_started_s = -math.inf
+
+    @property
+    def failing(self) -> bool:
+        return self.failures > 0 or self.verdict is HealthStatus.UNHEALTHY
 
 
 class Cluster:
@@ -200,7 +215,7 @@ class Cluster:
         self.router.set_endpoints(list(self.endpoints.values()), now=0.0)
         for eid in self.servers:
             # First full check at start, then liveness and scraping at random phases.
-            loop.at(0.0, self._http_check, eid, 0)
+            self._schedule_http(eid, 0.0)
             loop.at(self._rng.uniform(0, self.prober.liveness_interval_s), self._liveness, eid)
             loop.at(self._rng.uniform(0, self.prober.metrics_interval_s), self._scrape, eid)
         for fault in self.workload.faults:
@@ -393,41 +408,44 @@ class Cluster:
     def _jittered(self, interval_s: float) -> float:
         return interval_s * (1.0 - self._rng.uniform(0.0, self.prober.jitter_fraction))
 
+    # The schedule follows probe.prober.Prober: full checks every interval_s (jittered
+    # shorter), liveness checks in between that are skipped while the endpoint is failing,
+    # HTTP re-checks every unhealthy_interval_s while failing, and probe_soon() for a failed
+    # request, at most once per unhealthy_interval_s.
+
+    def _schedule_http(self, endpoint_id: str, due_s: float) -> None:
+        state = self._probe[endpoint_id]
+        state.chain += 1
+        state.http_due_s = due_s
+        self.loop.at(due_s, self._http_check, endpoint_id, state.chain)
+
     def _http_check(self, endpoint_id: str, chain: int, now: float) -> None:
         state = self._probe[endpoint_id]
         if chain != state.chain:
             return
+        state.http_due_s = math.inf
+        state.http_started_s = now
         self._observe(endpoint_id, ok=self.servers[endpoint_id].alive, http=True, now=now)
         if self._active:
-            failing = state.failures > 0 or state.verdict is HealthStatus.UNHEALTHY
-            delay = (
-                self.prober.unhealthy_interval_s
-                if failing
-                else self._jittered(self.prober.interval_s)
-            )
-            self.loop.at(now + delay, self._http_check, endpoint_id, chain)
+            p = self.prober
+            delay = p.unhealthy_interval_s if state.failing else self._jittered(p.interval_s)
+            self._schedule_http(endpoint_id, now + delay)
 
     def _probe_now(self, endpoint_id: str, now: float) -> None:
         state = self._probe[endpoint_id]
-        if state.failures > 0 or state.verdict is HealthStatus.UNHEALTHY:
-            return  # already being re-probed at the unhealthy interval
-        state.chain += 1
-        self.loop.at(now, self._http_check, endpoint_id, state.chain)
+        due = max(now, state.http_started_s + self.prober.unhealthy_interval_s)
+        if due < state.http_due_s:
+            self._schedule_http(endpoint_id, due)
 
     def _liveness(self, endpoint_id: str, now: float) -> None:
-        if not self.servers[endpoint_id].alive:
-            state = self._probe[endpoint_id]
-            was_failing = state.failures > 0 or state.verdict is HealthStatus.UNHEALTHY
+        state = self._probe[endpoint_id]
+        # A live port proves nothing (only a 2xx does), and a failing endpoint is already
+        # re-checked over HTTP: only a dead port of a passing endpoint is news.
+        if not state.failing and not self.servers[endpoint_id].alive:
             self._observe(endpoint_id, ok=False, http=False, now=now)
-            if not was_failing:
-                # Confirm the failure at the unhealthy interval instead of the full one.
-                state.chain += 1
-                self.loop.at(
-                    now + self.prober.unhealthy_interval_s,
-                    self._http_check,
-                    endpoint_id,
-                    state.chain,
-                )
+            due = now + self.prober.unhealthy_interval_s
+            if due < state.http_due_s:
+                self._schedule_http(endpoint_id, due)
         if self._active:
             self.loop.at(
                 now + self._jittered(self.prober.liveness_interval_s), self._liveness, endpoint_id
