@@ -698,6 +698,10 @@ class Engine:
                 target.cooldown_until = now + cooldown
                 self._drop_pools(target.model)
             self._record_breaker_release(target)
+        elif result is Result.CANCELLED:
+            # No verdict on the endpoint: no breaker failure, no latency sample; a half-open
+            # trial it held is handed back for another request to make.
+            self._record_breaker_release(target)
         if outcome.load is not None:
             target.load_report = outcome.load
             target.load_at = now

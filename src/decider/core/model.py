@@ -35,6 +35,8 @@ class Result(enum.IntEnum):
     ERROR = 2
     TIMEOUT = 3
     RATE_LIMITED = 4
+    # The caller gave up: frees in-flight, says nothing about the endpoint.
+    CANCELLED = 5
 
 
 class MetricsKind(enum.IntEnum):
