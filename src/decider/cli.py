@@ -1,16 +1,16 @@
-"""`decider serve` and `decider check-config`; `python -m decider` is the same program."""
+"""`decider serve`, `decider check-config`, and the operator commands `decider endpoints` and
+`decider decide` (decider.tools); `python -m decider` is the same program."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from decider import __version__, config
+from decider import __version__, config, logs, tools
 from decider.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -30,6 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="directory for the registry store ('' = in memory)")
     serve.add_argument("--grace-period-s", type=float, help="drain time after SIGTERM")
     serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics on this address (default: none)",
+    )
+    serve.add_argument(
+        "--log-level", help="debug, info (default), warning or error; logs are JSON lines"
+    )
+    serve.add_argument(
+        "--log-decisions",
+        action="store_true",
+        default=None,
+        help="log one line per Decide (off by default)",
+    )
+    serve.add_argument(
         "--demo",
         action="store_true",
         help="serve the embedded example with local stand-in model servers (make run)",
@@ -37,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file without serving")
     check.add_argument("file")
+    tools.add_parsers(sub)
     return parser
 
 
@@ -45,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return _check_config(args.file)
+        if args.command in tools.COMMANDS:
+            return tools.run(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"decider: {exc}", file=sys.stderr)
@@ -69,26 +86,43 @@ def _serve(args: argparse.Namespace) -> int:
         "admin_token": args.admin_token,
         "data_dir": args.data_dir,
         "grace_period_s": args.grace_period_s,
+        "metrics_listen": args.metrics_listen,
+        "log_level": args.log_level,
+        "log_decisions": args.log_decisions,
     }
     path = args.config or os.environ.get("DECIDER_CONFIG") or None
     if args.demo:
         from decider import demo
 
         settings = demo.load_settings(path, env=os.environ, flags=flags)
-        _setup_logging(settings.server.log_level)
-        asyncio.run(demo.run(settings))
+    else:
+        settings = config.load(path, env=os.environ, flags=flags)
+    # A bad OTEL_* value is a configuration error like any other: exit 2 before serving.
+    from decider.telemetry import Tracing
+
+    tracing = Tracing.from_env(os.environ, install_global=True)
+    _setup_logging(settings)
+    logs.log_event(logs.CONFIG, "tracing", tracing.settings.describe())
+    if args.demo:
+        asyncio.run(demo.run(settings, tracing=tracing))
         return 0
-    settings = config.load(path, env=os.environ, flags=flags)
-    _setup_logging(settings.server.log_level)
     from decider.server import serve
 
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, tracing=tracing))
     return 0
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+def _setup_logging(settings: config.Settings) -> None:
+    srv = settings.server
+    logs.configure_logging(level=srv.log_level, log_decisions=srv.log_decisions)
+    logs.log_config_loaded(
+        None if settings.source == "<defaults>" else settings.source,
+        fields={
+            "listen": srv.listen,
+            "endpoints": len(settings.endpoints),
+            "default_strategy": settings.engine.routing.default_strategy,
+            "metrics_listen": srv.metrics_listen,
+            "log_decisions": srv.log_decisions,
+            "admin_token_set": bool(srv.admin_token),
+        },
     )
-    # httpx logs every probe request at INFO; the prober reports what matters itself.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
