@@ -74,21 +74,17 @@ def build(size: int, seed: int = 1) -> tuple[Engine, list[RouteRequest]]:
     engine.set_endpoints(endpoints, now=now)
     # Shared system prompts (chained block hashes) and a latency history for every endpoint.
     prompts = [tuple(rng.getrandbits(64) for _ in range(BLOCKS)) for _ in range(PROMPTS)]
-    for i, e in enumerate(endpoints):
+    for i in range(size):
+        # Round-robin visits every endpoint once: each serves a prompt and reports a latency.
         d = engine.decide(
-            RouteRequest(
-                model="llama",
-                strategy="round_robin",
-                prefix_hashes=prompts[i % PROMPTS],
-                exclude_endpoint_ids=frozenset(x.id for x in endpoints[i + 1 : i + 2]),
-            ),
+            RouteRequest(model="llama", strategy="round_robin", prefix_hashes=prompts[i % PROMPTS]),
             now=now,
         )
         assert isinstance(d, Decision)
         engine.record_outcome(
             Outcome(
                 decision_id=d.decision_id,
-                endpoint_id=e.id,
+                endpoint_id=d.endpoint.id,
                 result=Result.SUCCESS,
                 latency_s=0.2 + rng.random(),
                 ttft_s=0.05 + rng.random() / 10,

@@ -360,7 +360,9 @@ class Engine:
         if endpoint.requests_per_minute or endpoint.tokens_per_minute:
             self._ledger.charge_endpoint(chosen.id, requests=1, tokens=tokens, now=now)
             chosen.quota_score = self._ledger.endpoint_headroom(chosen.id, now)
-        self._scorer.rescore(chosen, now)
+            self._scorer.rescore(chosen, now)
+        else:
+            self._scorer.rescore_load(chosen, now)
         self._pending[decision_id] = _Pending(chosen, request.tenant, tokens, request.prefix_hashes)
         if now < self._bucket_end:
             self._expiry[-1][2] = self._seq
@@ -705,7 +707,10 @@ class Engine:
         if outcome.load is not None:
             target.load_report = outcome.load
             target.load_at = now
-        self._scorer.rescore(target, now)
+        if target.latency_at == now:
+            self._scorer.rescore(target, now)
+        else:
+            self._scorer.rescore_load(target, now)
         return pending is not None
 
     def _record_breaker(self, s: EndpointStats, *, ok: bool, now: float) -> None:
@@ -757,7 +762,7 @@ class Engine:
             return
         s.load_report = load
         s.load_at = now
-        self._scorer.rescore(s, now)
+        self._scorer.rescore_load(s, now)
 
     # -- housekeeping ----------------------------------------------------------------------------
 
@@ -789,7 +794,7 @@ class Engine:
                     if s.in_flight > 0:
                         s.in_flight -= 1
                     self._record_breaker_release(s)
-                    self._scorer.rescore(s, now)
+                    self._scorer.rescore_load(s, now)
 
     def _refresh(self, now: float) -> None:
         """Per-model latency reference (median of reported EWMAs) and cheapest cost, then every

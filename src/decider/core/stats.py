@@ -75,6 +75,7 @@ class EndpointStats:
         "latency_at",
         "latency_cost",
         "latency_ewma_s",
+        "latency_metric",
         "latency_ref_s",
         "latency_score",
         "load",
@@ -85,6 +86,7 @@ class EndpointStats:
         "quota_score",
         "recent",
         "recent_at",
+        "static_score",
         "tags",
         "ttft_ewma_s",
         "weight",
@@ -118,6 +120,10 @@ class EndpointStats:
         self.load_score = 1.0
         self.latency_score = 0.5
         self.latency_cost = 0.0
+        # The latency metric as of the last full rescore (decayed), and the weighted sum of the
+        # factors that do not change with outstanding requests.
+        self.latency_metric = 0.0
+        self.static_score = 0.0
         self.health_score = HEALTH_SCORE[health]
         self.cost_score = 1.0
         self.quota_score = 1.0
@@ -174,9 +180,19 @@ def peak_ewma(previous_s: float, sample_s: float, *, elapsed_s: float, decay_s: 
 
 
 class Scorer:
-    """Recomputes one endpoint's factor scores after any change to it."""
+    """Recomputes one endpoint's factor scores after a change to it: `rescore` for everything,
+    `rescore_load` (the hot path: a decision or an outcome without a latency sample) for the
+    terms that depend on its outstanding requests."""
 
-    __slots__ = ("_decay_s", "_load_reference", "_max_report_age_s", "_ttft_weight", "_w", "_wt")
+    __slots__ = (
+        "_decay_s",
+        "_inv_load_reference",
+        "_max_report_age_s",
+        "_share_load",
+        "_ttft_weight",
+        "_w",
+        "_wt",
+    )
 
     def __init__(
         self,
@@ -190,7 +206,8 @@ class Scorer:
         self._decay_s = decay_s
         self._w = weights
         self._wt = weights.total or 1.0
-        self._load_reference = load_reference
+        self._share_load = weights.load / self._wt
+        self._inv_load_reference = 1.0 / load_reference
         self._max_report_age_s = max_report_age_s
         self._ttft_weight = ttft_weight
 
@@ -204,33 +221,37 @@ class Scorer:
         return self._w.cache / self._wt
 
     def rescore(self, s: EndpointStats, now: float) -> None:
-        report = s.load_report
-        queued = 0
-        if report is not None and now - s.load_at <= self._max_report_age_s:
-            queued = report.queue_depth
-        s.load = s.in_flight + queued
-        recent = s.recent * math.exp((s.recent_at - now) / RECENT_TAU_S) if s.recent else 0.0
-        s.load_score = 1.0 / (1.0 + (s.load + recent) / self._load_reference)
         metric = s.latency_metric_s(self._ttft_weight)
         if s.latency_ewma_s > 0.0 and now > s.latency_at:
             # As Finagle reads a peak EWMA: decay towards zero with the time since the last
             # sample, so an endpoint avoided after one slow answer is tried again rather than
             # starved of the samples that would clear it.
             metric *= math.exp((s.latency_at - now) / self._decay_s)
+        s.latency_metric = metric
         ref = s.latency_ref_s
         s.latency_score = ref / (ref + metric) if metric > 0.0 and ref > 0.0 else 0.5
-        # Peak EWMA times outstanding work, as linkerd and Finagle rank by.
-        s.latency_cost = metric * (s.in_flight + 1)
         s.health_score = HEALTH_SCORE[s.health]
         s.cost_score = s.cost_ref / s.cost if s.cost > s.cost_ref > 0.0 else 1.0
         w = self._w
-        s.base_score = (
-            w.load * s.load_score
-            + w.latency * s.latency_score
+        s.static_score = (
+            w.latency * s.latency_score
             + w.quota * s.quota_score
             + w.health * s.health_score
             + w.cost * s.cost_score
         ) / self._wt
+        self.rescore_load(s, now)
+
+    def rescore_load(self, s: EndpointStats, now: float) -> None:
+        load = s.in_flight
+        report = s.load_report
+        if report is not None and now - s.load_at <= self._max_report_age_s:
+            load += report.queue_depth
+        s.load = load
+        recent = s.recent * math.exp((s.recent_at - now) / RECENT_TAU_S) if s.recent else 0.0
+        s.load_score = score = 1.0 / (1.0 + (load + recent) * self._inv_load_reference)
+        # Peak EWMA times outstanding work, as linkerd and Finagle rank by.
+        s.latency_cost = s.latency_metric * (s.in_flight + 1)
+        s.base_score = self._share_load * score + s.static_score
         if s.heaps:
             push_all(s)
 
