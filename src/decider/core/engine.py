@@ -72,6 +72,8 @@ _EMPTY_CAPS: frozenset[str] = frozenset()
 _REFRESH_EVERY_S = 1.0
 # In-flight expiry resolution: a decision expires between in_flight_timeout_s and this much later.
 _EXPIRY_BUCKET_S = 0.1
+# Fallbacks a request may ask for; more would only make decisions slower.
+_MAX_FALLBACKS = 16
 
 
 class _Pending:
@@ -124,6 +126,7 @@ class Engine:
         self._strategies: dict[str, Strategy] = {
             name: factory(routing.options(name), rng) for name, factory in STRATEGIES.items()
         }
+        self._max_fallbacks = routing.max_fallbacks
         self._retry = RetryAdvice(
             max_attempts=routing.retry_max_attempts,
             initial_backoff_s=routing.retry_initial_backoff_s,
@@ -301,7 +304,7 @@ class Engine:
         if not items:
             return self._no_usable(pool, request, caps, skipped, now)
 
-        wanted = request.max_fallbacks or self._settings.routing.max_fallbacks
+        wanted = min(request.max_fallbacks, _MAX_FALLBACKS) or self._max_fallbacks
         # One context object serves every decision (the engine is single-threaded).
         ctx = self._ctx
         ctx.request = request
@@ -603,8 +606,13 @@ class Engine:
         panic = bool(candidates) and threshold > 0.0 and usable < threshold * len(candidates)
         if panic:
             # Envoy's panic mode: too few usable endpoints to carry the load, so spread it over
-            # all of them rather than overload the few.
-            items, standby, skipped = list(candidates), [], {}
+            # all of them rather than overload the few (except draining ones: an operator asked
+            # for those to get nothing new).
+            items = [s for s in candidates if s.health is not HealthStatus.DRAINING]
+            standby = []
+            skipped = (
+                {"draining": len(candidates) - len(items)} if len(items) < len(candidates) else {}
+            )
         pool = Pool(
             key=(model, caps),
             items=items,

@@ -221,3 +221,32 @@ def test_reregistering_keeps_live_stats():
     engine.decide(request(), now=clock.now)
     engine.set_endpoints([endpoint("a", weight=5)], now=clock.now)
     assert engine.in_flight("a") == 1
+
+
+def test_a_request_sets_how_many_fallbacks_it_wants():
+    engine, clock, _ = make(ids=tuple("abcdefgh"))
+    d = decided(engine.decide(request(strategy="round_robin", max_fallbacks=5), now=clock.now))
+    assert len(d.fallbacks) == 5
+    d = decided(engine.decide(request(strategy="round_robin", max_fallbacks=100), now=clock.now))
+    assert len(d.fallbacks) == 7
+
+
+def test_retry_advice_comes_from_the_routing_table():
+    settings = EngineSettings.parse(
+        {
+            "routing": {
+                "retry_max_attempts": 4,
+                "retry_initial_backoff_s": 0.05,
+                "retry_max_backoff_s": 1.5,
+                "retry_backoff_multiplier": 3,
+            }
+        }
+    )
+    engine, clock, _ = make(settings=settings)
+    d = decided(engine.decide(request(), now=clock.now))
+    assert (
+        d.retry.max_attempts,
+        d.retry.initial_backoff_s,
+        d.retry.max_backoff_s,
+        d.retry.backoff_multiplier,
+    ) == (4, 0.05, 1.5, 3.0)
