@@ -46,9 +46,10 @@ def make_settings(
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    settings: Settings, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **options: Any
 ) -> AsyncIterator[Running]:
-    server = DeciderServer(settings, interceptors=interceptors)
+    """`options` go to DeciderServer (tracing, metrics, metrics_listen, ...)."""
+    server = DeciderServer(settings, interceptors=interceptors, **options)
     port = await server.start()
     address = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(address)
