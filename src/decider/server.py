@@ -3,8 +3,9 @@
 Start: registry snapshot -> engine and prober; gRPC server with health, reflection and the
 interceptors; the engine tick loop (which also expires stale standalone-prober reports) and the
 embedded prober run as tasks.
-Stop (SIGTERM/SIGINT or the shutdown trigger): health NOT_SERVING, new RPCs refused, watch
-streams ended cleanly, in-flight RPCs given `grace_period_s` to finish, then tasks closed.
+Stop (SIGTERM/SIGINT or the shutdown trigger): health NOT_SERVING, new RPCs refused, watch and
+DecideStream streams ended cleanly, in-flight RPCs given `grace_period_s` to finish, then tasks
+closed.
 """
 
 from __future__ import annotations
@@ -115,17 +116,15 @@ class DeciderServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        dgrpc.add_DeciderServiceServicer_to_server(
-            DeciderService(
-                self.engine,
-                self.hub,
-                clock=clock,
-                on_failure=self.prober.probe_soon if self.prober is not None else None,
-                observer=observer or TelemetryObserver(self.metrics),
-                tracing=self.tracing,
-            ),
-            self._server,
+        self._decider = DeciderService(
+            self.engine,
+            self.hub,
+            clock=clock,
+            on_failure=self.prober.probe_soon if self.prober is not None else None,
+            observer=observer or TelemetryObserver(self.metrics),
+            tracing=self.tracing,
         )
+        dgrpc.add_DeciderServiceServicer_to_server(self._decider, self._server)
         rgrpc.add_RegistryServiceServicer_to_server(
             RegistryService(
                 self.registry,
@@ -189,6 +188,7 @@ class DeciderServer:
         self.admission.draining = True
         await self.health.enter_graceful_shutdown()
         self.hub.close()
+        self._decider.drain()
         await self._server.stop(grace)
         for task in self._tasks:
             task.cancel()

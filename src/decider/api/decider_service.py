@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -9,7 +10,15 @@ from typing import Any
 import grpc
 
 from decider.api import convert, validate
-from decider.api.errors import abort, map_errors, status_for_refusal, unary
+from decider.api.errors import (
+    abort,
+    encoded_status,
+    map_errors,
+    shutting_down_status,
+    status_for_exception,
+    status_for_refusal,
+    unary,
+)
 from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
 from decider.core.model import Refusal, Result
 from decider.telemetry import Rpc, Tracing, traced, traced_stream
@@ -40,6 +49,9 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         # Read by @traced: one server span per call, continuing the caller's W3C trace.
         self.tracing = tracing or Tracing.disabled()
         self._encoder = convert.DecisionEncoder()
+        # DecideStream calls, each marked True while it waits for its next request.
+        self._streams: dict[asyncio.Task[Any], bool] = {}
+        self._draining = False
 
     @traced(Rpc.DECIDE)
     @unary
@@ -66,6 +78,66 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         if self._on_failure is not None and outcome.result in (Result.ERROR, Result.TIMEOUT):
             self._on_failure(outcome.endpoint_id)
         return dpb.ReportOutcomeResponse(decision_found=found)
+
+    async def DecideStream(
+        self, requests: AsyncIterator[dpb.DecideStreamRequest], context: Context
+    ) -> AsyncIterator[dpb.DecideStreamResponse]:
+        """One answer per request, in order; a refusal or bad request is answered, not fatal.
+
+        On drain the stream answers what it has read and ends with UNAVAILABLE (SHUTTING_DOWN),
+        so the caller resends any request it got no answer for to another instance.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[task] = False
+        stream = aiter(requests)
+        try:
+            while not self._draining:
+                self._streams[task] = True
+                try:
+                    message = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    # drain() cancels only streams waiting here, so nothing is cut mid-answer.
+                    if not self._draining:
+                        raise
+                    break
+                finally:
+                    self._streams[task] = False
+                yield self._stream_answer(message)
+        finally:
+            del self._streams[task]
+        await abort(context, shutting_down_status())
+
+    def drain(self) -> None:
+        """Ends every DecideStream once its current answer is sent (server.stop calls this)."""
+        self._draining = True
+        for task, waiting in self._streams.items():
+            if waiting:
+                task.cancel()
+
+    def _stream_answer(self, message: dpb.DecideStreamRequest) -> dpb.DecideStreamResponse:
+        request = message.decide
+        try:
+            validate.decide_request(request)
+            route = convert.route_request_from_proto(request)
+            started = time.perf_counter()
+            result = self._engine.decide(route, now=self._clock())
+            self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
+            if isinstance(result, Refusal):
+                status = status_for_refusal(result)
+            else:
+                return dpb.DecideStreamResponse(
+                    correlation_id=message.correlation_id,
+                    decide=self._encoder.decide_response(result),
+                )
+        except Exception as exc:
+            status = status_for_exception(exc)
+        return dpb.DecideStreamResponse(
+            correlation_id=message.correlation_id,
+            error=dpb.Status.FromString(encoded_status(status)),
+        )
 
     @traced_stream(Rpc.WATCH_HEALTH)
     async def WatchHealth(

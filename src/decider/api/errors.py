@@ -125,6 +125,16 @@ def rich_status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.
     return result
 
 
+def encoded_status(status: grpc.Status) -> bytes:
+    """The serialized google.rpc.Status inside `status` (code, message and rich details)."""
+    for key, value in status.trailing_metadata:
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY and isinstance(value, bytes):
+            return bytes(value)
+    bare = status_pb2.Status(code=status.code.value[0], message=status.details)
+    encoded: bytes = bare.SerializeToString()
+    return encoded
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
     """Ends the RPC with `status` by raising, as context.abort does."""
     await context.abort(status.code, status.details, status.trailing_metadata)
