@@ -122,6 +122,8 @@ class AbSplit:
             for first in range(len(arms))
         ]
         self._no_arms = "ab_split: no arms configured; "
+        # Routes per (first arm, model, capabilities): built once, not per decision.
+        self._routes: dict[tuple[int, str, frozenset[str]], list[ArmRoute]] = {}
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> AbSplitConfig:
@@ -149,26 +151,31 @@ class AbSplit:
         caps = request.required_capabilities
         if not arms:
             return [ArmRoute(model=request.model, capabilities=caps, note=self._no_arms)]
-        key = request.session_id or request.request_id
-        if key:
-            point = session_point(key)
+        session = request.session_id or request.request_id
+        if session:
+            point = session_point(session)
         elif request.explain:
             point = 0.0
         else:
             point = self._rng.random()
         first = min(bisect.bisect_right(self._bounds, point), len(arms) - 1)
-        out = []
-        for i in self._orders[first]:
-            arm = arms[i]
-            tags = self._tags[i]
-            out.append(
-                ArmRoute(
-                    model=arm.model or request.model,
-                    capabilities=caps | tags if tags else caps,
-                    note=self._notes[first][i],
+        route_key = (first, request.model, caps)
+        routes = self._routes.get(route_key)
+        if routes is None:
+            routes = []
+            for i in self._orders[first]:
+                tags = self._tags[i]
+                routes.append(
+                    ArmRoute(
+                        model=arms[i].model or request.model,
+                        capabilities=caps | tags if tags else caps,
+                        note=self._notes[first][i],
+                    )
                 )
-            )
-        return out
+            if len(self._routes) >= 1024:
+                self._routes.clear()
+            self._routes[route_key] = routes
+        return routes
 
     # The engine routes ab_split itself (per arm, with `within`); these keep the Strategy shape.
     def choose(self, ctx: PickContext) -> Choice:

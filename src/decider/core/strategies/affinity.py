@@ -7,11 +7,12 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_str
 from decider.core.stats import EndpointStats
-from decider.core.strategies.base import Choice, PickContext, Ranked
+from decider.core.strategies.base import Choice, PickContext, Picker, Ranked
 
 _FALLBACKS = frozenset(
     {"round_robin", "random", "least_request", "weighted_round_robin", "weighted_random"}
@@ -24,6 +25,9 @@ class AffinityConfig:
     fallback: str = "least_request"
 
 
+_BOUND: Mapping[str, float] = MappingProxyType({"affinity": 1.0})
+
+
 def session_key(model: str, session_id: str) -> str:
     return f"{model}\x00{session_id}"
 
@@ -34,6 +38,7 @@ class Affinity:
     def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
         self._config = self.parse_config(config, f"routing.{self.name}")
         self._rng = rng
+        self._fallback: Picker | None = None
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> AffinityConfig:
@@ -51,9 +56,13 @@ class Affinity:
         return members
 
     def choose(self, ctx: PickContext) -> Choice:
-        fallback = ctx.strategies.get(self._config.fallback)
-        if fallback is None:  # pragma: no cover - the engine builds every strategy
-            raise LookupError(self._config.fallback)
+        fallback = self._fallback
+        if fallback is None:
+            # Resolved once: a runtime Protocol check costs more than a whole decision.
+            found = ctx.strategies[self._config.fallback]
+            if not isinstance(found, Picker):  # pragma: no cover - parse_config allows pickers
+                raise TypeError(f"{self._config.fallback} cannot be an affinity fallback")
+            fallback = self._fallback = found
         session_id = ctx.request.session_id
         if not session_id:
             choice = fallback.choose(ctx)
@@ -65,7 +74,7 @@ class Affinity:
         if bound is not None:
             picked = [bound]
             if ctx.count > 1:
-                for s in fallback.choose(ctx).picked:
+                for s in fallback.pick(ctx):
                     if s is not bound and len(picked) < ctx.count:
                         picked.append(s)
             if ctx.commit:

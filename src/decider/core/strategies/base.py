@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from decider.core.model import RouteRequest
 from decider.core.stats import EndpointStats, RankHeap, Scorer
@@ -190,6 +190,13 @@ class Strategy(Protocol):
     def choose(self, ctx: PickContext) -> Choice: ...
 
     def rank(self, ctx: PickContext) -> list[Ranked]: ...
+
+
+@runtime_checkable
+class Picker(Strategy, Protocol):
+    """A strategy that can pick without explaining itself (affinity's fallbacks)."""
+
+    def pick(self, ctx: PickContext) -> list[EndpointStats]: ...
 
 
 class StrategyFactory(Protocol):

@@ -54,13 +54,18 @@ class Latency:
         else:
             rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
             first = int(rand() * n)
-            sampled = [items[first]]
-            for _ in range(choices - 1):
-                candidate = items[(first + 1 + int(rand() * (n - 1))) % n]
-                if candidate not in sampled:
-                    sampled.append(candidate)
-            sampled.sort(key=latency_key)
-            picked = sampled[: ctx.count]
+            a = items[first]
+            if choices == 2:
+                b = items[(first + 1 + int(rand() * (n - 1))) % n]
+                picked = [a, b] if a.latency_cost <= b.latency_cost else [b, a]
+            else:
+                sampled = [a]
+                for _ in range(choices - 1):
+                    candidate = items[(first + 1 + int(rand() * (n - 1))) % n]
+                    if candidate not in sampled:
+                        sampled.append(candidate)
+                picked = sorted(sampled, key=latency_key)
+            del picked[ctx.count :]
             if len(picked) < min(ctx.count, n):
                 for s in best_by(ctx, "latency", latency_key, ctx.count + len(picked)):
                     if s not in picked:

@@ -6,14 +6,11 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_bool, get_int
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, load_key
-
-_LOAD = attrgetter("load")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,40 +48,49 @@ class LeastRequest:
             full_scan=get_bool(options, "full_scan", False, path),
         )
 
-    def choose(self, ctx: PickContext) -> Choice:
+    def pick(self, ctx: PickContext) -> list[EndpointStats]:
+        """The chosen endpoint and fallbacks, without the reason (affinity's fallback path)."""
+        return self._pick(ctx)[0]
+
+    def _pick(self, ctx: PickContext) -> tuple[list[EndpointStats], int]:
         items = ctx.items
         n = len(items)
         choices = self._config.choice_count
         if self._config.full_scan or n <= choices:
-            picked = best_by(ctx, "load", load_key, ctx.count)
-            return Choice(picked, describe(picked, sampled=n, total=n))
+            return best_by(ctx, "load", load_key, ctx.count), n
         rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
         # Distinct samples: drawing the same endpoint twice would waste the second choice.
         first = int(rand() * n)
-        sampled = [items[first]]
-        step = n - 1
-        for _ in range(choices - 1):
-            candidate = items[(first + 1 + int(rand() * step)) % n]
-            if candidate not in sampled:
-                sampled.append(candidate)
-        best = min(sampled, key=_LOAD)
-        picked = [best]
+        a = items[first]
+        if choices == 2:
+            b = items[(first + 1 + int(rand() * (n - 1))) % n]
+            picked = [a, b] if a.load <= b.load else [b, a]
+        else:
+            sampled = [a]
+            for _ in range(choices - 1):
+                candidate = items[(first + 1 + int(rand() * (n - 1))) % n]
+                if candidate not in sampled:
+                    sampled.append(candidate)
+            picked = sorted(sampled, key=load_key)
+        sampled_count = len(picked)
         count = min(ctx.count, n)
-        # Fallbacks: the other samples, least loaded first, then more random draws.
-        for s in sorted(sampled, key=_LOAD):
-            if len(picked) >= count:
-                break
-            if s not in picked:
-                picked.append(s)
+        if len(picked) > count:
+            del picked[count:]
+        # Fallbacks beyond the samples: more random draws.
         tries = 4 * count
         while len(picked) < count and tries:
             s = items[int(rand() * n)]
             if s not in picked:
                 picked.append(s)
             tries -= 1
-        return Choice(picked, describe(picked[: len(sampled)], sampled=len(sampled), total=n))
+        return picked, sampled_count
+
+    def choose(self, ctx: PickContext) -> Choice:
+        picked, sampled = self._pick(ctx)
+        total = len(ctx.items)
+        return Choice(picked, describe(picked[:sampled], sampled=sampled, total=total))
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
-        order = sorted(ctx.items, key=_LOAD)
+        order = sorted(ctx.items, key=load_key)
         worst = max(1, order[-1].load)
         return [Ranked(s, {"load": 1.0 - s.load / (worst + 1)}, s.load_score) for s in order]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys
+from decider.core.stats import EndpointStats
 from decider.core.strategies.base import (
     Choice,
     PickContext,
@@ -34,14 +35,15 @@ class Random:
         check_keys(options, set(), path)
         return RandomConfig()
 
-    def choose(self, ctx: PickContext) -> Choice:
+    def pick(self, ctx: PickContext) -> list[EndpointStats]:
         items = ctx.items
-        n = len(items)
         # Explain mode must not consume the engine's random stream.
         rng = self._rng if ctx.commit else random.Random(ctx.request.request_id)
-        first = items[int(rng.random() * n)]
-        picked = sample_distinct(items, first, ctx.count, rng)
-        return Choice(picked, f"random: 1 of {n} uniformly")
+        first = items[int(rng.random() * len(items))]
+        return sample_distinct(items, first, ctx.count, rng)
+
+    def choose(self, ctx: PickContext) -> Choice:
+        return Choice(self.pick(ctx), f"random: 1 of {len(ctx.items)} uniformly")
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
         order = self.choose(ctx).picked

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys
+from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked, plain_ranking, rotated
 
 
@@ -21,8 +22,7 @@ class RoundRobin:
 
     def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
         self._config = self.parse_config(config, f"routing.{self.name}")
-        # Cursor per (model, capabilities), kept across pool rebuilds. Starting at a random
-        # offset spreads the first requests of many deciders, as grpc-go does.
+        # Cursor per (model, capabilities), kept across pool rebuilds.
         self._next: dict[tuple[str, frozenset[str]], int] = {}
         self._rng = rng
 
@@ -31,25 +31,28 @@ class RoundRobin:
         check_keys(options, set(), path)
         return RoundRobinConfig()
 
-    def _cursor(self, ctx: PickContext) -> int:
+    def pick(self, ctx: PickContext) -> list[EndpointStats]:
+        return self._pick(ctx)[0]
+
+    def _pick(self, ctx: PickContext) -> tuple[list[EndpointStats], int]:
+        items = ctx.items
+        n = len(items)
         key = ctx.pool.key
         cursor = self._next.get(key)
         if cursor is None:
+            # Start at a random offset, as grpc-go does, so many deciders do not march in step.
             cursor = self._rng.randrange(1 << 30) if ctx.commit else 0
-            if ctx.commit:
-                self._next[key] = cursor
-        return cursor
+        if ctx.commit:
+            self._next[key] = cursor + 1
+        start = cursor % n
+        if ctx.count == 1 or n == 1:
+            return [items[start]], start
+        return [items[(start + i) % n] for i in range(min(ctx.count, n))], start
 
     def choose(self, ctx: PickContext) -> Choice:
-        items = ctx.items
-        n = len(items)
-        cursor = self._cursor(ctx)
-        if ctx.commit:
-            self._next[ctx.pool.key] = cursor + 1
-        start = cursor % n
-        count = min(ctx.count, n)
-        picked = [items[(start + i) % n] for i in range(count)]
-        return Choice(picked, f"round_robin: next in turn ({start + 1} of {n})")
+        picked, start = self._pick(ctx)
+        return Choice(picked, f"round_robin: next in turn ({start + 1} of {len(ctx.items)})")
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
-        return plain_ranking(ctx, rotated(ctx.items, self._cursor(ctx)), "turn")
+        cursor = self._next.get(ctx.pool.key, 0)
+        return plain_ranking(ctx, rotated(ctx.items, cursor), "turn")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys
+from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked
 
 
@@ -40,7 +41,7 @@ class WeightedRandom:
             ctx.pool.scratch[self.name] = cumulative
         return cumulative
 
-    def choose(self, ctx: PickContext) -> Choice:
+    def pick(self, ctx: PickContext) -> list[EndpointStats]:
         items = ctx.items
         cumulative = self._cumulative(ctx)
         total = cumulative[-1]
@@ -59,6 +60,11 @@ class WeightedRandom:
                     picked.append(s)
                     if len(picked) == count:
                         break
+        return picked
+
+    def choose(self, ctx: PickContext) -> Choice:
+        picked = self.pick(ctx)
+        total = self._cumulative(ctx)[-1]
         best = picked[0]
         share = best.weight / total
         return Choice(

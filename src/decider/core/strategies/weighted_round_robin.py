@@ -53,7 +53,10 @@ class WeightedRoundRobin:
             schedule = ctx.pool.scratch[self.name] = _Schedule(ctx.pool.items)
         return schedule
 
-    def choose(self, ctx: PickContext) -> Choice:
+    def pick(self, ctx: PickContext) -> list[EndpointStats]:
+        return self._pick(ctx)[0]
+
+    def _pick(self, ctx: PickContext) -> tuple[list[EndpointStats], _Schedule]:
         schedule = self._schedule(ctx)
         allowed = set(ctx.items) if ctx.filtered else None
         if allowed is not None and allowed.isdisjoint(ctx.pool.items):
@@ -70,14 +73,20 @@ class WeightedRoundRobin:
         for e in skipped:
             heapq.heappush(heap, e)
         picked = [chosen]
-        if ctx.count > 1:
-            # The next ones due are near the top of the heap: look only at its first levels.
-            head = heapq.nsmallest(ctx.count + len(skipped), heap[: 2 ** (ctx.count + 1)])
+        count = ctx.count
+        if count > 1:
+            # The k next due are within the heap's first 2^k - 1 slots: sort only those.
+            head = sorted(heap[: (1 << min(count + len(skipped), 12)) - 1])
             for _, _, s in head:
-                if len(picked) >= ctx.count:
+                if len(picked) >= count:
                     break
                 if s not in picked and (allowed is None or s in allowed):
                     picked.append(s)
+        return picked, schedule
+
+    def choose(self, ctx: PickContext) -> Choice:
+        picked, schedule = self._pick(ctx)
+        chosen = picked[0]
         share = chosen.weight / schedule.total
         return Choice(
             picked,
