@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from decider import __version__, config, logs, tools
+from decider import __version__, config, event_loop, logs, tools
 from decider.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -104,11 +103,11 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(settings)
     logs.log_event(logs.CONFIG, "tracing", tracing.settings.describe())
     if args.demo:
-        asyncio.run(demo.run(settings, tracing=tracing))
+        event_loop.run(demo.run(settings, tracing=tracing), event_loop=settings.server.event_loop)
         return 0
     from decider.server import serve
 
-    asyncio.run(serve(settings, tracing=tracing))
+    event_loop.run(serve(settings, tracing=tracing), event_loop=settings.server.event_loop)
     return 0
 
 

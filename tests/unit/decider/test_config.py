@@ -72,6 +72,13 @@ def test_log_level_is_case_insensitive():
     assert config.load(None, env={"DECIDER_LOG_LEVEL": "debug"}).server.log_level == "DEBUG"
 
 
+def test_event_loop_defaults_to_uvloop_and_takes_any_case(tmp_path):
+    assert config.load(None).server.event_loop == "uvloop"
+    path = _write(tmp_path, '[server]\nevent_loop = "AsyncIO"\n')
+    assert config.load(path).server.event_loop == "asyncio"
+    assert config.load(None, env={"DECIDER_EVENT_LOOP": "asyncio"}).server.event_loop == "asyncio"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -87,6 +94,10 @@ def test_log_level_is_case_insensitive():
         ("[server]\ntick_interval_ms = true\n", "server.tick_interval_ms: True"),
         ("[server]\nlisten = ':80'\n", "server.listen: ':80', must be HOST:PORT"),
         ("[server]\nlog_level = 'loud'\n", "server.log_level: 'loud', must be one of"),
+        (
+            "[server]\nevent_loop = 'trio'\n",
+            "server.event_loop: 'trio', must be one of uvloop, asyncio",
+        ),
         ("server = 3\n", "server: 3, must be a table"),
         ("endpoints = 3\n", "endpoints: 3, must be an array of tables"),
         (
