@@ -19,7 +19,7 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
-	@echo "make test   install everything (venv, grpcurl, buf), check generated code, run all tests"
+	@echo "make test   install everything (venv, grpcurl, buf), check generated code, run pytest then go test"
 	@echo "make lint   ruff, mypy --strict on src, buf lint"
 	@echo "make proto  regenerate src/decider/v1 from protos/"
 
@@ -44,7 +44,7 @@ $(TOOLS)/node_modules/.bin/buf:
 run: install
 	$(VENV)/bin/decider serve --demo
 
-test: install proto-check test-python
+test: install proto-check test-python test-go
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test-python: install
