@@ -224,6 +224,20 @@ def markdown(
         "in-flight (queued + running) over the time average of the mean, across live "
         "endpoints of a model, worst model; failed = never completed; to dead = attempts "
         "sent to a dead endpoint (after the prober reported it UNHEALTHY).\n",
+        "## What the model leaves out\n",
+        "- Prefills do not batch with each other (vLLM's chunked prefill packs several into one "
+        "step), so a queue of prefills drains one at a time: the prefill work per second is "
+        "the same, its interleaving is simplified.",
+        "- A running request holds all the KV blocks of its prompt and output from admission, "
+        "even blocks it shares with other running requests; there is no preemption or "
+        "swapping, and decode speed does not depend on context length.",
+        "- No network time between gateway, Decider and servers; a refused connection costs "
+        "`connect_fail_s`. Crashed servers refuse connections at once (no hung sockets, so no "
+        "timeouts).",
+        "- One Decider sees every request, so its in-flight counts are exact; with several "
+        "replicas each would see a share.",
+        "- Token counts are given, not tokenized; block hashes are computed by the gateway at "
+        "the servers' block size.\n",
         "## Running it\n",
         "`make sim` runs the whole sweep (every workload under every strategy listed, on two "
         "processes; a minute or two on two cores) and rewrites this file and "
