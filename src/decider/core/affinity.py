@@ -2,7 +2,7 @@
 
 Prefix hashes are chained, as vLLM and SGLang compute them: the hash of block k covers blocks
 0..k, so an endpoint that holds block k most likely holds the whole prefix up to it. The index
-keeps, per endpoint, the blocks it recently served in two generations (a cheap approximation of
+keeps, per endpoint, the blocks it recently served in two live generations (a cheap approximation of
 LRU: a block survives while touched within the last `blocks_per_endpoint` insertions), plus a
 reverse map from a few anchor blocks of each served prompt (depths 1, 2, 4, 8, ...) to the
 endpoints holding them, so matching looks at a handful of endpoints instead of every candidate.
@@ -56,14 +56,18 @@ class SessionTable:
 
 
 class _Blocks:
-    __slots__ = ("old", "young")
+    """One endpoint's blocks: hash -> generation (0 to 3, cached small ints, so values cost
+    nothing). A block lives while its generation is the current or the previous one; when the
+    current one has taken `half` blocks, the one before the previous is dropped. One dict, so a
+    lookup is one probe."""
+
+    __slots__ = ("current", "fresh", "gen")
 
     def __init__(self) -> None:
-        self.young: dict[int, None] = {}
-        self.old: dict[int, None] = {}
-
-    def __contains__(self, block: int) -> bool:
-        return block in self.young or block in self.old
+        self.gen: dict[int, int] = {}
+        self.current = 0
+        # Blocks stamped with the current generation.
+        self.fresh = 0
 
 
 class PrefixIndex:
@@ -84,7 +88,7 @@ class PrefixIndex:
 
     @property
     def block_count(self) -> int:
-        return sum(len(b.young) + len(b.old) for b in self._blocks.values())
+        return sum(len(b.gen) for b in self._blocks.values())
 
     def record(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         """The endpoint served a prompt with these prefix blocks; it now holds them."""
@@ -94,9 +98,14 @@ class PrefixIndex:
         if blocks is None:
             blocks = self._blocks[endpoint_id] = _Blocks()
         hashes = hashes[: self._max_blocks]
-        young = blocks.young
+        gen = blocks.gen
+        current = blocks.current
+        fresh = 0
         for h in hashes:
-            young[h] = None
+            if gen.get(h) != current:
+                gen[h] = current
+                fresh += 1
+        blocks.fresh += fresh
         anchors = self._anchors
         d, n = 1, len(hashes)
         while d <= n:
@@ -112,17 +121,19 @@ class PrefixIndex:
                 holders.pop(endpoint_id, None)
                 holders[endpoint_id] = None
             d *= 2
-        if len(young) >= self._half:
+        if blocks.fresh >= self._half:
             self._rotate(endpoint_id, blocks)
 
     def _rotate(self, endpoint_id: str, blocks: _Blocks) -> None:
-        dropped = blocks.old
-        blocks.old = blocks.young
-        blocks.young = {}
-        # Anchors that fell out with the old generation leave the reverse map.
+        previous = blocks.current
+        blocks.current = (previous + 1) % 4
+        blocks.fresh = 0
+        gen = blocks.gen
+        # Blocks older than the generation just closed leave, and their anchors with them.
+        dropped = [h for h, g in gen.items() if g != previous]
         for h in dropped:
-            if h not in blocks.old:
-                self._unanchor(h, endpoint_id)
+            del gen[h]
+            self._unanchor(h, endpoint_id)
 
     def _unanchor(self, h: int, endpoint_id: str) -> None:
         anchors = self._anchors
@@ -141,18 +152,19 @@ class PrefixIndex:
         blocks = self._blocks.pop(endpoint_id, None)
         if blocks is None:
             return
-        for generation in (blocks.young, blocks.old):
-            for h in generation:
-                self._unanchor(h, endpoint_id)
+        for h in blocks.gen:
+            self._unanchor(h, endpoint_id)
 
     def matches(self, hashes: Sequence[int]) -> dict[str, int]:
         """Endpoint id -> number of leading blocks of `hashes` it holds, for at most
         `max_matches` endpoints, deepest matches first.
 
         Walks the request's anchors from the deepest: holders of the anchor at depth d match at
-        least d blocks, and a binary search over (d, 2d) refines that (holding block k implies
-        0..k). Deep anchors are held by few endpoints, so this costs about log2(blocks) lookups
-        plus a few per match, whatever the number of endpoints."""
+        least d blocks, and a search over (d, 2d) refines that (holding block k implies 0..k).
+        It tries the two deepest depths first, because the common request is a prompt the
+        endpoint served plus one new block. Deep anchors are held by few endpoints, so this
+        costs about log2(blocks) lookups plus a few per match, whatever the number of
+        endpoints."""
         n = min(len(hashes), self._max_blocks)
         if n == 0:
             return {}
@@ -164,24 +176,26 @@ class PrefixIndex:
         while d >= 1:
             holders = anchors.get(hashes[d - 1])
             if holders:
-                top = min(2 * d - 1, n)
+                top = 2 * d - 1 if 2 * d - 1 < n else n
                 last = hashes[top - 1]
+                second = hashes[top - 2] if top - 1 > d else None
                 for endpoint_id in (holders,) if isinstance(holders, str) else reversed(holders):
                     if endpoint_id in found:
                         continue
                     blocks = blocks_of.get(endpoint_id)
                     if blocks is None:
                         continue
-                    young, old = blocks.young, blocks.old
-                    if last in young or last in old:
+                    gen = blocks.gen
+                    if last in gen:
                         found[endpoint_id] = top
+                    elif second is None or second in gen:
+                        found[endpoint_id] = top - 1
                     else:
-                        # Largest depth m in [d, top) whose block the endpoint holds.
-                        lo, hi = d, top - 1
+                        # Largest depth m in [d, top - 2] whose block the endpoint holds.
+                        lo, hi = d, top - 2
                         while lo < hi:
                             mid = (lo + hi + 1) // 2
-                            h = hashes[mid - 1]
-                            if h in young or h in old:
+                            if hashes[mid - 1] in gen:
                                 lo = mid
                             else:
                                 hi = mid - 1
@@ -198,8 +212,9 @@ class PrefixIndex:
         if blocks is None:
             return 0
         count = 0
+        gen = blocks.gen
         for h in hashes[: self._max_blocks]:
-            if h not in blocks:
+            if h not in gen:
                 break
             count += 1
         return count
