@@ -191,7 +191,8 @@ class Cluster:
             self._groups.setdefault(e.model, []).append(e.id)
         self._probe = {eid: _ProbeState() for eid in self.servers}
         self._block_tokens = {e.id: e.params.block_tokens for e in workload.endpoints}
-        # When the prober told the router that a dead endpoint is unhealthy; inf while unknown.
+        # Crash time of each endpoint that is down, and when the prober then told the router
+        # it is UNHEALTHY (absent until it does).
         self._down_since: dict[str, float] = {}
         self._detected_at: dict[str, float] = {}
         self._detection_delays: list[float] = []
@@ -214,7 +215,8 @@ class Cluster:
         loop = self.loop
         self.router.set_endpoints(list(self.endpoints.values()), now=0.0)
         for eid in self.servers:
-            # First full check at start, then liveness and scraping at random phases.
+            # Every endpoint passes a full check before traffic (the Decider was already up),
+            # then liveness checks and scrapes start at random phases.
             self._schedule_http(eid, 0.0)
             loop.at(self._rng.uniform(0, self.prober.liveness_interval_s), self._liveness, eid)
             loop.at(self._rng.uniform(0, self.prober.metrics_interval_s), self._scrape, eid)
