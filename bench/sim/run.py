@@ -100,17 +100,23 @@ def sweep(specs: Sequence[RunSpec], *, jobs: int) -> list[RunResult]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sim", description=__doc__)
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="one seed for everything (7)")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="arrival window multiplier (0.2 for a quick look)"
     )
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from {', '.join(WORKLOADS)}",
+    )
     parser.add_argument(
         "--strategies",
         default=",".join(DEFAULT_STRATEGIES),
         help="wire names; an empty name is the configured default strategy",
     )
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes"
+    )
     parser.add_argument(
         "--engine-config", type=Path, help="TOML file whose engine tables override the defaults"
     )
@@ -153,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         img_dir=None if args.no_write else args.img_dir,
     )
     print(text)
-    print(f"{len(specs)} runs in {elapsed:.1f} s of wall time with {args.jobs} processes")
+    workers = max(1, min(args.jobs, len(specs)))
+    print(f"{len(specs)} runs in {elapsed:.1f} s of wall time with {workers} processes")
     return 0
 
 
