@@ -115,7 +115,7 @@ def test_crash_is_detected_after_the_thresholds_and_the_dead_endpoint_is_avoided
     assert any(o.result is Result.ERROR and o.endpoint_id == "ep-1" for o in router.outcomes)
 
 
-def test_without_traffic_detection_waits_for_liveness(router):
+def test_without_failed_requests_detection_waits_for_a_liveness_check(router):
     prober = ProberParams(
         unhealthy_threshold=3,
         unhealthy_interval_s=1.0,
