@@ -159,8 +159,8 @@ class FactorWeights:
     # time to first token, load keeps a hot prefix from piling up, and latency (TTFT when
     # reported) only breaks near-ties, because a single slow answer is a noisy signal.
     load: float = 0.3
-    latency: float = 0.05
-    cache: float = 0.6
+    latency: float = 0.02
+    cache: float = 0.7
     quota: float = 0.05
     health: float = 0.05
     cost: float = 0.05

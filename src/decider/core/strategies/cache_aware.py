@@ -22,7 +22,7 @@ _LOAD_SCORE = attrgetter("load_score")
 class CacheAwareConfig:
     cache_weight: float = 0.7
     load_weight: float = 0.3
-    max_load_gap: float = 8.0
+    max_load_gap: float = 16.0
 
 
 class CacheAware:

@@ -34,7 +34,7 @@ _FACTORS = ("load", "latency", "cache", "quota", "health", "cost")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompositeConfig:
     weights: FactorWeights = field(default_factory=FactorWeights)
-    max_load_gap: float = 8.0
+    max_load_gap: float = 16.0
 
 
 def parse_weights(options: Mapping[str, Any], path: str, default: FactorWeights) -> FactorWeights:
@@ -109,7 +109,7 @@ class Composite:
         check_keys(options, {*_FACTORS, "max_load_gap"}, path)
         return CompositeConfig(
             weights=parse_weights(options, path, FactorWeights()),
-            max_load_gap=get_float(options, "max_load_gap", 8.0, path),
+            max_load_gap=get_float(options, "max_load_gap", 16.0, path),
         )
 
     def choose(self, ctx: PickContext) -> Choice:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from fakes import endpoint
 
 from decider.core.model import HealthStatus, LoadReport
@@ -72,5 +73,5 @@ def test_load_score_counts_reported_queue_and_recent_picks():
 
 
 def test_factor_weights_total():
-    assert FactorWeights().total == 1.1
+    assert FactorWeights().total == pytest.approx(1.17)
     assert FactorWeights(load=1, latency=0, cache=0, quota=0, health=0, cost=0).total == 1
