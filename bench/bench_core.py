@@ -251,9 +251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A fresh engine per strategy, as a deployment running that strategy would have:
             # scoring strategies keep rank heaps that every stats change updates.
             engine, requests = build(size)
-            samples = measure(engine, requests, strategy, n)
-            results[strategy, size] = (percentile(samples, 0.5), percentile(samples, 0.99))
-            gc.collect()
+            # Three rounds, reporting the median round: the machine is shared, and one busy
+            # moment should not decide a number.
+            rounds = []
+            for _ in range(1 if args.quick else 3):
+                samples = measure(engine, requests, strategy, n)
+                rounds.append((percentile(samples, 0.5), percentile(samples, 0.99)))
+                gc.collect()
+            rounds.sort()
+            p50 = rounds[len(rounds) // 2][0]
+            p99 = sorted(r[1] for r in rounds)[len(rounds) // 2]
+            results[strategy, size] = (p50, p99)
     gc.enable()
     rss_line = ""
     if not args.quick:
@@ -272,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Floor (empty function call, same timer): p50 {floor_p50:.2f} us,"
         f" p99 {percentile(floor, 0.99):.2f} us",
         "",
-        "p50 / p99 of one `Engine.decide()` in microseconds:",
+        "p50 / p99 of one `Engine.decide()` in microseconds (median of 3 rounds of"
+        " 2,000 decisions, 1,000 at 10,000 endpoints; outcomes reported between decisions,"
+        " 64 kept in flight):",
         "",
         "| strategy | " + " | ".join(f"{s:,} endpoints" for s in sizes) + " | 10k/100 p50 |",
         "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: |",
@@ -285,9 +295,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             if strategy in FLAT:
                 ratio += " (target <= 3x)"
         lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {ratio} |")
+    if 100 in sizes:
+        slow = [st for st in strategies if results[st, 100][0] > 20.0]
+        lines += [
+            "",
+            f"Target p50 <= 20 us at 100 endpoints: met by {len(strategies) - len(slow)} of"
+            f" {len(strategies)}" + (f" (missed: {', '.join(slow)})" if slow else ""),
+        ]
+    if 100 in sizes and 10_000 in sizes:
+        flat = [st for st in FLAT if st in strategies]
+        steep = [st for st in flat if results[st, 10_000][0] > 3 * results[st, 100][0]]
+        lines.append(
+            f"Target p50 at 10,000 within 3x of 100 ({', '.join(flat)}): met by"
+            f" {len(flat) - len(steep)} of {len(flat)}"
+            + (f" (missed: {', '.join(steep)})" if steep else "")
+        )
     if rss_line:
         lines += ["", f"RSS scenario: {rss_line} (target: rss < 150 MB)"]
-    lines += ["", f"Whole run: {elapsed:.0f} s"]
+    load = os.getloadavg()
+    lines += [
+        "",
+        f"Whole run: {elapsed:.0f} s; load average at the end {load[0]:.1f} / {load[1]:.1f} /"
+        f" {load[2]:.1f} (1 / 5 / 15 min) on {os.cpu_count()} CPUs",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:

@@ -37,10 +37,10 @@ from decider.core.quota import QuotaLedger
 from decider.core.settings import EngineSettings
 from decider.core.stats import (
     LABEL_TAG,
+    RECENT_TAU_S,
     EndpointStats,
     Scorer,
     median,
-    note_pick,
     record_latency,
 )
 from decider.core.strategies import STRATEGIES, Strategy
@@ -326,15 +326,11 @@ class Engine:
         decision_id = self._id_prefix + str(self._seq)
         self._begin(chosen, request, decision_id, now)
         if skipped is pool.skipped and not tier:
-            summary = pool.scratch.get("summary")
-            if summary is None:
-                summary = pool.scratch["summary"] = _summary(
-                    len(items), len(pool.candidates), skipped
-                )
+            summary = pool.summary
         else:
             summary = _summary(len(items), len(pool.candidates), skipped)
-        if pool.panic:
-            summary = "panic mode, health ignored: " + summary
+            if pool.panic:
+                summary = "panic mode, health ignored: " + summary
         reason = f"{arm_note}{choice.detail}; {summary}"
         return Decision(
             decision_id=decision_id,
@@ -353,7 +349,12 @@ class Engine:
         self, chosen: EndpointStats, request: RouteRequest, decision_id: str, now: float
     ) -> None:
         chosen.in_flight += 1
-        note_pick(chosen, now)
+        # One more recent pick, the older ones decayed (see stats.RECENT_TAU_S).
+        recent = chosen.recent
+        chosen.recent = (
+            recent * math.exp((chosen.recent_at - now) / RECENT_TAU_S) + 1.0 if recent else 1.0
+        )
+        chosen.recent_at = now
         if self._breakers.on_pick(chosen.id):
             self._drop_pools(chosen.model)
         tokens = request.estimated_input_tokens
@@ -613,8 +614,12 @@ class Engine:
             skipped = (
                 {"draining": len(candidates) - len(items)} if len(items) < len(candidates) else {}
             )
+        summary = _summary(len(items), len(candidates), skipped)
+        if panic:
+            summary = "panic mode, health ignored: " + summary
         pool = Pool(
             key=(model, caps),
+            summary=summary,
             items=items,
             standby=standby,
             registered=len(group),

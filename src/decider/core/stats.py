@@ -51,11 +51,6 @@ def tags_of(endpoint: Endpoint) -> frozenset[str]:
 RECENT_TAU_S = 1.0
 
 
-def note_pick(s: EndpointStats, now: float) -> None:
-    s.recent = s.recent * math.exp((s.recent_at - now) / RECENT_TAU_S) + 1.0
-    s.recent_at = now
-
-
 class EndpointStats:
     """Everything a decision reads about one endpoint."""
 

@@ -43,6 +43,7 @@ class Pool:
         "scratch",
         "skipped",
         "standby",
+        "summary",
         "valid_until",
     )
 
@@ -58,8 +59,11 @@ class Pool:
         valid_until: float,
         panic: bool,
         has_limits: bool,
+        summary: str = "",
     ) -> None:
         self.key = key
+        # The filters' part of a reason, e.g. "3 of 5 candidates, 1 unhealthy, 1 breaker open".
+        self.summary = summary
         self.model = key[0]
         # Usable now, best health tier only (HEALTHY, else UNKNOWN, else DEGRADED).
         self.items = items
@@ -240,24 +244,6 @@ def best_by(
     return bottom_k(ctx.items, count, key)
 
 
-def top_k(
-    items: Sequence[EndpointStats], count: int, key: Callable[[EndpointStats], Any]
-) -> list[EndpointStats]:
-    """The `count` items with the largest key, best first. For the few fallbacks a decision needs,
-    repeated C-level max() passes beat sorting or a Python-level heap."""
-    best = max(items, key=key)
-    if count == 1 or len(items) == 1:
-        return [best]
-    rest = list(items)
-    rest.remove(best)
-    out = [best]
-    while len(out) < count and rest:
-        nxt = max(rest, key=key)
-        rest.remove(nxt)
-        out.append(nxt)
-    return out
-
-
 def bottom_k(
     items: Sequence[EndpointStats], count: int, key: Callable[[EndpointStats], Any]
 ) -> list[EndpointStats]:
@@ -303,14 +289,6 @@ def sample_distinct(
                 if len(out) == want:
                     break
     return out
-
-
-def in_flight_list(picked: Sequence[EndpointStats]) -> str:
-    """ "5 and 7", "5, 7 and 9": cheap phrase for reason strings."""
-    values = [str(s.in_flight) for s in picked]
-    if len(values) <= 1:
-        return "".join(values)
-    return ", ".join(values[:-1]) + " and " + values[-1]
 
 
 def plain_ranking(ctx: PickContext, order: Sequence[EndpointStats], score: str) -> list[Ranked]:
