@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -213,21 +214,15 @@ class StrategyFactory(Protocol):
 # -- helpers shared by strategies ---------------------------------------------------------------
 
 
-# Rank keys (smallest is best), shared so that strategies ranking alike share one heap.
-def load_key(s: EndpointStats) -> float:
-    return s.load
+# Rank keys (smallest is best), shared so that strategies ranking alike share one heap; C-level
+# attrgetters where one attribute will do, since heaps call them on every stats change.
+load_key: Callable[[EndpointStats], int] = attrgetter("load")
+latency_key: Callable[[EndpointStats], float] = attrgetter("latency_cost")
+cost_key: Callable[[EndpointStats], tuple[float, int]] = attrgetter("cost", "load")
 
 
 def composite_key(s: EndpointStats) -> float:
     return -s.base_score
-
-
-def latency_key(s: EndpointStats) -> float:
-    return s.latency_cost
-
-
-def cost_key(s: EndpointStats) -> tuple[float, int]:
-    return (s.cost, s.load)
 
 
 def quota_key(s: EndpointStats) -> tuple[float, float]:
