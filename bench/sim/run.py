@@ -102,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sim", description=__doc__)
     parser.add_argument("--seed", type=int, default=7, help="one seed for everything (7)")
     parser.add_argument(
+        "--other-seeds",
+        default="11,23",
+        help="seeds whose sweeps only check the targets again (comma-separated, '' for none)",
+    )
+    parser.add_argument(
         "--scale", type=float, default=1.0, help="arrival window multiplier (0.2 for a quick look)"
     )
     parser.add_argument(
@@ -140,16 +145,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         with args.engine_config.open("rb") as f:
             overrides = tomllib.load(f)
 
+    other_seeds = [int(x) for x in args.other_seeds.split(",") if x.strip()]
+    seeds = [args.seed, *(x for x in other_seeds if x != args.seed)]
     specs = [
-        RunSpec(workload=w, strategy=s, seed=args.seed, scale=args.scale, engine_tables=overrides)
+        RunSpec(workload=w, strategy=s, seed=seed, scale=args.scale, engine_tables=overrides)
+        for seed in seeds
         for w in workloads
         for s in strategies
     ]
     started = time.perf_counter()
     results = sweep(specs, jobs=args.jobs)
     elapsed = time.perf_counter() - started
+    per_seed = len(workloads) * len(strategies)
+    by_seed = {seed: results[i * per_seed : (i + 1) * per_seed] for i, seed in enumerate(seeds)}
     text = write_report(
-        results,
+        by_seed[args.seed],
+        other_seeds={seed: r for seed, r in by_seed.items() if seed != args.seed},
         seed=args.seed,
         scale=args.scale,
         default_strategy=default_name,

@@ -58,6 +58,7 @@ def test_numbers_do_not_depend_on_string_hash_randomisation(tmp_path):
                 "--workloads=two_models",
                 "--strategies=,least_request",
                 "--scale=0.05",
+                "--other-seeds=",
                 "--jobs=1",
                 "--no-write",
             ],

@@ -1,7 +1,7 @@
 import math
 
 from bench.sim.metrics import RunResult
-from bench.sim.report import THROUGHPUT_PLOT, TTFT_PLOT, check_targets, write_report
+from bench.sim.report import THROUGHPUT_PLOT, TTFT_PLOT, across_seeds, check_targets, write_report
 from bench.sim.workloads import WORKLOADS
 
 
@@ -73,3 +73,12 @@ def test_report_writes_markdown_and_plots(tmp_path):
     assert "Seed 1" in text and "| composite (default) |" in text
     assert (tmp_path / "img" / TTFT_PLOT).stat().st_size > 0
     assert (tmp_path / "img" / THROUGHPUT_PLOT).stat().st_size > 0
+
+
+def test_other_seeds_recheck_the_targets():
+    good = [result("uniform", "", 1.0), result("uniform", "round_robin", 1.1)]
+    bad = [result("uniform", "", 2.0), result("uniform", "round_robin", 1.0)]
+    text = across_seeds({7: good, 11: bad}, "composite")
+    assert "| 7 | 2 of 2 | - |" in text
+    assert "| 11 | 1 of 2 | uniform: TTFT p90 within 15% of the best" in text
+    assert across_seeds({7: good}, "composite") == ""
