@@ -278,3 +278,40 @@ async def test_decider_probe_command_end_to_end(start_server, backends):
             _, stderr = await asyncio.wait_for(proc.communicate(), 10)
         assert proc.returncode == 0, stderr.decode()
         assert b"sesame" not in stderr
+
+
+async def test_with_traffic_a_killed_backend_stops_being_chosen_quickly(start_server, backends):
+    alive, victim = await backends(), await backends()
+    doc = {"endpoints": [endpoint_doc("alive", alive), endpoint_doc("victim", victim)]}
+    async with start_server(doc) as srv:
+        await wait_status(srv, "victim", HEALTHY, within_s=10)
+        await wait_status(srv, "alive", HEALTHY, within_s=10)
+
+        async def gateway_request() -> str:
+            """Decide, dial the chosen address as a gateway would, report what happened."""
+            d = await srv.decider.Decide(dpb.DecideRequest(model="m"))
+            host, port = d.endpoint.address.rsplit(":", 1)
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.close()
+                result = dpb.RESULT_SUCCESS
+            except OSError:
+                result = dpb.RESULT_ERROR
+            await srv.decider.ReportOutcome(
+                dpb.ReportOutcomeRequest(
+                    decision_id=d.decision_id, endpoint_id=d.endpoint.id, result=result
+                )
+            )
+            return d.endpoint.id
+
+        for _ in range(20):
+            await gateway_request()
+        killed_at = time.monotonic()
+        await victim.kill()
+        last_victim = killed_at
+        while time.monotonic() - killed_at < 4:
+            if await gateway_request() == "victim":
+                last_victim = time.monotonic()
+            await asyncio.sleep(0.005)
+        # The target is 1 s; 3 s is the generous bound for a shared test machine.
+        assert last_victim - killed_at < 3
