@@ -1,9 +1,10 @@
 """composite (the default): a weighted sum of load, latency, cache, quota, health and cost scores.
 
 Every factor but cache depends only on the endpoint, so the engine keeps each endpoint's weighted
-sum of those (`base_score`) up to date as its stats change; a decision adds the request's
-prefix-cache match for the few endpoints that hold its first block and takes the best. As in
-SGLang's router, an endpoint more than `max_load_gap` requests busier than the least loaded one
+sum of those (`base_score`) up to date as its stats change, in a rank heap; a decision takes the
+best few from the heap, adds the request's prefix-cache match for the few endpoints the prefix
+index finds, and takes the best of both. As in
+SGLang's router, an endpoint more than `max_load_gap` requests busier than the best-ranked one
 gets no cache credit, so a hot prefix cannot pile onto one endpoint.
 """
 
@@ -114,8 +115,10 @@ class Composite:
 
     def choose(self, ctx: PickContext) -> Choice:
         share = ctx.scorer.cache_share
-        credits, _ = cache_credits(ctx, share, self._config.max_load_gap)
         top = best_by(ctx, "composite", composite_key, ctx.count)
+        # The balance guard measures against the best endpoint without cache credit (usually
+        # among the least loaded), which spares a second heap on every stats change.
+        credits, _ = cache_credits(ctx, share, self._config.max_load_gap, top[0].load)
         if not credits:
             picked = top
             best = picked[0]
