@@ -4,7 +4,8 @@ the next decision good. Pure: no gRPC, no I/O; time comes in as `now`, randomnes
 decide = candidates (per-model index) -> filters (health, breaker, cooldown, capacity, tenant
 quota) -> strategy pick -> fallbacks -> in-flight and quota accounting. The usable endpoints of a
 (model, capabilities) pair are cached in a Pool, rebuilt only when health, breakers, cooldowns or
-membership change, so a decision costs O(1) for the rotation and sampling strategies.
+membership change, so a decision costs O(1) for the rotation and sampling strategies and
+O(log n) for the scoring ones. See docs/ENGINE.md.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from decider.core.stats import (
 )
 from decider.core.strategies import STRATEGIES, Strategy
 from decider.core.strategies.ab_split import AbSplit
-from decider.core.strategies.base import Choice, PickContext, Pool, Ranked
+from decider.core.strategies.base import PickContext, Pool, Ranked
 from decider.core.strategies.composite import Composite
 from decider.core.strategies.latency import Latency
 from decider.errors import InvalidArgument
@@ -64,9 +65,6 @@ SKIP_PHRASES: Mapping[str, str] = MappingProxyType(
         "at_capacity": "at capacity",
     }
 )
-_STANDBY_KEYS = ("unknown_health", "degraded")
-_NO_SKIPS: Mapping[str, int] = MappingProxyType({})
-_EMPTY_CAPS: frozenset[str] = frozenset()
 # How often tick() refreshes every endpoint's scores (stale load reports, quota refill) and each
 # model's latency reference.
 _REFRESH_EVERY_S = 1.0
@@ -902,4 +900,4 @@ def _tiers(pool: Pool) -> list[tuple[str, list[EndpointStats]]]:
     return tiers
 
 
-__all__ = ["SKIP_PHRASES", "Choice", "Engine", "EngineSettings"]
+__all__ = ["SKIP_PHRASES", "Engine", "EngineSettings"]
