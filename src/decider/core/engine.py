@@ -718,7 +718,9 @@ class Engine:
         if outcome.load is not None:
             target.load_report = outcome.load
             target.load_at = now
-        if target.latency_at == now:
+        limited = target.endpoint.requests_per_minute or target.endpoint.tokens_per_minute
+        if target.latency_at == now or limited:
+            # A latency sample or a quota change moves the factors rescore_load keeps.
             self._scorer.rescore(target, now)
         else:
             self._scorer.rescore_load(target, now)
