@@ -172,6 +172,26 @@ def floor_ns(n: int) -> list[int]:
     return samples
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def python_name() -> str:
+    """The interpreter as the command was typed: .venv/bin/python inside the checkout."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(ROOT))
+    except ValueError:
+        return exe.name
+
+
 def rss_scenario() -> str:
     """Runs in a fresh process; prints one line of results."""
     import resource
@@ -243,25 +263,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     floor = floor_ns(20_000)
     floor_p50 = percentile(floor, 0.5)
     results: dict[tuple[str, int], tuple[float, float]] = {}
-    for size in sizes:
-        n = 2000 if size <= 1000 else 1000
-        if args.quick:
-            n //= 4
-        for strategy in strategies:
-            # A fresh engine per strategy, as a deployment running that strategy would have:
-            # scoring strategies keep rank heaps that every stats change updates.
-            engine, requests = build(size)
-            # Three rounds, reporting the median round: the machine is shared, and one busy
-            # moment should not decide a number.
-            rounds = []
-            for _ in range(1 if args.quick else 3):
+    # Rounds are spread over the whole run (round-major), so that a busy moment on this shared
+    # machine spoils one round of a cell rather than all of them; each cell reports its median
+    # round. Every round uses a fresh engine, as a deployment running that strategy would have
+    # (scoring strategies keep rank heaps that every stats change updates).
+    rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for _ in range(1 if args.quick else 3):
+        for size in sizes:
+            n = 2000 if size <= 1000 else 1000
+            if args.quick:
+                n //= 4
+            for strategy in strategies:
+                engine, requests = build(size)
                 samples = measure(engine, requests, strategy, n)
-                rounds.append((percentile(samples, 0.5), percentile(samples, 0.99)))
+                rounds.setdefault((strategy, size), []).append(
+                    (percentile(samples, 0.5), percentile(samples, 0.99))
+                )
+                del engine, requests
                 gc.collect()
-            rounds.sort()
-            p50 = rounds[len(rounds) // 2][0]
-            p99 = sorted(r[1] for r in rounds)[len(rounds) // 2]
-            results[strategy, size] = (p50, p99)
+    for cell, runs in rounds.items():
+        middle = len(runs) // 2
+        results[cell] = (sorted(r[0] for r in runs)[middle], sorted(r[1] for r in runs)[middle])
     gc.enable()
     rss_line = ""
     if not args.quick:
@@ -272,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     lines = [
-        f"Command: `{Path(sys.executable).name} bench/bench_core.py"
-        f"{' --quick' if args.quick else ''}`",
-        f"Machine: {platform.machine()}, nproc {os.cpu_count()}, Python"
+        f"Command: `make bench` (`{python_name()} bench/bench_core.py"
+        f"{' --quick' if args.quick else ''}`)",
+        f"Machine: {cpu_model()}, {platform.machine()}, nproc {os.cpu_count()}, Python"
         f" {platform.python_version()} ({platform.python_implementation()}),"
         f" {platform.system()} {platform.release()}",
         f"Floor (empty function call, same timer): p50 {floor_p50:.2f} us,"
