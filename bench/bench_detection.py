@@ -36,7 +36,7 @@ import contextlib
 
 from decider.core.model import Endpoint, HealthStatus, LoadReport, MetricsKind
 from probe import Prober, ProbeSettings, parse_load
-from probe.checks import tcp_connect
+from probe.checks import TcpConnector
 from probe.standin import StandIn
 
 
@@ -150,6 +150,7 @@ async def steady_cost(variant: str, ports: list[int], n: int, seconds: float) ->
     endpoints = [endpoint(f"e{i}", ports[i % len(ports)]) for i in range(n)]
     sink = Sink(time.monotonic)
     counter = [0]
+    tcp_connect = TcpConnector()
 
     async def counting_connect(host: str, port: int, timeout_s: float) -> None:
         counter[0] += 1
@@ -235,6 +236,7 @@ class CountingTransport(httpx.AsyncBaseTransport):
 async def one_round(ports: list[int], n: int) -> tuple[float, float]:
     """Wall and CPU seconds for one liveness connect to each of n endpoints, all at once."""
     targets = [ports[i % len(ports)] for i in range(n)]
+    tcp_connect = TcpConnector()
     cpu0, wall0 = time.process_time(), time.monotonic()
     results = await asyncio.gather(
         *(tcp_connect("127.0.0.1", p, 2.0) for p in targets), return_exceptions=True

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import ipaddress
+import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -104,38 +107,93 @@ async def liveness_connect(
     )
 
 
-async def tcp_connect(host: str, port: int, timeout_s: float) -> None:
-    """Open a TCP connection and close it with a reset.
+_Address = tuple[socket.AddressFamily, tuple[str, int]]
 
-    The reset (SO_LINGER 0, as HAProxy's tcp checks do) leaves no TIME_WAIT socket behind:
-    1000 endpoints checked every 2 s would otherwise pin ~30000 sockets at any moment.
-    Raw non-blocking sockets skip the StreamReader/transport objects open_connection builds.
+
+class TcpConnector:
+    """The default Connector: open a TCP connection and close it with a reset.
+
+    The reset (SO_LINGER 0, as HAProxy's TCP checks do) leaves no TIME_WAIT socket behind:
+    1000 endpoints checked every 2 s would otherwise pin ~30000 sockets at any moment. The
+    socket is driven by hand (connect_ex, then one writer callback when the connect is still in
+    progress) rather than through loop.sock_connect, which resolves the address again on every
+    call. Host names are resolved once per `resolve_every_s` and again after any failure, not
+    on each check (getaddrinfo runs in a thread).
     """
-    loop = asyncio.get_running_loop()
-    family, address = await _resolve(loop, host, port)
+
+    def __init__(
+        self, *, resolve_every_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._resolve_every_s = resolve_every_s
+        self._clock = clock
+        self._resolved: dict[tuple[str, int], tuple[float, list[_Address]]] = {}
+
+    async def __call__(self, host: str, port: int, timeout_s: float) -> None:
+        try:
+            addresses = await self._addresses(host, port)
+            # Every address in order, as socket.create_connection does: "localhost" may list
+            # ::1 first for a server that listens on 127.0.0.1 only.
+            for i, (family, address) in enumerate(addresses):
+                try:
+                    await _connect_and_reset(family, address, timeout_s)
+                    return
+                except OSError:
+                    if i == len(addresses) - 1:
+                        raise
+        except OSError:
+            self._resolved.pop((host, port), None)
+            raise
+
+    async def _addresses(self, host: str, port: int) -> list[_Address]:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [((socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (host, port))]
+        now = self._clock()
+        cached = self._resolved.get((host, port))
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses: list[_Address] = [
+            (info[0], (str(info[4][0]), int(info[4][1]))) for info in infos
+        ]
+        if not addresses:
+            raise OSError(f"no address for {host}")
+        self._resolved[(host, port)] = (now + self._resolve_every_s, addresses)
+        return addresses
+
+
+async def _connect_and_reset(
+    family: socket.AddressFamily, address: tuple[str, int], timeout_s: float
+) -> None:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        async with asyncio.timeout(timeout_s):
-            await loop.sock_connect(sock, address)
+        err = sock.connect_ex(address)
+        if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            # Not on loopback, where connect() finishes at once; over a network it does not.
+            loop = asyncio.get_running_loop()
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), _resolve, writable)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await writable
+            finally:
+                loop.remove_writer(sock.fileno())
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         sock.close()
 
 
-async def _resolve(
-    loop: asyncio.AbstractEventLoop, host: str, port: int
-) -> tuple[socket.AddressFamily, tuple[str, int]]:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if not infos:
-            raise OSError(f"no address for {host}") from None
-        family, _, _, _, sockaddr = infos[0]
-        return family, (str(sockaddr[0]), int(sockaddr[1]))
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return family, (host, port)
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def describe_error(exc: BaseException) -> str:

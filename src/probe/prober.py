@@ -20,7 +20,14 @@ import httpx
 
 from decider.core.model import Endpoint, HealthStatus, LoadReport
 
-from .checks import CheckKind, Connector, ProbeResult, http_check, liveness_connect, tcp_connect
+from .checks import (
+    CheckKind,
+    Connector,
+    ProbeResult,
+    TcpConnector,
+    http_check,
+    liveness_connect,
+)
 from .health import EndpointHealth
 from .load import parse_load
 from .settings import ProbeSettings
@@ -87,7 +94,7 @@ class Prober:
         self._settings = settings
         self._sink = sink
         self._clock = clock
-        self._connect = connect or tcp_connect
+        self._connect = connect or TcpConnector(resolve_every_s=settings.interval_s)
         self._rng = rng or random.Random()
         self._on_result = on_result
         self._on_scrape_error = on_scrape_error

@@ -202,3 +202,60 @@ async def test_probe_soon_confirms_a_failure_without_waiting_for_the_interval(ru
     await backend.kill()
     prober.probe_soon("p")
     await wait_for(lambda: sink.last("p") == H.UNHEALTHY, within_s=10)
+
+
+async def test_tcp_connector_against_real_sockets(backends):
+    from probe.checks import TcpConnector
+
+    backend = await backends()
+    connect = TcpConnector()
+    await connect("127.0.0.1", backend.port, 1.0)
+    await connect("localhost", backend.port, 1.0)
+    await backend.kill()
+    with pytest.raises(ConnectionRefusedError):
+        await connect("127.0.0.1", backend.port, 1.0)
+    with pytest.raises(ConnectionRefusedError):
+        await connect("localhost", backend.port, 1.0)
+
+
+async def test_tcp_connector_times_out_when_syns_go_unanswered():
+    import socket
+
+    from probe.checks import TcpConnector
+
+    # A listener that never accepts, with a full backlog: further connects stay in progress.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    connect = TcpConnector()
+    try:
+        outcomes = []
+        for _ in range(3):
+            try:
+                await connect("127.0.0.1", port, 0.3)
+                outcomes.append("ok")
+            except TimeoutError:
+                outcomes.append("timeout")
+        assert "timeout" in outcomes
+    finally:
+        listener.close()
+
+
+async def test_host_names_in_health_urls_work(running, backends):
+    backend = await backends()
+    sink = Sink()
+    prober = running(ProbeSettings(unhealthy_interval_s=0.3), sink)
+    prober.set_endpoints(
+        [
+            Endpoint(
+                id="named",
+                address=f"localhost:{backend.port}",
+                model="m",
+                health_url=f"http://localhost:{backend.port}/health",
+            )
+        ]
+    )
+    await wait_for(lambda: sink.last("named") == H.HEALTHY, within_s=10)
+    await backend.kill()
+    await wait_for(lambda: sink.last("named") == H.UNHEALTHY, within_s=10)
