@@ -60,6 +60,8 @@ class CircuitBreakers:
         self._entries: dict[str, _Breaker] = {}
         # Earliest open_until among open breakers, so callers skip `advance` cheaply.
         self.next_deadline = math.inf
+        # Breakers now half-open, so callers skip `on_pick` cheaply when there are none.
+        self.half_open = 0
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -68,7 +70,9 @@ class CircuitBreakers:
             self._entries[endpoint_id] = _Breaker(now)
 
     def remove(self, endpoint_id: str) -> None:
-        self._entries.pop(endpoint_id, None)
+        entry = self._entries.pop(endpoint_id, None)
+        if entry is not None and entry.state is BreakerState.HALF_OPEN:
+            self.half_open -= 1
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -158,6 +162,7 @@ class CircuitBreakers:
                 continue
             if entry.open_until <= now:
                 entry.state = BreakerState.HALF_OPEN
+                self.half_open += 1
                 entry.trials_out = 0
                 entry.trial_successes = 0
                 moved.append(
@@ -197,6 +202,8 @@ class CircuitBreakers:
 
     def _open(self, endpoint_id: str, entry: _Breaker, now: float, why: str) -> BreakerTransition:
         s = self._s
+        if entry.state is BreakerState.HALF_OPEN:
+            self.half_open -= 1
         if entry.state is BreakerState.CLOSED:
             # Healthy time since the last close earns the multiplier back, one step per open_s.
             entry.ejections = max(0, entry.ejections - int((now - entry.closed_at) // s.open_s))
@@ -216,6 +223,8 @@ class CircuitBreakers:
         )
 
     def _close(self, endpoint_id: str, entry: _Breaker, now: float) -> BreakerTransition:
+        if entry.state is BreakerState.HALF_OPEN:
+            self.half_open -= 1
         entry.state = BreakerState.CLOSED
         entry.closed_at = now
         entry.consecutive = 0

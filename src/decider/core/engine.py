@@ -353,7 +353,7 @@ class Engine:
             recent * math.exp((chosen.recent_at - now) / RECENT_TAU_S) + 1.0 if recent else 1.0
         )
         chosen.recent_at = now
-        if self._breakers.on_pick(chosen.id):
+        if self._breakers.half_open and self._breakers.on_pick(chosen.id):
             self._drop_pools(chosen.model)
         tokens = request.estimated_input_tokens
         if self._quotas_on:

@@ -206,3 +206,18 @@ def test_rate_limited_cools_down_without_counting_as_a_failure(result):
     d = engine.decide(request(strategy="round_robin"), now=clock.advance(5.0))
     ids = {d.endpoint.id, *(f.id for f in d.fallbacks)} if isinstance(d, Decision) else set()
     assert ids == {"a", "b"}
+
+
+def test_the_half_open_count_follows_every_transition():
+    clock = FakeClock()
+    b = CircuitBreakers(BreakerSettings(half_open_successes=1))
+    for endpoint_id in ("a", "b", "c"):
+        b.add(endpoint_id, now=clock.now)
+        fail(b, endpoint_id, clock, 5)
+    assert b.half_open == 0
+    b.advance(clock.advance(30))
+    assert b.half_open == 3
+    b.record("a", ok=True, now=clock.now)  # closes
+    b.record("b", ok=False, now=clock.now)  # opens again
+    b.remove("c")
+    assert b.half_open == 0
