@@ -118,3 +118,21 @@ def test_endpoint_requests_and_tokens_per_minute():
     assert third.skipped == {"at_capacity": 2}
     later = engine.decide(request(estimated_input_tokens=600), now=clock.advance(60))
     assert isinstance(later, Decision)
+
+
+def test_actual_tokens_replace_the_estimate_in_the_endpoint_bucket():
+    engine, clock = make({}, [endpoint("a", tokens_per_minute=1000)])
+    d = engine.decide(request(estimated_input_tokens=900), now=clock.now)
+    assert isinstance(d, Decision)
+    assert isinstance(engine.decide(request(estimated_input_tokens=200), now=clock.now), Refusal)
+    engine.record_outcome(
+        Outcome(
+            decision_id=d.decision_id,
+            endpoint_id="a",
+            result=Result.SUCCESS,
+            input_tokens=50,
+            output_tokens=50,
+        ),
+        now=clock.now,
+    )
+    assert isinstance(engine.decide(request(estimated_input_tokens=200), now=clock.now), Decision)
