@@ -79,6 +79,8 @@ class Rpc:
     conventions: `$package.$service/$method`)."""
 
     DECIDE: Final = "decider.v1.DeciderService/Decide"
+    # One span per stream (not per message): its decisions show in the metrics.
+    DECIDE_STREAM: Final = "decider.v1.DeciderService/DecideStream"
     REPORT_OUTCOME: Final = "decider.v1.DeciderService/ReportOutcome"
     WATCH_HEALTH: Final = "decider.v1.DeciderService/WatchHealth"
     REGISTER_ENDPOINT: Final = "decider.v1.RegistryService/RegisterEndpoint"

@@ -422,3 +422,22 @@ async def test_decider_endpoints_and_decide_commands_against_a_real_server(start
         code, _, err = await _decider("decide", *target, "--model", "gpt-7")
         assert code == 1
         assert "NOT_FOUND: no endpoint serves model 'gpt-7'" in err
+
+
+async def test_a_decide_stream_is_one_span_in_the_callers_trace(tmp_path):
+    with OtlpReceiver() as receiver:
+        tracing = Tracing.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
+        settings = make_settings(tmp_path, endpoints_doc("m", 2, routing=ROUND_ROBIN))
+        async with running(settings, tracing=tracing) as srv:
+            requests = [
+                dpb.DecideStreamRequest(correlation_id=i, decide=dpb.DecideRequest(model="m"))
+                for i in range(3)
+            ]
+            call = srv.decider.DecideStream(iter(requests), metadata=TRACEPARENT, timeout=10)
+            answers = [answer async for answer in call]
+            spans = await _spans(receiver, tracing, 1)
+    assert [a.correlation_id for a in answers] == [0, 1, 2]
+    (span,) = _by_name(spans, "decider.v1.DeciderService/DecideStream")
+    assert span.trace_id == TRACE_ID
+    assert span.parent_span_id == PARENT_SPAN_ID
+    assert span.attributes["rpc.grpc.status_code"] == 0

@@ -79,6 +79,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
             self._on_failure(outcome.endpoint_id)
         return dpb.ReportOutcomeResponse(decision_found=found)
 
+    @traced_stream(Rpc.DECIDE_STREAM)
     async def DecideStream(
         self, requests: AsyncIterator[dpb.DecideStreamRequest], context: Context
     ) -> AsyncIterator[dpb.DecideStreamResponse]:
