@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-grpc sim clean
+.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-grpc bench-tracing sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -107,6 +107,11 @@ bench: install
 # "gRPC load" numbers to bench/results/ and the plot to docs/img/. Never part of `make test`.
 bench-grpc: install $(TOOLS)/bin/ghz
 	$(PY) bench/grpc/bench_grpc.py --ghz $(TOOLS)/bin/ghz
+
+# Tracing overhead end to end: Decide throughput with tracing off, a 1% sampler and always_on,
+# alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
+bench-tracing: install $(TOOLS)/bin/ghz
+	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install
