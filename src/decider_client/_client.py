@@ -539,7 +539,20 @@ class DeciderClient:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * multiplier, max_backoff_s)
             start = time.perf_counter()
-            result = await attempt(ep)
+            try:
+                result = await attempt(ep)
+            except asyncio.CancelledError:
+                # The caller gave up, which says nothing about the endpoint: CANCELLED frees
+                # the decision's in-flight slot without a breaker failure or latency sample.
+                self.report_outcome_nowait(
+                    Outcome(
+                        decision_id=decision.decision_id,
+                        endpoint_id=ep.id,
+                        result=dpb.RESULT_CANCELLED,
+                        latency_s=time.perf_counter() - start,
+                    )
+                )
+                raise
             latency_s = time.perf_counter() - start
             routed.tried.append(ep.id)
             routed.endpoint, routed.attempt = ep, result

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from decider_support import endpoints_doc
 from google.protobuf.duration_pb2 import Duration
 
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
+from decider_client import Attempt, DeciderClient
 
 
 async def test_cancelled_outcome_frees_in_flight_and_charges_nothing(start_server):
@@ -29,3 +33,27 @@ async def test_cancelled_outcome_frees_in_flight_and_charges_nothing(start_serve
         assert status.in_flight == 0
         assert status.breaker_state == epb.BREAKER_STATE_CLOSED
         assert status.latency_ewma.ToNanoseconds() == 0
+
+
+async def test_python_client_reports_a_cancelled_attempt_as_cancelled(start_server):
+    async with (
+        start_server(endpoints_doc("m", 2)) as srv,
+        DeciderClient(srv.address, decide_timeout_s=5) as client,
+    ):
+        started = asyncio.Event()
+
+        async def hang(ep: epb.Endpoint) -> Attempt:
+            started.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        routing = asyncio.create_task(client.route(dpb.DecideRequest(model="m"), hang))
+        await asyncio.wait_for(started.wait(), 10)
+        routing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await routing
+        await client.flush()
+        listed = await srv.registry.ListEndpoints(rpb.ListEndpointsRequest(model="m"), timeout=5)
+        assert {s.in_flight for s in listed.statuses.values()} == {0}
+        assert client.stats.failed_reports == 0
+        assert {s.breaker_state for s in listed.statuses.values()} == {epb.BREAKER_STATE_CLOSED}

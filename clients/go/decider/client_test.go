@@ -303,8 +303,9 @@ func TestRouteDoesNotBlameTheEndpointWhenTheCallerGivesUp(t *testing.T) {
 	if err := c.Flush(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if outs := f.Outcomes(); len(outs) != 0 {
-		t.Fatalf("reported %v for a cancelled request", outs)
+	outs := f.Outcomes()
+	if len(outs) != 1 || outs[0].GetResult() != pb.Result_RESULT_CANCELLED || outs[0].GetEndpointId() != "a" {
+		t.Fatalf("reported %v for a cancelled request, want one RESULT_CANCELLED for a", outs)
 	}
 }
 

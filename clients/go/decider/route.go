@@ -98,9 +98,10 @@ func (c *Client) Route(ctx context.Context, req *pb.DecideRequest, try TryFunc) 
 		out.Endpoint, out.Attempt = ep, a
 		if ctx.Err() != nil && a.Result != pb.Result_RESULT_SUCCESS {
 			// The caller gave up (a user closing the connection), which says nothing about
-			// the endpoint. The contract has no "cancelled" result, so report nothing rather
-			// than an error that would count toward the endpoint's breaker; the decision's
-			// in-flight slot expires on the server.
+			// the endpoint: RESULT_CANCELLED frees the decision's in-flight slot at once
+			// without counting toward the endpoint's breaker or latency.
+			c.ReportOutcomeAsync(Outcome{DecisionID: dec.ID, EndpointID: ep.GetId(),
+				Result: pb.Result_RESULT_CANCELLED, Latency: latency})
 			return out, ctx.Err()
 		}
 		c.ReportOutcomeAsync(Outcome{
