@@ -86,6 +86,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self._max = max_concurrent
         self._active = 0
         self.draining = False
+        # method -> (the handler wrapped, the wrapper): built once per method, not per call.
+        self._counted: dict[str, tuple[Handler, Handler]] = {}
 
     @property
     def active(self) -> int:
@@ -103,6 +105,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.response_streaming:
             return self._checked_stream(handler)
+        cached = self._counted.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        counted = self._counted_unary(handler)
+        self._counted[handler_call_details.method] = (handler, counted)
+        return counted
+
+    def _counted_unary(self, handler: Handler) -> Handler:
         # grpc.aio stores the servicer's coroutine method here; the stubs type it for sync.
         behavior = cast(UnaryBehavior, handler.unary_unary)
 
