@@ -1,17 +1,15 @@
 """Bench-only launcher: the same Decider under different server architectures.
 
     python bench/grpc/launch.py --arch aio|uvloop|sync --config FILE --listen HOST:PORT
-                                [--processes N] [--cache-protos]
+                                [--processes N]
 
-- aio:    decider.server.DeciderServer as `decider serve` runs it (grpc.aio, asyncio loop), plus
-          a bench-only bidirectional DecideStream method (STREAM_METHOD) on the same server.
-- uvloop: the same server on uvloop's event loop.
+- aio:    decider.server.DeciderServer (grpc.aio) on asyncio's own event loop
+          (`[server] event_loop = "asyncio"`).
+- uvloop: the same server on uvloop's event loop, what `decider serve` runs by default.
 - sync:   grpc.server on a thread pool with a synchronous DeciderService over the same engine,
           validation and conversions (no interceptors; the engine behind one lock).
 - --processes N: N copies of the chosen architecture on one port with SO_REUSEPORT; the kernel
           spreads connections over them. Each process has its own engine state.
-
-- --cache-protos: a proposed change to the Decide adapter (see _cache_endpoint_protos).
 
 Each process logs "decider serving on ... (port N)" as `decider serve` does. Nothing here is
 used outside bench/grpc; the architecture the server ships is chosen from these measurements.
@@ -34,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from decider import config
+from decider import config, logs
 
 
 def _aio_server_options(reuseport: bool) -> None:
@@ -51,41 +49,11 @@ def _aio_server_options(reuseport: bool) -> None:
     grpc.aio.server = server  # type: ignore[assignment]
 
 
-# A bench-only bidirectional stream of Decide calls, to measure what a streaming Decide
-# would cost per decision next to the unary one (it is not part of the contract).
-STREAM_METHOD = "/decider.bench.v1.BenchStream/DecideStream"
-
-
-def _stream_handler(server: Any) -> grpc.GenericRpcHandler:
-    from decider.api import convert, validate
-    from decider.core.model import Refusal
-    from decider.v1 import decider_service_pb2 as dpb
-
-    engine = server.engine
-
-    async def decide_stream(requests: Any, context: Any) -> Any:
-        async for request in requests:
-            validate.decide_request(request)
-            result = engine.decide(convert.route_request_from_proto(request), now=time.monotonic())
-            if isinstance(result, Refusal):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "refused")
-            yield convert.decision_to_proto(result)
-
-    service, method = STREAM_METHOD.strip("/").split("/")
-    handler = grpc.stream_stream_rpc_method_handler(
-        decide_stream,
-        request_deserializer=dpb.DecideRequest.FromString,
-        response_serializer=dpb.DecideResponse.SerializeToString,
-    )
-    return grpc.method_handlers_generic_handler(service, {method: handler})
-
-
 async def _serve_aio(settings: config.Settings) -> None:
-    """decider.server.serve, plus the bench-only stream method on the same server."""
+    """decider.server.serve with the signal handling `decider serve` has."""
     from decider.server import DeciderServer
 
     server = DeciderServer(settings)
-    server._server.add_generic_rpc_handlers((_stream_handler(server),))
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,47 +63,6 @@ async def _serve_aio(settings: config.Settings) -> None:
         await stop.wait()
     finally:
         await server.stop()
-
-
-def _cache_endpoint_protos() -> None:
-    """A proposed adapter change, measured here before it is made: build each Endpoint's proto
-    once per registry snapshot instead of on every Decide (endpoints are immutable values, so
-    an identity check finds the cached one), and the RetryPolicy once per settings."""
-    from decider.api import convert
-    from decider.v1 import decider_service_pb2 as dpb
-
-    endpoints: dict[str, tuple[Any, Any]] = {}
-    retries: dict[Any, Any] = {}
-
-    def endpoint(e: Any) -> Any:
-        hit = endpoints.get(e.id)
-        if hit is None or hit[0] is not e:
-            hit = (e, convert.endpoint_to_proto(e))
-            endpoints[e.id] = hit
-        return hit[1]
-
-    def decision_to_proto(d: Any) -> Any:
-        if d.candidates:
-            return original(d)
-        retry = retries.get(d.retry)
-        if retry is None:
-            retry = retries[d.retry] = original(d).retry
-        r = dpb.DecideResponse(
-            decision_id=d.decision_id,
-            reason=d.reason,
-            strategy=d.strategy,
-            affinity_hit=d.affinity_hit,
-            candidate_count=d.candidate_count,
-        )
-        r.endpoint.CopyFrom(endpoint(d.endpoint))
-        r.fallbacks.extend(endpoint(e) for e in d.fallbacks)
-        r.retry.CopyFrom(retry)
-        r.scores.update(d.scores)
-        r.skipped.update(d.skipped)
-        return r
-
-    original = convert.decision_to_proto
-    convert.decision_to_proto = decision_to_proto
 
 
 def run_aio(settings: config.Settings, *, use_uvloop: bool, reuseport: bool) -> None:
@@ -163,6 +90,7 @@ def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> Non
     engine.set_endpoints(settings.endpoints, now=time.monotonic())
     # The engine is not thread-safe; a sync server must serialize calls into it.
     lock = threading.Lock()
+    encoder = convert.DecisionEncoder()
 
     class SyncDeciderService(dgrpc.DeciderServiceServicer):
         def Decide(self, request: dpb.DecideRequest, context: Any) -> dpb.DecideResponse:
@@ -172,7 +100,7 @@ def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> Non
                 result = engine.decide(route, now=time.monotonic())
             if isinstance(result, Refusal):
                 context.abort_with_status(status_for_refusal(result))
-            return convert.decision_to_proto(result)
+            return encoder.decide_response(result)
 
         def ReportOutcome(
             self, request: dpb.ReportOutcomeRequest, context: Any
@@ -219,19 +147,13 @@ def main() -> int:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=16, help="sync server's thread pool")
-    parser.add_argument(
-        "--cache-protos", action="store_true", help="measure the proposed Endpoint proto cache"
-    )
     args = parser.parse_args()
-    logging.basicConfig(
-        level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # As `decider serve` sets it up: INFO, and no line per Decide (log_decisions is off).
+    logs.configure_logging(level="INFO", log_decisions=False, json_format=False)
     reuseport = args.processes > 1 or os.environ.get("BENCH_REUSEPORT") == "1"
     if args.processes > 1:
         return _supervise(args)
     settings = config.load(args.config, flags={"listen": args.listen, "data_dir": ""})
-    if args.cache_protos:
-        _cache_endpoint_protos()
     if args.arch == "sync":
         run_sync(settings, reuseport=reuseport, threads=args.threads)
     else:
@@ -243,7 +165,6 @@ def _supervise(args: argparse.Namespace) -> int:
     """Starts N single-process copies on the same port and forwards SIGTERM to them."""
     argv = [sys.executable, __file__, "--arch", args.arch, "--config", args.config]
     argv += ["--listen", args.listen, "--threads", str(args.threads)]
-    argv += ["--cache-protos"] if args.cache_protos else []
     env = {**os.environ, "BENCH_REUSEPORT": "1"}
     children = [subprocess.Popen(argv, env=env) for _ in range(args.processes)]
 
