@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="log one line per Decide (off by default)",
     )
     serve.add_argument(
+        "--port-file",
+        metavar="PATH",
+        help="once serving, write the bound port to PATH (useful with --listen HOST:0)",
+    )
+    serve.add_argument(
         "--demo",
         action="store_true",
         help="serve the embedded example with local stand-in model servers (make run)",
@@ -90,6 +95,8 @@ def _serve(args: argparse.Namespace) -> int:
         "log_decisions": args.log_decisions,
     }
     path = args.config or os.environ.get("DECIDER_CONFIG") or None
+    if args.demo and args.port_file:
+        raise ConfigError("flag --port-file: not supported with --demo")
     if args.demo:
         from decider import demo
 
@@ -107,8 +114,22 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     from decider.server import serve
 
-    event_loop.run(serve(settings, tracing=tracing), event_loop=settings.server.event_loop)
+    on_ready = None
+    if args.port_file:
+        port_file = args.port_file
+        on_ready = lambda server: _write_port_file(port_file, server.port)  # noqa: E731
+    event_loop.run(
+        serve(settings, tracing=tracing, on_ready=on_ready), event_loop=settings.server.event_loop
+    )
     return 0
+
+
+def _write_port_file(path: str, port: int) -> None:
+    """Written whole then renamed, so a reader never sees a partial number."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(partial, path)
 
 
 def _setup_logging(settings: config.Settings) -> None:
