@@ -358,9 +358,6 @@ async def test_explain_shows_every_candidate_and_changes_no_state(tmp_path):
     ]
 
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 async def _decider(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -441,3 +438,32 @@ async def test_a_decide_stream_is_one_span_in_the_callers_trace(tmp_path):
     assert span.trace_id == TRACE_ID
     assert span.parent_span_id == PARENT_SPAN_ID
     assert span.attributes["rpc.grpc.status_code"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ((), {"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER: 'sometimes'"),
+        ((), {"OTEL_TRACES_SAMPLER_ARG": "2", "OTEL_TRACES_SAMPLER": "traceidratio"}, "'2'"),
+        (("--metrics-listen", "nowhere"), {}, "flag --metrics-listen: 'nowhere'"),
+        (("--log-level", "loud"), {}, "flag --log-level: 'loud'"),
+    ],
+)
+async def test_serve_reports_bad_observability_settings_like_config_errors(args, env, message):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "decider",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert message in err.decode()
