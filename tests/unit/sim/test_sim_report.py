@@ -1,4 +1,5 @@
 import math
+from typing import Any
 
 from bench.sim.metrics import RunResult
 from bench.sim.report import THROUGHPUT_PLOT, TTFT_PLOT, across_seeds, check_targets, write_report
@@ -6,7 +7,7 @@ from bench.sim.workloads import WORKLOADS
 
 
 def result(workload: str, strategy: str, p90: float, **overrides) -> RunResult:
-    values = {
+    values: dict[str, Any] = {
         "workload": workload,
         "strategy": strategy,
         "requests": 10,

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 
 from bench.sim.cache import block_hashes
@@ -22,7 +24,7 @@ class Recorder:
 
 
 def simple(**overrides) -> ServerParams:
-    values = {
+    values: dict[str, Any] = {
         "max_batch": 4,
         "prefill_tokens_per_s": 1000.0,
         "prefill_overhead_s": 0.0,
