@@ -642,35 +642,57 @@ def architectures(
     except ImportError:
         variants = [v for v in variants if v[1] != "uvloop"]
         res.notes.append("uvloop is not installed: its variants were skipped")
-    c, conns = args.concurrency, args.connections
     # Pinned as in the main run: one server process on core 0, the load generator on core 1;
     # the multi-process variants get both cores and share core 1 with the load generator.
     pin = bool(args.pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2)
     ghz.cpus = "1" if pin else None
     if h2load is not None:
         h2load.cpus = ghz.cpus
-    for label, arch, processes in variants:
-        cpus = ("0" if processes == 1 else "0,1") if pin else None
-        with server(arch, config, processes=processes, cpus=cpus) as srv:
-            ghz.run(srv, DECIDE, DECIDE_DATA, n=500, c=c, conns=conns)  # warm-up
-            n = int(args.arch_calls)
-            out = {
-                "check": ghz.run(srv, CHECK, CHECK_DATA, n=n, c=c, conns=conns),
-                "decide": ghz.run(srv, DECIDE, DECIDE_DATA, n=n, c=c, conns=conns),
-                "decide_serial": ghz.run(srv, DECIDE, DECIDE_DATA, n=n // 5, c=1, conns=1),
-            }
-            if h2load is not None:
-                # Eight connections so SO_REUSEPORT has something to spread over the processes.
-                for name, call, msg in (
-                    ("check", CHECK, check_msg),
-                    ("decide", DECIDE, decide_msg),
-                ):
-                    out[f"{name}_h2load"] = h2load.run(
-                        srv, "/" + call, [msg()], n=args.h2load_calls, conns=8, streams=c // 8
-                    )
-            res.architecture_rss_mb[label] = srv.rss_mb()
-            res.architectures[label] = out
-            print(f"{label}: " + _brief(out), flush=True)
+    collected: dict[str, list[dict[str, Run]]] = {label: [] for label, _, _ in variants}
+    rss: dict[str, list[float]] = {label: [] for label, _, _ in variants}
+    # Rounds over every variant, the order reversed each round, so drift in the machine's load
+    # does not favour the variant that happens to run first; each cell is the median round.
+    for r in range(args.arch_rounds):
+        for label, arch, processes in variants if r % 2 == 0 else variants[::-1]:
+            out, rss_mb = _architecture_round(ghz, h2load, config, args, (arch, processes), pin)
+            collected[label].append(out)
+            rss[label].append(rss_mb)
+            print(f"{label} (round {r + 1}): " + _brief(out), flush=True)
+    for label, rounds in collected.items():
+        res.architectures[label] = {
+            key: sorted((o[key] for o in rounds), key=lambda run: run.rps)[len(rounds) // 2]
+            for key in rounds[0]
+        }
+        res.architecture_rss_mb[label] = statistics.median(rss[label])
+
+
+def _architecture_round(
+    ghz: Ghz,
+    h2load: H2load | None,
+    config: Path,
+    args: argparse.Namespace,
+    variant: tuple[str, int],
+    pin: bool,
+) -> tuple[dict[str, Run], float]:
+    """One round on a fresh server of one variant: its runs and the server's RSS in MB."""
+    arch, processes = variant
+    c, conns = args.concurrency, args.connections
+    cpus = ("0" if processes == 1 else "0,1") if pin else None
+    with server(arch, config, processes=processes, cpus=cpus) as srv:
+        ghz.run(srv, DECIDE, DECIDE_DATA, n=500, c=c, conns=conns)  # warm-up
+        n = int(args.arch_calls)
+        out = {
+            "check": ghz.run(srv, CHECK, CHECK_DATA, n=n, c=c, conns=conns),
+            "decide": ghz.run(srv, DECIDE, DECIDE_DATA, n=n, c=c, conns=conns),
+            "decide_serial": ghz.run(srv, DECIDE, DECIDE_DATA, n=n // 5, c=1, conns=1),
+        }
+        if h2load is not None:
+            # Eight connections so SO_REUSEPORT has something to spread over the processes.
+            for name, call, msg in (("check", CHECK, check_msg), ("decide", DECIDE, decide_msg)):
+                out[f"{name}_h2load"] = h2load.run(
+                    srv, "/" + call, [msg()], n=args.h2load_calls, conns=8, streams=c // 8
+                )
+        return out, srv.rss_mb()
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -865,7 +887,8 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
             "The same calls on each architecture, built by bench/grpc/launch.py from the server's "
             "own parts. Requests/s and server CPU per call come from "
             + ("h2load (`-c 8 -m 4`)" if h2 else f"ghz ({args.arch_calls} calls)")
-            + "; latencies from ghz under load and serially:",
+            + "; latencies from ghz under load and serially. Each cell is the median of "
+            + f"{args.arch_rounds} rounds over all the variants, in alternating order:",
             "",
             _row(
                 "architecture",
@@ -940,6 +963,7 @@ def main() -> int:
         "--many", type=int, default=1000, help="connections in the many-connections run"
     )
     parser.add_argument("--arch-calls", type=int, default=4000)
+    parser.add_argument("--arch-rounds", type=int, default=3, help="rounds over the variants")
     parser.add_argument("--skip-architectures", action="store_true")
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="main run: do not pin server/client"
