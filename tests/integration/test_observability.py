@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -158,19 +159,26 @@ def _value(samples, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Nothing listens on DEAD once its socket is closed: every probe and scrape fails fast.
+DEAD = f"127.0.0.1:{_closed_port()}"
 PROBED_DOC = {
     **endpoints_doc("m", 2, routing=ROUND_ROBIN),
-    # Nothing listens on port 9 of 127.0.0.1: every probe and scrape fails fast.
     "probe": {"interval_s": 0.2, "unhealthy_interval_s": 0.2, "metrics_interval_s": 0.2},
 }
 PROBED_DOC["endpoints"] = [
     *PROBED_DOC["endpoints"],
     {
         "id": "probed",
-        "address": "127.0.0.1:9",
+        "address": DEAD,
         "model": "other",
-        "health_url": "http://127.0.0.1:9/health",
-        "metrics_url": "http://127.0.0.1:9/metrics",
+        "health_url": f"http://{DEAD}/health",
+        "metrics_url": f"http://{DEAD}/metrics",
     },
 ]
 
