@@ -31,6 +31,7 @@ import pytest
 from conftest import Running, running
 
 from decider import demo
+from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +146,9 @@ async def demo_server(tmp_path: Path) -> AsyncIterator[tuple[Running, dict[str, 
             # The session starts with every endpoint healthy, as `make run` a moment after start.
             for _ in range(200):
                 reply = await srv.registry.ListEndpoints(rpb.ListEndpointsRequest(), timeout=5)
-                if reply.statuses and all(s.health == 1 for s in reply.statuses.values()):
+                if reply.statuses and all(
+                    s.health == epb.HEALTH_STATUS_HEALTHY for s in reply.statuses.values()
+                ):
                     break
                 await asyncio.sleep(0.05)
             else:
