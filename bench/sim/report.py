@@ -212,8 +212,11 @@ def markdown(
         "comes at the end of the prefill. Each decode step adds a token to every running "
         "request and takes `decode_base_s + decode_per_seq_s * batch`; while a prefill runs, "
         "decode gets `decode_share_during_prefill` of the steps. A slow endpoint multiplies "
-        "all of these times.",
-        "- **Prefix cache**: `cache_blocks` blocks of `block_tokens` tokens, keyed by chained "
+        "all of these times. The KV cache has `cache_blocks` blocks: a running request holds "
+        "the blocks of its prompt and output, and a waiting request is admitted only when its "
+        "blocks fit.",
+        "- **Prefix cache**: the KV blocks running requests do not hold, of `block_tokens` "
+        "tokens each, keyed by chained "
         "block hashes (a block's hash covers the whole prefix up to it), least recently used "
         "evicted first, a chain's tail before its head. A prompt hits its longest cached run "
         "of leading blocks; the prompt's blocks are cached when its prefill starts and the "
