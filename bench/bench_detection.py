@@ -125,6 +125,10 @@ def _listeners_main(count: int, conn: multiprocessing.connection.Connection) -> 
         backends = [await StandIn().start() for _ in range(count)]
         conn.send([b.port for b in backends])
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        # Close connections first so no handler is still running when the loop shuts down.
+        for backend in backends:
+            await backend.kill()
+        await asyncio.sleep(0.2)
 
     asyncio.run(main())
 
