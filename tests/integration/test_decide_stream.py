@@ -120,3 +120,22 @@ async def test_new_streams_are_refused_while_draining(start_server):
         except grpc.aio.AioRpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE
         assert answers == []
+
+
+async def test_undecodable_bytes_end_the_stream_with_invalid_argument(start_server):
+    async with start_server(endpoints_doc("m", 1)) as srv:
+        raw = srv.channel.stream_stream(
+            "/decider.v1.DeciderService/DecideStream",
+            request_serializer=lambda data: data,
+            response_deserializer=dpb.DecideStreamResponse.FromString,
+        )
+        call = raw(timeout=10)
+        await call.write(ask(1).SerializeToString())
+        assert (await call.read()).correlation_id == 1
+        await call.write(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not parse" in (ended.value.details() or "")
+        # The server goes on serving.
+        assert (await srv.decider.Decide(dpb.DecideRequest(model="m"), timeout=5)).endpoint.id

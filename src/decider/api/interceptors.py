@@ -16,6 +16,9 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+BidiBehavior = Callable[
+    [AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]
+]
 
 REGISTRY_SERVICE = "decider.v1.RegistryService"
 # Health must keep answering while draining (that is how load balancers see NOT_SERVING).
@@ -102,7 +105,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if self.draining:
             return _deny(handler, shutting_down_status())
         if handler.request_streaming:
-            return handler
+            return self._checked_bidi(handler) if handler.response_streaming else handler
         if handler.response_streaming:
             return self._checked_stream(handler)
         cached = self._counted.get(handler_call_details.method)
@@ -137,6 +140,30 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             counted,
+            request_deserializer=_safe(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _checked_bidi(handler: Handler) -> Handler:
+        """DecideStream: undecodable bytes end the stream with INVALID_ARGUMENT (they carry no
+        correlation id to answer), after the answers to every message before them."""
+        behavior = cast(BidiBehavior, handler.stream_stream)
+
+        async def checked(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async def parsed() -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, _Undecodable):
+                        await abort(context, _undecodable_status(request))
+                    yield request
+
+            async for response in behavior(parsed(), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            checked,
             request_deserializer=_safe(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
