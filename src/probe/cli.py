@@ -23,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="decider-probe",
         description="Probe a decider's endpoints from this host and report the results to it.",
     )
-    parser.add_argument("--decider", required=True, metavar="HOST:PORT", help="decider to serve")
+    parser.add_argument(
+        "--decider",
+        required=True,
+        metavar="HOST:PORT",
+        help="the decider to probe for and report to",
+    )
     parser.add_argument(
         "--admin-token",
         default=os.environ.get("DECIDER_ADMIN_TOKEN", ""),

@@ -60,3 +60,28 @@ async def test_report_carries_verdicts_latency_load_and_valid_for():
     sink.keep_only(set())
     assert not build_report("p", prober, sink, settings).results
     await prober.aclose()
+
+
+def test_cli_config_takes_probe_table_and_endpoint_headers(tmp_path):
+    from probe.cli import load_config
+
+    path = tmp_path / "decider.toml"
+    path.write_text(
+        """
+[probe]
+interval_s = 10
+[probe.headers.b]
+X-Extra = "e"
+
+[[endpoints]]
+id = "a"
+address = "127.0.0.1:9001"
+model = "m"
+health_url = "http://127.0.0.1:9001/health"
+probe_headers = { Authorization = "Bearer k" }
+"""
+    )
+    settings, headers = load_config(str(path))
+    assert settings.interval_s == 10
+    assert headers == {"a": {"Authorization": "Bearer k"}, "b": {"X-Extra": "e"}}
+    assert load_config(None) == (ProbeSettings(), {})
