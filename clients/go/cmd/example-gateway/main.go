@@ -41,6 +41,7 @@ func run(args []string) error {
 	headerTimeout := fs.Duration("header-timeout", 60*time.Second, "how long an endpoint may take to send response headers")
 	refresh := fs.Duration("refresh", 30*time.Second, "how often to list the registry for fail-open (0 = never)")
 	adminToken := fs.String("admin-token", os.Getenv("DECIDER_ADMIN_TOKEN"), "bearer token for RegistryService.ListEndpoints")
+	stream := fs.Bool("stream", false, "send every Decide over one shared DecideStream (for high request rates)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -53,6 +54,7 @@ func run(args []string) error {
 		RefreshInterval: *refresh,
 		AdminToken:      *adminToken,
 		Logger:          log,
+		Stream:          *stream,
 	})
 	if err != nil {
 		return err
