@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from decider.core.model import HealthStatus
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
@@ -148,7 +149,7 @@ async def test_standalone_prober_reports_and_follows_the_registry(start_server, 
                 metadata=ADMIN,
             )
             deadline = time.monotonic() + 10
-            while standalone.prober.status("second")[0] != HEALTHY:
+            while standalone.prober.status("second")[0] is not HealthStatus.HEALTHY:
                 assert time.monotonic() < deadline, "standalone prober never probed 'second'"
                 await asyncio.sleep(0.05)
 
