@@ -162,7 +162,8 @@ class PrefixIndex:
         Walks the request's anchors from the deepest: holders of the anchor at depth d match at
         least d blocks, and a search over (d, 2d) refines that (holding block k implies 0..k).
         It tries the two deepest depths first, because the common request is a prompt the
-        endpoint served plus one new block. Deep anchors are held by few endpoints, so this
+        endpoint served plus one new block, and stops descending once the remaining anchors can
+        only find matches under half the best one. Deep anchors are held by few endpoints, so this
         costs about log2(blocks) lookups plus a few per match, whatever the number of
         endpoints."""
         n = min(len(hashes), self._max_blocks)
@@ -172,6 +173,7 @@ class PrefixIndex:
         blocks_of = self._blocks
         found: dict[str, int] = {}
         left = self._max_matches
+        deepest = 0
         d = 1 << (n.bit_length() - 1)
         while d >= 1:
             holders = anchors.get(hashes[d - 1])
@@ -203,6 +205,12 @@ class PrefixIndex:
                     left -= 1
                     if not left:
                         return found
+                    if found[endpoint_id] > deepest:
+                        deepest = found[endpoint_id]
+            # Shallower anchors can only find matches under half the deepest one: not worth a
+            # probe per level when a good match is already in hand.
+            if 2 * d <= deepest:
+                return found
             d //= 2
         return found
 
