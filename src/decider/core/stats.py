@@ -341,11 +341,16 @@ class RankHeap:
         pop = heapq.heappop
         out: list[EndpointStats] = []
         kept: list[tuple[Any, int, EndpointStats]] = []
-        while heap and len(out) < count:
-            entry = pop(heap)
-            if latest[entry[2]] == entry[1]:
-                out.append(entry[2])
-                kept.append(entry)
+        while heap:
+            entry = heap[0]
+            if latest[entry[2]] != entry[1]:
+                pop(heap)
+                continue
+            out.append(entry[2])
+            if len(out) == count:
+                break
+            # Set the valid entry aside to see the next one; the last is only peeked at.
+            kept.append(pop(heap))
         for entry in kept:
             heapq.heappush(heap, entry)
         return out

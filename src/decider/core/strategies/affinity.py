@@ -50,10 +50,7 @@ class Affinity:
     def _members(self, ctx: PickContext) -> dict[str, EndpointStats]:
         if ctx.filtered:
             return {s.id: s for s in ctx.items}
-        members: dict[str, EndpointStats] | None = ctx.pool.scratch.get(self.name)
-        if members is None:
-            members = ctx.pool.scratch[self.name] = {s.id: s for s in ctx.items}
-        return members
+        return ctx.pool.members
 
     def choose(self, ctx: PickContext) -> Choice:
         fallback = self._fallback

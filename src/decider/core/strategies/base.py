@@ -38,6 +38,7 @@ class Pool:
         "has_limits",
         "items",
         "key",
+        "members",
         "model",
         "panic",
         "registered",
@@ -68,6 +69,8 @@ class Pool:
         self.model = key[0]
         # Usable now, best health tier only (HEALTHY, else UNKNOWN, else DEGRADED).
         self.items = items
+        # The items by endpoint id.
+        self.members: dict[str, EndpointStats] = {s.id: s for s in items}
         # Usable but in a worse health tier: only ever fallbacks.
         self.standby = standby
         # Endpoints serving the model, and those of them with the required capabilities.

@@ -58,8 +58,7 @@ class CacheAware:
             return Choice(picked, detail, {"cache": 0.0, "load": best.load_score})
         # Rank by load_weight * load + cache_weight * credit (dividing by the weight sum is
         # monotonic, so it is applied to the reported score only).
-        ranked = best_with_credit(ctx, top, _LOAD_SCORE, credits, c.cache_weight / c.load_weight)
-        picked = [s for _, s in ranked]
+        picked, _ = best_with_credit(ctx, top, _LOAD_SCORE, credits, c.cache_weight / c.load_weight)
         best = picked[0]
         cache = credits.get(best, 0.0)
         detail = f"cache_aware: {cache:.0%} of {blocks} prefix blocks cached, {best.load} in flight"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_float
@@ -59,7 +59,7 @@ def cache_credits(
     if not matches:
         return {}, 0
     total = min(len(hashes), ctx.index.max_blocks)
-    members = members_of(ctx)
+    members = {s.id: s for s in ctx.items} if ctx.filtered else ctx.pool.members
     if min_load is None:
         if ctx.filtered:
             min_load = min(s.load for s in ctx.items)
@@ -74,29 +74,21 @@ def cache_credits(
     return credits, total
 
 
-def members_of(ctx: PickContext) -> dict[str, EndpointStats]:
-    if ctx.filtered:
-        return {s.id: s for s in ctx.items}
-    members: dict[str, EndpointStats] | None = ctx.pool.scratch.get("members")
-    if members is None:
-        members = ctx.pool.scratch["members"] = {s.id: s for s in ctx.pool.items}
-    return members
-
-
 def best_with_credit(
     ctx: PickContext,
     top: list[EndpointStats],
     value: Callable[[EndpointStats], float],
     credits: dict[EndpointStats, float],
     weight: float,
-) -> list[tuple[float, EndpointStats]]:
-    """Top `ctx.count` by value + weight * credit: `top` (the best by value alone) merged with
-    the few credited endpoints."""
+) -> tuple[list[EndpointStats], dict[EndpointStats, float]]:
+    """Top `ctx.count` by value + weight * credit, best first, and their totals: `top` (the
+    best by value alone) merged with the few credited endpoints."""
     totals: dict[EndpointStats, float] = {s: value(s) for s in top}
     for s, credit in credits.items():
         totals[s] = value(s) + weight * credit
-    ranked = sorted(totals.items(), key=itemgetter(1), reverse=True)
-    return [(t, s) for s, t in ranked[: ctx.count]]
+    picked = sorted(totals, key=totals.__getitem__, reverse=True)
+    del picked[ctx.count :]
+    return picked, totals
 
 
 class Composite:
@@ -124,10 +116,9 @@ class Composite:
             best = picked[0]
             total, cache = best.base_score, 0.0
         else:
-            ranked = best_with_credit(ctx, top, _BASE, credits, share)
-            picked = [s for _, s in ranked]
+            picked, totals = best_with_credit(ctx, top, _BASE, credits, share)
             best = picked[0]
-            total, cache = ranked[0][0], credits.get(best, 0.0)
+            total, cache = totals[best], credits.get(best, 0.0)
         detail = f"composite: score {total:.2f}, cache {cache:.0%}, {best.load} in flight"
         return Choice(picked, detail, ctx.scorer.factor_scores(best, cache))
 
