@@ -302,7 +302,8 @@ class Engine:
         if not items:
             return self._no_usable(pool, request, caps, skipped, now)
 
-        wanted = min(request.max_fallbacks, _MAX_FALLBACKS) or self._max_fallbacks
+        wanted = request.max_fallbacks
+        wanted = (wanted if wanted < _MAX_FALLBACKS else _MAX_FALLBACKS) or self._max_fallbacks
         # One context object serves every decision (the engine is single-threaded).
         ctx = self._ctx
         ctx.request = request
@@ -333,7 +334,7 @@ class Engine:
         return Decision(
             decision_id=decision_id,
             endpoint=chosen.endpoint,
-            fallbacks=tuple([s.endpoint for s in picked[1:]]),
+            fallbacks=_endpoints_after_first(picked),
             strategy=name,
             reason=reason,
             scores=choice.scores,
@@ -883,6 +884,13 @@ class Engine:
     def _emit(self, event: HealthEvent) -> None:
         if self._on_event is not None:
             self._on_event(event)
+
+
+def _endpoints_after_first(picked: list[EndpointStats]) -> tuple[Endpoint, ...]:
+    n = len(picked)
+    if n == 3:  # the default: two fallbacks
+        return (picked[1].endpoint, picked[2].endpoint)
+    return tuple([s.endpoint for s in picked[1:]])
 
 
 def _tiers(pool: Pool) -> list[tuple[str, list[EndpointStats]]]:
