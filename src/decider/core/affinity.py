@@ -76,15 +76,12 @@ class PrefixIndex:
     ) -> None:
         self._half = max(1, blocks_per_endpoint // 2)
         self._max_blocks = max_blocks_per_request
+        self.max_blocks = max_blocks_per_request
         self._max_matches = max_matches
         self._blocks: dict[str, _Blocks] = {}
         # Anchor block (the block at depth 1, 2, 4, 8, ... of a served prompt) -> endpoints that
         # hold it, least recently recorded first.
         self._anchors: dict[int, str | dict[str, None]] = {}
-
-    @property
-    def max_blocks(self) -> int:
-        return self._max_blocks
 
     @property
     def block_count(self) -> int:

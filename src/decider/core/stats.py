@@ -55,6 +55,7 @@ class EndpointStats:
     """Everything a decision reads about one endpoint."""
 
     __slots__ = (
+        "base_rank",
         "base_score",
         "cooldown_until",
         "cost",
@@ -123,6 +124,8 @@ class EndpointStats:
         self.cost_score = 1.0
         self.quota_score = 1.0
         self.base_score = 0.0
+        # -base_score, so that rank heaps (smallest first) read it with a C-level attrgetter.
+        self.base_rank = 0.0
         # Rank heaps of live pools this endpoint is in; each gets a fresh entry on every rescore.
         self.heaps: list[RankHeap] = []
 
@@ -187,6 +190,7 @@ class Scorer:
         "_ttft_weight",
         "_w",
         "_wt",
+        "cache_share",
     )
 
     def __init__(
@@ -202,6 +206,8 @@ class Scorer:
         self._w = weights
         self._wt = weights.total or 1.0
         self._share_load = weights.load / self._wt
+        # The cache factor's weight as a share of all weights (added per request).
+        self.cache_share = weights.cache / self._wt
         self._inv_load_reference = 1.0 / load_reference
         self._max_report_age_s = max_report_age_s
         self._ttft_weight = ttft_weight
@@ -209,11 +215,6 @@ class Scorer:
     @property
     def weights(self) -> FactorWeights:
         return self._w
-
-    @property
-    def cache_share(self) -> float:
-        """The cache factor's weight as a share of all weights (added per request)."""
-        return self._w.cache / self._wt
 
     def rescore(self, s: EndpointStats, now: float) -> None:
         metric = s.latency_metric_s(self._ttft_weight)
@@ -246,7 +247,8 @@ class Scorer:
         s.load_score = score = 1.0 / (1.0 + (load + recent) * self._inv_load_reference)
         # Peak EWMA times outstanding work, as linkerd and Finagle rank by.
         s.latency_cost = s.latency_metric * (s.in_flight + 1)
-        s.base_score = self._share_load * score + s.static_score
+        s.base_score = base = self._share_load * score + s.static_score
+        s.base_rank = -base
         if s.heaps:
             push_all(s)
 

@@ -222,10 +222,7 @@ class StrategyFactory(Protocol):
 load_key: Callable[[EndpointStats], int] = attrgetter("load")
 latency_key: Callable[[EndpointStats], float] = attrgetter("latency_cost")
 cost_key: Callable[[EndpointStats], tuple[float, int]] = attrgetter("cost", "load")
-
-
-def composite_key(s: EndpointStats) -> float:
-    return -s.base_score
+composite_key: Callable[[EndpointStats], float] = attrgetter("base_rank")
 
 
 def quota_key(s: EndpointStats) -> tuple[float, float]:

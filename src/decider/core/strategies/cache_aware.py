@@ -61,7 +61,10 @@ class CacheAware:
         picked, _ = best_with_credit(ctx, top, _LOAD_SCORE, credits, c.cache_weight / c.load_weight)
         best = picked[0]
         cache = credits.get(best, 0.0)
-        detail = f"cache_aware: {cache:.0%} of {blocks} prefix blocks cached, {best.load} in flight"
+        detail = (
+            f"cache_aware: {int(cache * 100 + 0.5)}% of {blocks} prefix blocks cached,"
+            f" {best.load} in flight"
+        )
         score = (c.cache_weight * cache + c.load_weight * best.load_score) / total_weight
         return Choice(picked, detail, {"cache": cache, "load": best.load_score, "total": score})
 

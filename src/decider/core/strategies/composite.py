@@ -119,7 +119,11 @@ class Composite:
             picked, totals = best_with_credit(ctx, top, _BASE, credits, share)
             best = picked[0]
             total, cache = totals[best], credits.get(best, 0.0)
-        detail = f"composite: score {total:.2f}, cache {cache:.0%}, {best.load} in flight"
+        # Integer percentages: formatting floats is a measurable share of a decision.
+        detail = (
+            f"composite: score {int(total * 100 + 0.5)}%, cache {int(cache * 100 + 0.5)}%,"
+            f" {best.load} in flight"
+        )
         return Choice(picked, detail, ctx.scorer.factor_scores(best, cache))
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
