@@ -74,18 +74,9 @@ _EXPIRY_BUCKET_S = 0.1
 _MAX_FALLBACKS = 16
 
 
-class _Pending:
-    """A decision waiting for its outcome."""
-
-    __slots__ = ("prefix", "stats", "tenant", "tokens")
-
-    def __init__(
-        self, stats: EndpointStats, tenant: str, tokens: int, prefix: tuple[int, ...]
-    ) -> None:
-        self.stats = stats
-        self.tenant = tenant
-        self.tokens = tokens
-        self.prefix = prefix
+# A decision waiting for its outcome: (chosen endpoint, tenant, estimated tokens, prefix hashes).
+# A plain tuple: one is built per decision, and a tuple costs a seventh of a slotted object.
+_Pending = tuple[EndpointStats, str, int, tuple[int, ...]]
 
 
 def _summary(usable: int, candidates: int, skipped: Mapping[str, int]) -> str:
@@ -366,7 +357,7 @@ class Engine:
             self._scorer.rescore(chosen, now)
         else:
             self._scorer.rescore_load(chosen, now)
-        self._pending[decision_id] = _Pending(chosen, request.tenant, tokens, request.prefix_hashes)
+        self._pending[decision_id] = (chosen, request.tenant, tokens, request.prefix_hashes)
         if now < self._bucket_end:
             self._expiry[-1][2] = self._seq
         else:
@@ -656,7 +647,7 @@ class Engine:
         target = self._stats.get(outcome.endpoint_id)
         actual = outcome.input_tokens + outcome.output_tokens
         if pending is not None:
-            chosen = pending.stats
+            chosen, tenant, estimate, _ = pending
             live = self._stats.get(chosen.id) is chosen
             if live and chosen.in_flight > 0:
                 chosen.in_flight -= 1
@@ -664,23 +655,19 @@ class Engine:
                 target = chosen
             if self._quotas_on and actual:
                 # Actual tokens replace the estimate charged at decide time.
-                self._ledger.charge_tenant(
-                    pending.tenant, requests=0, tokens=actual - pending.tokens, now=now
-                )
+                self._ledger.charge_tenant(tenant, requests=0, tokens=actual - estimate, now=now)
             if live and (chosen.endpoint.requests_per_minute or chosen.endpoint.tokens_per_minute):
                 if target is chosen:
-                    delta = actual - pending.tokens if actual else 0
+                    delta = actual - estimate if actual else 0
                     self._ledger.charge_endpoint(chosen.id, requests=0, tokens=delta, now=now)
                 else:
-                    self._ledger.charge_endpoint(
-                        chosen.id, requests=-1, tokens=-pending.tokens, now=now
-                    )
+                    self._ledger.charge_endpoint(chosen.id, requests=-1, tokens=-estimate, now=now)
                 chosen.quota_score = self._ledger.endpoint_headroom(chosen.id, now)
             if live and target is not chosen:
                 self._scorer.rescore(chosen, now)
         if target is None:
             return pending is not None
-        if pending is None or target is not pending.stats:
+        if pending is None or target is not pending[0]:
             endpoint = target.endpoint
             if (endpoint.requests_per_minute or endpoint.tokens_per_minute) and actual:
                 self._ledger.charge_endpoint(target.id, requests=0, tokens=actual, now=now)
@@ -696,8 +683,8 @@ class Engine:
                 # refresh, so unmeasured endpoints stop looking infinitely fast.
                 self._refresh_group(self._by_model[target.model], now)
             self._record_breaker(target, ok=True, now=now)
-            if pending is not None and pending.prefix:
-                self._index.record(target.id, pending.prefix)
+            if pending is not None and pending[3]:
+                self._index.record(target.id, pending[3])
         elif result is Result.ERROR or result is Result.TIMEOUT:
             if result is Result.TIMEOUT:
                 # A timeout is a latency sample too; a fast error is not (it would look good).
@@ -803,7 +790,7 @@ class Engine:
                 entry = pending.pop(prefix + str(seq), None)
                 if entry is None:
                     continue
-                s = entry.stats
+                s = entry[0]
                 if self._stats.get(s.id) is s:
                     if s.in_flight > 0:
                         s.in_flight -= 1
