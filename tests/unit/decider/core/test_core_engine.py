@@ -250,3 +250,44 @@ def test_retry_advice_comes_from_the_routing_table():
         d.retry.max_backoff_s,
         d.retry.backoff_multiplier,
     ) == (4, 0.05, 1.5, 3.0)
+
+
+def test_the_fast_decision_constructor_builds_the_same_frozen_value():
+    import dataclasses
+
+    from decider.core import engine as engine_module
+    from decider.core.model import RetryAdvice
+
+    assert engine_module.FAST_DECISIONS
+    retry = RetryAdvice(
+        max_attempts=3, initial_backoff_s=0.1, max_backoff_s=2.0, backoff_multiplier=2.0
+    )
+    args = (
+        "id-1",
+        endpoint("a"),
+        (endpoint("b"),),
+        "round_robin",
+        "why",
+        {"load": 1.0},
+        retry,
+        True,
+        3,
+        {"unhealthy": 1},
+    )
+    fast = engine_module._make_decision(*args)
+    slow = Decision(
+        decision_id="id-1",
+        endpoint=args[1],
+        fallbacks=args[2],
+        strategy="round_robin",
+        reason="why",
+        scores={"load": 1.0},
+        retry=retry,
+        affinity_hit=True,
+        candidate_count=3,
+        skipped={"unhealthy": 1},
+    )
+    assert fast == slow
+    assert fast.candidates == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.reason = "changed"  # type: ignore[misc]
