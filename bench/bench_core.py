@@ -35,6 +35,8 @@ SIZES = (10, 100, 1000, 10_000)
 # The strategies with an O(1) target: p50 at 10,000 within 3x of p50 at 100.
 FLAT = ("round_robin", "random", "least_request", "affinity", "ab_split")
 OUTSTANDING = 64
+# Rounds per cell; the median is reported.
+ROUNDS = 5
 SESSIONS = 1000
 PROMPTS = 64
 BLOCKS = 32
@@ -268,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # round. Every round uses a fresh engine, as a deployment running that strategy would have
     # (scoring strategies keep rank heaps that every stats change updates).
     rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for _ in range(1 if args.quick else 3):
+    for _ in range(1 if args.quick else ROUNDS):
         for size in sizes:
             n = 2000 if size <= 1000 else 1000
             if args.quick:
@@ -302,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Floor (empty function call, same timer): p50 {floor_p50:.2f} us,"
         f" p99 {percentile(floor, 0.99):.2f} us",
         "",
-        "p50 / p99 of one `Engine.decide()` in microseconds (median of 3 rounds of"
+        f"p50 / p99 of one `Engine.decide()` in microseconds (median of {ROUNDS} rounds of"
         " 2,000 decisions, 1,000 at 10,000 endpoints; outcomes reported between decisions,"
         " 64 kept in flight):",
         "",
