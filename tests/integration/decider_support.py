@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_KEY = "grpc-status-details-bin"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def grpcurl_binary() -> str:
+    """.tools/bin/grpcurl (`make tools`), else grpcurl on PATH, else ~/go/bin/grpcurl."""
+    candidates = [ROOT / ".tools" / "bin" / "grpcurl"]
+    on_path = shutil.which("grpcurl")
+    if on_path:
+        candidates.append(Path(on_path))
+    candidates.append(Path.home() / "go" / "bin" / "grpcurl")
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    pytest.fail(
+        "grpcurl not found in .tools/bin, on PATH or in ~/go/bin: run `make tools` "
+        "(`make test` installs it)"
+    )
 
 
 def endpoints_doc(model: str, count: int, **extra: Any) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Running, running
+from decider_support import grpcurl_binary
 
 from decider import demo
 from decider.v1 import endpoint_pb2 as epb
@@ -44,22 +44,6 @@ TIMING = re.compile(r"in \d+ ms")
 # WatchHealth ends at grpcurl's -max-time; the message depends on which side saw it first.
 DEADLINE = re.compile(r"Message: (context deadline exceeded|Deadline Exceeded)")
 UPDATE = os.environ.get("DECIDER_UPDATE_README") == "1"
-
-
-def grpcurl_binary() -> str:
-    """.tools/bin/grpcurl (`make tools`), else grpcurl on PATH, else ~/go/bin/grpcurl."""
-    candidates = [ROOT / ".tools" / "bin" / "grpcurl"]
-    on_path = shutil.which("grpcurl")
-    if on_path:
-        candidates.append(Path(on_path))
-    candidates.append(Path.home() / "go" / "bin" / "grpcurl")
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    pytest.fail(
-        "grpcurl not found in .tools/bin, on PATH or in ~/go/bin: run `make tools` "
-        "(`make test` installs it)"
-    )
 
 
 @dataclass

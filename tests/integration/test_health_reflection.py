@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from decider_support import endpoints_doc
+from decider_support import endpoints_doc, grpcurl_binary
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -39,15 +38,6 @@ async def test_reflection_lists_every_service(start_server):
         } <= names
 
 
-def _grpcurl() -> str | None:
-    local = ROOT / ".tools" / "bin" / "grpcurl"
-    if local.exists():
-        return str(local)
-    return shutil.which("grpcurl") or (
-        str(Path.home() / "go/bin/grpcurl") if (Path.home() / "go/bin/grpcurl").exists() else None
-    )
-
-
 async def _run(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -56,10 +46,8 @@ async def _run(*args: str) -> tuple[int, str, str]:
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-@pytest.mark.skipif(_grpcurl() is None, reason="grpcurl is installed by `make tools`")
 async def test_grpcurl_lists_and_decides_through_reflection(start_server):
-    grpcurl = _grpcurl()
-    assert grpcurl is not None
+    grpcurl = grpcurl_binary()
     doc = endpoints_doc("llama", 2, routing={"default_strategy": "round_robin"})
     async with start_server(doc) as srv:
         code, out, err = await _run(grpcurl, "-plaintext", srv.address, "list")
