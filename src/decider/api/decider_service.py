@@ -56,8 +56,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
     @traced(Rpc.DECIDE)
     @unary
     async def Decide(self, request: dpb.DecideRequest, context: Context) -> dpb.DecideResponse:
-        validate.decide_request(request)
-        route = convert.route_request_from_proto(request)
+        route = convert.checked_route_request(request)
         started = time.perf_counter()
         result = self._engine.decide(route, now=self._clock())
         self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
@@ -121,8 +120,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
     def _stream_answer(self, message: dpb.DecideStreamRequest) -> dpb.DecideStreamResponse:
         request = message.decide
         try:
-            validate.decide_request(request)
-            route = convert.route_request_from_proto(request)
+            route = convert.checked_route_request(request)
             started = time.perf_counter()
             result = self._engine.decide(route, now=self._clock())
             self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from decider.api import convert
+from decider.api import convert, validate
 from decider.core.model import (
     BreakerState,
     CandidateExplanation,
@@ -16,7 +18,9 @@ from decider.core.model import (
     MetricsKind,
     Result,
     RetryAdvice,
+    RouteRequest,
 )
+from decider.errors import InvalidArgument
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 
@@ -151,3 +155,67 @@ def test_decision_encoder_rebuilds_when_an_endpoint_changes():
     for i in range(1, 6):
         decision = _decision([_endpoint(i), after])
         assert encoder.decide_response(decision) == convert.decision_to_proto(decision)
+
+
+_ROUTE_REQUESTS = [
+    dpb.DecideRequest(model="m"),
+    dpb.DecideRequest(
+        model="m",
+        request_id="r",
+        session_id="s",
+        tenant="t",
+        required_capabilities=["b", "a"],
+        estimated_input_tokens=800,
+        prefix_hashes=[3, 1, 2**64 - 1],
+        exclude_endpoint_ids=["x", "y"],
+        strategy="composite",
+        explain=True,
+        max_fallbacks=4,
+    ),
+    dpb.DecideRequest(
+        model="m" * 512,
+        request_id="r" * 512,
+        required_capabilities=["c" * 512] * 64,
+        exclude_endpoint_ids=["e"] * 256,
+        prefix_hashes=[7] * 8192,
+        max_fallbacks=64,
+    ),
+]
+
+
+def test_checked_route_request_equals_validate_then_convert():
+    assert convert.FAST_ROUTES
+    for request in _ROUTE_REQUESTS:
+        validate.decide_request(request)
+        slow = convert.route_request_from_proto(request)
+        fast = convert.checked_route_request(request)
+        assert fast == slow
+        assert type(fast) is RouteRequest
+        assert hash(fast) == hash(slow)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.model = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        dpb.DecideRequest(),
+        dpb.DecideRequest(model="m" * 513),
+        dpb.DecideRequest(model="m", request_id="r" * 513),
+        dpb.DecideRequest(model="m", session_id="s" * 513),
+        dpb.DecideRequest(model="m", tenant="t" * 513),
+        dpb.DecideRequest(model="m", strategy="x" * 513),
+        dpb.DecideRequest(model="m", required_capabilities=["c" * 513]),
+        dpb.DecideRequest(model="m", required_capabilities=["c"] * 65),
+        dpb.DecideRequest(model="m", exclude_endpoint_ids=["e" * 513]),
+        dpb.DecideRequest(model="m", exclude_endpoint_ids=["e"] * 257),
+        dpb.DecideRequest(model="m", prefix_hashes=[1] * 8193),
+        dpb.DecideRequest(model="m", max_fallbacks=65),
+    ],
+)
+def test_checked_route_request_refuses_what_validate_refuses(request_):
+    with pytest.raises(InvalidArgument) as slow:
+        validate.decide_request(request_)
+    with pytest.raises(InvalidArgument) as fast:
+        convert.checked_route_request(request_)
+    assert fast.value.violations == slow.value.violations
