@@ -249,15 +249,19 @@ class DecisionEncoder:
         self._retries: dict[RetryAdvice, bytes] = {}
 
     def decide_response(self, d: Decision) -> dpb.DecideResponse:
+        # Fields left at their defaults are not passed: an empty map argument alone costs
+        # about 1 us per response.
         response = dpb.DecideResponse(
             decision_id=d.decision_id,
             reason=d.reason,
             strategy=d.strategy,
             scores=d.scores,
-            affinity_hit=d.affinity_hit,
             candidate_count=d.candidate_count,
-            skipped=d.skipped,
         )
+        if d.affinity_hit:
+            response.affinity_hit = True
+        if d.skipped:
+            response.skipped.update(d.skipped)
         parts = [self._endpoint(d.endpoint)[1]]
         parts.extend(self._endpoint(e)[2] for e in d.fallbacks)
         parts.append(self._retry(d.retry))
