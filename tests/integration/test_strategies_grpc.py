@@ -16,7 +16,7 @@ MODEL = "m"
 ARMS = {"control": 70, "candidate": 30}
 # Strategies whose decisions carry no factor scores today (ENGINE.md: "which factors depends on
 # the strategy"); every other one, new ones included, must report at least one.
-WITHOUT_SCORES = {"round_robin", "random", "least_request", "ab_split"}
+WITHOUT_SCORES = {"round_robin", "random"}
 
 
 def _fleet() -> dict[str, Any]:

@@ -88,7 +88,9 @@ class LeastRequest:
     def choose(self, ctx: PickContext) -> Choice:
         picked, sampled = self._pick(ctx)
         total = len(ctx.items)
-        return Choice(picked, describe(picked[:sampled], sampled=sampled, total=total))
+        # load_score is kept current on every in-flight change (Scorer.rescore_load).
+        scores = {"load": picked[0].load_score}
+        return Choice(picked, describe(picked[:sampled], sampled=sampled, total=total), scores)
 
     def rank(self, ctx: PickContext) -> list[Ranked]:
         order = sorted(ctx.items, key=load_key)

@@ -142,6 +142,9 @@ def test_least_request_full_scan_picks_the_least_loaded_and_says_so():
     assert d.endpoint.id == "b"
     assert [f.id for f in d.fallbacks] == ["a", "c"]
     assert d.reason.startswith("least_request: 2 in flight vs 5 and 7; 3 of 3 candidates")
+    # It ranks by load, so it reports the chosen endpoint's load score, as composite does.
+    assert set(d.scores) == {"load"}
+    assert 0.0 < d.scores["load"] < 1.0
 
 
 def test_least_request_two_choices_avoids_the_busy_endpoint():
