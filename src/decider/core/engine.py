@@ -73,6 +73,8 @@ _REFRESH_EVERY_S = 1.0
 _EXPIRY_BUCKET_S = 0.1
 # Fallbacks a request may ask for; more would only make decisions slower.
 _MAX_FALLBACKS = 16
+# Models named in a MODEL_NOT_FOUND message before "and N more".
+_MODELS_NAMED = 10
 
 
 # A decision waiting for its outcome: (chosen endpoint, tenant, estimated tokens, prefix hashes).
@@ -248,6 +250,15 @@ class Engine:
             request, strategy, name, now, "", request.model, request.required_capabilities
         )
 
+    def _model_not_found_message(self, model: str) -> str:
+        # Name what is served, so a typo in the model name is obvious from the error alone.
+        served = sorted(m for m, group in self._by_model.items() if group)
+        if not served:
+            return f"no endpoint serves model {model!r}; no endpoints are registered"
+        shown = ", ".join(repr(m) for m in served[:_MODELS_NAMED])
+        more = f" and {len(served) - _MODELS_NAMED} more" if len(served) > _MODELS_NAMED else ""
+        return f"no endpoint serves model {model!r}; models served: {shown}{more}"
+
     def _decide(
         self,
         request: RouteRequest,
@@ -262,7 +273,7 @@ class Engine:
         if not group:
             return Refusal(
                 kind=RefusalKind.MODEL_NOT_FOUND,
-                message=f"no endpoint serves model {model!r}",
+                message=self._model_not_found_message(model),
                 model=model,
             )
         tokens = request.estimated_input_tokens

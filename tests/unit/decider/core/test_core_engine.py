@@ -71,6 +71,22 @@ def test_model_nobody_serves_is_model_not_found():
     assert isinstance(result, Refusal)
     assert result.kind is RefusalKind.MODEL_NOT_FOUND
     assert "'nope'" in result.message
+    assert result.message.endswith("models served: 'm'")
+
+
+def test_model_not_found_names_at_most_ten_served_models():
+    engine, clock, _ = make()
+    engine.set_endpoints([endpoint(f"e{i}", f"model-{i:02d}") for i in range(12)], now=clock.now)
+    message = engine.decide(request(model="nope"), now=clock.now).message
+    assert "'model-00'" in message and "'model-09'" in message
+    assert "'model-10'" not in message
+    assert message.endswith("and 2 more")
+
+
+def test_model_not_found_with_no_endpoints_says_so():
+    engine, clock, _ = make(ids=())
+    message = engine.decide(request(model="nope"), now=clock.now).message
+    assert message == "no endpoint serves model 'nope'; no endpoints are registered"
 
 
 def test_unknown_strategy_is_invalid_argument_on_field_strategy():
