@@ -217,6 +217,35 @@ class StrategyFactory(Protocol):
 # -- helpers shared by strategies ---------------------------------------------------------------
 
 
+def draw_source(ctx: PickContext, rng: random.Random) -> Callable[[], float]:
+    """The strategy's rng when the decision commits; in explain mode a generator seeded by the
+    request id, so explaining leaves the shared rng (and later decisions) untouched."""
+    return rng.random if ctx.commit else random.Random(ctx.request.request_id).random
+
+
+def sample_best(
+    items: Sequence[EndpointStats],
+    choices: int,
+    rand: Callable[[], float],
+    key: Callable[[EndpointStats], Any],
+) -> list[EndpointStats]:
+    """Power of `choices` random choices (Mitzenmacher): up to `choices` distinct samples, best
+    first by `key`. Needs len(items) > choices; callers scan fully otherwise."""
+    n = len(items)
+    # Distinct samples: drawing the same endpoint twice would waste a choice.
+    first = int(rand() * n)
+    a = items[first]
+    if choices == 2:
+        b = items[(first + 1 + int(rand() * (n - 1))) % n]
+        return [a, b] if key(a) <= key(b) else [b, a]
+    sampled = [a]
+    for _ in range(choices - 1):
+        candidate = items[(first + 1 + int(rand() * (n - 1))) % n]
+        if candidate not in sampled:
+            sampled.append(candidate)
+    return sorted(sampled, key=key)
+
+
 # Rank keys (smallest is best), shared so that strategies ranking alike share one heap; C-level
 # attrgetters where one attribute will do, since heaps call them on every stats change.
 load_key: Callable[[EndpointStats], int] = attrgetter("load")

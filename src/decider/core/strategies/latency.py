@@ -17,7 +17,15 @@ from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_bool, get_float, get_int
 from decider.core.stats import EndpointStats
-from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, latency_key
+from decider.core.strategies.base import (
+    Choice,
+    PickContext,
+    Ranked,
+    best_by,
+    draw_source,
+    latency_key,
+    sample_best,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,19 +60,7 @@ class Latency:
         if self._config.full_scan or n <= choices:
             picked = best_by(ctx, "latency", latency_key, ctx.count)
         else:
-            rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
-            first = int(rand() * n)
-            a = items[first]
-            if choices == 2:
-                b = items[(first + 1 + int(rand() * (n - 1))) % n]
-                picked = [a, b] if a.latency_cost <= b.latency_cost else [b, a]
-            else:
-                sampled = [a]
-                for _ in range(choices - 1):
-                    candidate = items[(first + 1 + int(rand() * (n - 1))) % n]
-                    if candidate not in sampled:
-                        sampled.append(candidate)
-                picked = sorted(sampled, key=latency_key)
+            picked = sample_best(items, choices, draw_source(ctx, self._rng), latency_key)
             del picked[ctx.count :]
             if len(picked) < min(ctx.count, n):
                 for s in best_by(ctx, "latency", latency_key, ctx.count + len(picked)):

@@ -10,7 +10,15 @@ from typing import Any, ClassVar
 
 from decider.core.settings import check_keys, get_bool, get_int
 from decider.core.stats import EndpointStats
-from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, load_key
+from decider.core.strategies.base import (
+    Choice,
+    PickContext,
+    Ranked,
+    best_by,
+    draw_source,
+    load_key,
+    sample_best,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,20 +66,8 @@ class LeastRequest:
         choices = self._config.choice_count
         if self._config.full_scan or n <= choices:
             return best_by(ctx, "load", load_key, ctx.count), n
-        rand = self._rng.random if ctx.commit else random.Random(ctx.request.request_id).random
-        # Distinct samples: drawing the same endpoint twice would waste the second choice.
-        first = int(rand() * n)
-        a = items[first]
-        if choices == 2:
-            b = items[(first + 1 + int(rand() * (n - 1))) % n]
-            picked = [a, b] if a.load <= b.load else [b, a]
-        else:
-            sampled = [a]
-            for _ in range(choices - 1):
-                candidate = items[(first + 1 + int(rand() * (n - 1))) % n]
-                if candidate not in sampled:
-                    sampled.append(candidate)
-            picked = sorted(sampled, key=load_key)
+        rand = draw_source(ctx, self._rng)
+        picked = sample_best(items, choices, rand, load_key)
         sampled_count = len(picked)
         count = min(ctx.count, n)
         if len(picked) > count:
