@@ -31,10 +31,8 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -51,9 +49,9 @@ from bench_grpc import (  # noqa: E402
     Ghz,
     Run,
     Server,
-    _drain,
     free_port,
     pinned,
+    running_server,
     write_config,
     write_protoset,
 )
@@ -113,32 +111,8 @@ def decider(config: Path, mode: Mode, collector: str, *, cpus: str | None) -> It
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector, OTEL_SERVICE_NAME=mode.name)
     argv = [sys.executable, "-m", "decider", "serve", "--config", str(config)]
     argv += ["--listen", f"127.0.0.1:{port}", "--data-dir", ""]
-    proc = subprocess.Popen(
-        pinned(argv, cpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        log: list[str] = []
-        deadline = time.monotonic() + 60
-        assert proc.stderr is not None
-        while True:
-            line = proc.stderr.readline()
-            if not line:
-                raise RuntimeError(f"{mode.name}: server exited before serving:\n{''.join(log)}")
-            log.append(line)
-            if "decider serving on" in line:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{mode.name}: server not ready in 60 s:\n{''.join(log)}")
-        srv = Server(proc=proc, addr=f"127.0.0.1:{port}", log=log)
-        threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
+    with running_server(pinned(argv, cpus), env, name=mode.name, port=port) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -399,23 +399,33 @@ def server(
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DECIDER_LOG_LEVEL": "WARNING"}
     argv = [sys.executable, str(LAUNCH), "--arch", arch, "--config", str(config)]
     argv += ["--listen", f"127.0.0.1:{port}", "--processes", str(processes)]
+    with running_server(pinned(argv, cpus), env, name=arch, port=port, ready=processes) as srv:
+        yield srv
+
+
+@contextmanager
+def running_server(
+    argv: list[str], env: dict[str, str], *, name: str, port: int, ready: int = 1
+) -> Iterator[Server]:
+    """Starts a server process and yields once `ready` processes logged "decider serving on";
+    stops it on exit."""
     proc = subprocess.Popen(
-        pinned(argv, cpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        ready = 0
+        serving = 0
         log: list[str] = []
         deadline = time.monotonic() + 60
         assert proc.stderr is not None
-        while ready < processes:
+        while serving < ready:
             line = proc.stderr.readline()
             if not line:
-                raise RuntimeError(f"{arch} server exited before serving:\n{''.join(log)}")
+                raise RuntimeError(f"{name}: server exited before serving:\n{''.join(log)}")
             log.append(line)
             if "decider serving on" in line:
-                ready += 1
+                serving += 1
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{arch} server not ready in 60 s:\n{''.join(log)}")
+                raise RuntimeError(f"{name}: server not ready in 60 s:\n{''.join(log)}")
         srv = Server(proc=proc, addr=f"127.0.0.1:{port}", log=log)
         threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
         yield srv
