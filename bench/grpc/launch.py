@@ -79,8 +79,9 @@ def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> Non
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from decider.api import convert, validate
+    from decider.api import convert, decider_service, validate
     from decider.api.errors import status_for_refusal
+    from decider.api.wire import DecisionEncoder
     from decider.core.engine import Engine
     from decider.core.model import Refusal
     from decider.v1 import decider_service_pb2 as dpb
@@ -90,17 +91,17 @@ def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> Non
     engine.set_endpoints(settings.endpoints, now=time.monotonic())
     # The engine is not thread-safe; a sync server must serialize calls into it.
     lock = threading.Lock()
-    encoder = convert.DecisionEncoder()
+    encoder = DecisionEncoder()
 
     class SyncDeciderService(dgrpc.DeciderServiceServicer):
-        def Decide(self, request: dpb.DecideRequest, context: Any) -> dpb.DecideResponse:
+        def Decide(self, request: dpb.DecideRequest, context: Any) -> bytes:
             validate.decide_request(request)
             route = convert.route_request_from_proto(request)
             with lock:
                 result = engine.decide(route, now=time.monotonic())
             if isinstance(result, Refusal):
                 context.abort_with_status(status_for_refusal(result))
-            return encoder.decide_response(result)
+            return encoder.encode(result)
 
         def ReportOutcome(
             self, request: dpb.ReportOutcomeRequest, context: Any
@@ -116,7 +117,7 @@ def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> Non
         options=[("grpc.so_reuseport", 1 if reuseport else 0)],
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )
-    dgrpc.add_DeciderServiceServicer_to_server(SyncDeciderService(), server)
+    decider_service.add_to_server(SyncDeciderService(), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (

@@ -24,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from decider.api.convert import health_event_from_state
+from decider.api import decider_service
 from decider.api.decider_service import DeciderService
 from decider.api.interceptors import AdminTokenInterceptor, AdmissionInterceptor
 from decider.api.ports import Clock, Observer
@@ -38,7 +39,6 @@ from decider.probe_reports import ProbeReports
 from decider.registry import EndpointStore, Registry
 from decider.telemetry import TelemetryObserver, Tracing
 from decider.v1 import decider_service_pb2, registry_service_pb2
-from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 from decider.watch import WatchHub
 from probe import Prober
@@ -124,7 +124,7 @@ class DeciderServer:
             observer=observer or TelemetryObserver(self.metrics),
             tracing=self.tracing,
         )
-        dgrpc.add_DeciderServiceServicer_to_server(self._decider, self._server)
+        decider_service.add_to_server(self._decider, self._server)
         rgrpc.add_RegistryServiceServicer_to_server(
             RegistryService(
                 self.registry,

@@ -57,7 +57,7 @@ async def test_in_flight_decide_finishes_while_new_rpcs_are_refused(start_server
                 break
             await asyncio.sleep(0.02)
         assert refused is not None
-        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE, (refused.code(), refused.details())
         assert not stopping.done()
 
         hold.release.set()

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from decider.api import convert, validate
+from decider.api.wire import DecisionEncoder
 from decider.api.errors import (
     abort,
     encoded_status,
@@ -48,14 +49,15 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         self._observer: Observer = observer or NullObserver()
         # Read by @traced: one server span per call, continuing the caller's W3C trace.
         self.tracing = tracing or Tracing.disabled()
-        self._encoder = convert.DecisionEncoder()
+        self._encoder = DecisionEncoder()
         # DecideStream calls, each marked True while it waits for its next request.
         self._streams: dict[asyncio.Task[Any], bool] = {}
         self._draining = False
 
     @traced(Rpc.DECIDE)
     @unary
-    async def Decide(self, request: dpb.DecideRequest, context: Context) -> dpb.DecideResponse:
+    async def Decide(self, request: dpb.DecideRequest, context: Context) -> bytes:
+        """Answers the DecideResponse already serialized (see add_to_server)."""
         route = convert.checked_route_request(request)
         started = time.perf_counter()
         result = self._engine.decide(route, now=self._clock())
@@ -63,7 +65,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
         if isinstance(result, Refusal):
             await abort(context, status_for_refusal(result))
         else:
-            return self._encoder.decide_response(result)
+            return self._encoder.encode(result)
 
     @traced(Rpc.REPORT_OUTCOME)
     @unary
@@ -81,8 +83,9 @@ class DeciderService(dgrpc.DeciderServiceServicer):
     @traced_stream(Rpc.DECIDE_STREAM)
     async def DecideStream(
         self, requests: AsyncIterator[dpb.DecideStreamRequest], context: Context
-    ) -> AsyncIterator[dpb.DecideStreamResponse]:
-        """One answer per request, in order; a refusal or bad request is answered, not fatal.
+    ) -> AsyncIterator[bytes]:
+        """One answer per request, in order, each a serialized DecideStreamResponse; a refusal
+        or bad request is answered, not fatal.
 
         On drain the stream answers what it has read and ends with UNAVAILABLE (SHUTTING_DOWN),
         so the caller resends any request it got no answer for to another instance.
@@ -117,7 +120,7 @@ class DeciderService(dgrpc.DeciderServiceServicer):
             if waiting:
                 task.cancel()
 
-    def _stream_answer(self, message: dpb.DecideStreamRequest) -> dpb.DecideStreamResponse:
+    def _stream_answer(self, message: dpb.DecideStreamRequest) -> bytes:
         request = message.decide
         try:
             route = convert.checked_route_request(request)
@@ -127,16 +130,13 @@ class DeciderService(dgrpc.DeciderServiceServicer):
             if isinstance(result, Refusal):
                 status = status_for_refusal(result)
             else:
-                return dpb.DecideStreamResponse(
-                    correlation_id=message.correlation_id,
-                    decide=self._encoder.decide_response(result),
-                )
+                return self._encoder.encode_stream(message.correlation_id, result)
         except Exception as exc:
             status = status_for_exception(exc)
         return dpb.DecideStreamResponse(
             correlation_id=message.correlation_id,
             error=dpb.Status.FromString(encoded_status(status)),
-        )
+        ).SerializeToString()
 
     @traced_stream(Rpc.WATCH_HEALTH)
     async def WatchHealth(
@@ -153,3 +153,36 @@ class DeciderService(dgrpc.DeciderServiceServicer):
                 )
         finally:
             self._hub.release(watcher)
+
+
+SERVICE = dpb.DESCRIPTOR.services_by_name["DeciderService"].full_name
+
+
+def add_to_server(servicer: dgrpc.DeciderServiceServicer, server: Any) -> None:
+    """The generated add_DeciderServiceServicer_to_server, except that Decide and DecideStream
+    answer with bytes the servicer has serialized itself (api/wire.py), so grpc is given no
+    serializer for them. Works for grpc.aio and sync servers alike."""
+    handlers = {
+        "Decide": grpc.unary_unary_rpc_method_handler(
+            servicer.Decide,
+            request_deserializer=dpb.DecideRequest.FromString,
+            response_serializer=None,
+        ),
+        "ReportOutcome": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportOutcome,
+            request_deserializer=dpb.ReportOutcomeRequest.FromString,
+            response_serializer=dpb.ReportOutcomeResponse.SerializeToString,
+        ),
+        "WatchHealth": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchHealth,
+            request_deserializer=dpb.WatchHealthRequest.FromString,
+            response_serializer=dpb.WatchHealthResponse.SerializeToString,
+        ),
+        "DecideStream": grpc.stream_stream_rpc_method_handler(
+            servicer.DecideStream,
+            request_deserializer=dpb.DecideStreamRequest.FromString,
+            response_serializer=None,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
