@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from decider.api.convert import health_event_from_state
 from decider.api import decider_service
+from decider.api.convert import health_event_from_state
 from decider.api.decider_service import DeciderService
 from decider.api.interceptors import AdminTokenInterceptor, AdmissionInterceptor
 from decider.api.ports import Clock, Observer

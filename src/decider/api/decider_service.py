@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 
 from decider.api import convert, validate
-from decider.api.wire import DecisionEncoder
 from decider.api.errors import (
     abort,
     encoded_status,
@@ -21,16 +20,19 @@ from decider.api.errors import (
     unary,
 )
 from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
+from decider.api.wire import DecisionEncoder
 from decider.core.model import Refusal, Result
 from decider.telemetry import Rpc, Tracing, traced, traced_stream
 from decider.v1 import decider_service_pb2 as dpb
-from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.watch import WatchHub
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class DeciderService(dgrpc.DeciderServiceServicer):
+class DeciderService:
+    """The servicer. Not a subclass of the generated DeciderServiceServicer, because Decide
+    and DecideStream answer serialized bytes; register it with add_to_server."""
+
     def __init__(
         self,
         engine: DecisionEngine,
@@ -158,11 +160,11 @@ class DeciderService(dgrpc.DeciderServiceServicer):
 SERVICE = dpb.DESCRIPTOR.services_by_name["DeciderService"].full_name
 
 
-def add_to_server(servicer: dgrpc.DeciderServiceServicer, server: Any) -> None:
+def add_to_server(servicer: Any, server: Any) -> None:
     """The generated add_DeciderServiceServicer_to_server, except that Decide and DecideStream
     answer with bytes the servicer has serialized itself (api/wire.py), so grpc is given no
     serializer for them. Works for grpc.aio and sync servers alike."""
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Decide": grpc.unary_unary_rpc_method_handler(
             servicer.Decide,
             request_deserializer=dpb.DecideRequest.FromString,

@@ -10,14 +10,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from decider.api import convert, validate
 from decider.core.model import (
-    BreakerState,
-    CandidateExplanation,
-    Decision,
     Endpoint,
-    HealthStatus,
     MetricsKind,
     Result,
-    RetryAdvice,
     RouteRequest,
 )
 from decider.errors import InvalidArgument
