@@ -1,7 +1,7 @@
 """Prometheus metrics: Decider's own registry, the counters the hot path bumps, gauges read
 from live engine state at scrape time, and the /metrics server behind `--metrics-listen`.
 
-Per-decision work is one dict lookup and one `inc()`/`observe()` on a pre-bound child. Endpoint
+Per-decision work is a dict update or two on plain numbers (plain_metrics). Endpoint
 health, breaker state, in-flight and watcher gauges are never updated on the hot path: a
 collector asks the engine at scrape time, on the event loop thread (the engine is not
 thread-safe), and the text is rendered in a worker thread so a large fleet does not stall Decide.
@@ -36,6 +36,7 @@ from decider.core.model import (
     RouteRequest,
 )
 from decider.errors import ConfigError
+from decider.plain_metrics import PlainCounter, PlainHistogram
 
 __all__ = [
     "MetricName",
@@ -222,28 +223,31 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._decisions = Counter(
+        # Bumped on every Decide and ReportOutcome: plain numbers, not prometheus_client's
+        # locked Counter and Histogram (see plain_metrics).
+        self._decisions = PlainCounter(
             MetricName.DECISIONS,
             "Decide calls by requested model, strategy used and result.",
             ["model", "strategy", "result"],
             registry=r,
         )
-        self._decision_duration = Histogram(
+        self._decision_duration = PlainHistogram(
             MetricName.DECISION_DURATION,
             "Server-side time to decide (explain requests excluded).",
             ["strategy"],
             buckets=DECISION_BUCKETS_S,
             registry=r,
         )
-        self._outcomes = Counter(
+        self._outcomes = PlainCounter(
             MetricName.OUTCOMES, "Reported outcomes by result.", ["result"], registry=r
         )
-        self._outcomes_unmatched = Counter(
+        self._outcomes_unmatched = PlainCounter(
             MetricName.OUTCOMES_UNMATCHED,
             "Reported outcomes whose decision_id was unknown or expired.",
+            [],
             registry=r,
         )
-        self._quota_rejections = Counter(
+        self._quota_rejections = PlainCounter(
             MetricName.QUOTA_REJECTIONS,
             "Decide calls refused because the tenant was over quota.",
             ["model"],
@@ -270,10 +274,6 @@ class Metrics:
         )
         self._live = _LiveState()
         r.register(self._live)
-        # Pre-bound children: labels() takes a lock and hashes the label tuple each call.
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
-        self._outcome_children: dict[Result, Counter] = {}
         self._endpoint_series: dict[str, set[tuple[Counter, tuple[str, ...]]]] = {}
 
     # ---------------------------------------------------------------- live sources
@@ -291,39 +291,27 @@ class Metrics:
         self, request: RouteRequest, result: Decision | Refusal, elapsed_s: float
     ) -> None:
         if isinstance(result, Decision):
-            key = (request.model, result.strategy, "explain" if request.explain else "ok")
-        else:
-            # A model nobody serves is not a label value: clients could mint unbounded series.
-            model = "" if result.kind is RefusalKind.MODEL_NOT_FOUND else request.model
-            key = (model, "", _REFUSAL_RESULT[result.kind])
-            if result.kind is RefusalKind.QUOTA_EXHAUSTED:
-                self._quota_rejections.labels(model).inc()
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children[key] = self._decisions.labels(*key)
-        child.inc()
+            strategy = result.strategy
+            if request.explain:
+                self._decisions.inc((request.model, strategy, "explain"))
+                return
+            self._decisions.inc((request.model, strategy, "ok"))
+            self._decision_duration.observe((strategy,), elapsed_s)
+            return
+        # A model nobody serves is not a label value: clients could mint unbounded series.
+        model = "" if result.kind is RefusalKind.MODEL_NOT_FOUND else request.model
+        if result.kind is RefusalKind.QUOTA_EXHAUSTED:
+            self._quota_rejections.inc((model,))
+        self._decisions.inc((model, "", _REFUSAL_RESULT[result.kind]))
         if not request.explain:
-            strategy = key[1]
-            histogram = self._duration_children.get(strategy)
-            if histogram is None:
-                histogram = self._duration_children[strategy] = self._decision_duration.labels(
-                    strategy
-                )
-            histogram.observe(elapsed_s)
+            self._decision_duration.observe(("",), elapsed_s)
 
     def record_decision_error(self, result: str = "invalid_argument") -> None:
         """A Decide that failed before the engine answered (e.g. a malformed request)."""
-        key = ("", "", result)
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children[key] = self._decisions.labels(*key)
-        child.inc()
+        self._decisions.inc(("", "", result))
 
     def record_outcome(self, result: Result, *, decision_found: bool) -> None:
-        child = self._outcome_children.get(result)
-        if child is None:
-            child = self._outcome_children[result] = self._outcomes.labels(_OUTCOME_LABELS[result])
-        child.inc()
+        self._outcomes.inc((_OUTCOME_LABELS[result],))
         if not decision_found:
             self._outcomes_unmatched.inc()
 

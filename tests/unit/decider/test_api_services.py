@@ -99,7 +99,8 @@ def _service(engine: FakeEngine, **kw) -> DeciderService:
 async def test_decide_converts_and_tells_the_observer():
     observer = RecordingObserver()
     service = _service(FakeEngine(_decision()), observer=observer)
-    reply = await service.Decide(dpb.DecideRequest(model="m", tenant="t"), FakeContext())
+    encoded = await service.Decide(dpb.DecideRequest(model="m", tenant="t"), FakeContext())
+    reply = dpb.DecideResponse.FromString(encoded)
     assert reply.endpoint.id == "e"
     assert reply.retry.max_backoff.seconds == 2
     ((request, result),) = observer.decisions
