@@ -50,19 +50,10 @@ def _aio_server_options(reuseport: bool) -> None:
 
 
 async def _serve_aio(settings: config.Settings) -> None:
-    """decider.server.serve with the signal handling `decider serve` has."""
-    from decider.server import DeciderServer
+    """What `decider serve` runs: decider.server.serve, until SIGTERM or SIGINT."""
+    from decider.server import serve
 
-    server = DeciderServer(settings)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
+    await serve(settings)
 
 
 def run_aio(settings: config.Settings, *, use_uvloop: bool, reuseport: bool) -> None:

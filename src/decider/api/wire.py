@@ -101,20 +101,30 @@ class DecisionEncoder:
         # endpoint id -> (the Endpoint encoded, its bytes as field `endpoint`, as `fallbacks`)
         self._endpoints: dict[str, tuple[Endpoint, bytes, bytes]] = {}
         self._retries: dict[RetryAdvice, bytes] = {}
+        self._last_retry: tuple[RetryAdvice | None, bytes] = (None, b"")
         self._strategies: dict[str, bytes] = {}
         self._score_keys: dict[str, bytes] = {}
         self._skip_keys: dict[str, bytes] = {}
 
     def encode(self, d: Decision) -> bytes:
         """The DecideResponse for `d`, serialized."""
-        parts = []
+        parts: list[bytes] = []
+        append = parts.append
         if d.decision_id:
-            parts.append(_length_delimited(_DECISION_ID, d.decision_id.encode()))
-        parts.append(self._endpoint(d.endpoint)[1])
+            data = d.decision_id.encode()
+            append(_DECISION_ID + varint(len(data)))
+            append(data)
+        endpoints = self._endpoints
+        e = d.endpoint
+        hit = endpoints.get(e.id)
+        append((hit if hit is not None and hit[0] is e else self._encode_endpoint(e))[1])
         for e in d.fallbacks:
-            parts.append(self._endpoint(e)[2])
+            hit = endpoints.get(e.id)
+            append((hit if hit is not None and hit[0] is e else self._encode_endpoint(e))[2])
         if d.reason:
-            parts.append(_length_delimited(_REASON, d.reason.encode()))
+            data = d.reason.encode()
+            append(_REASON + varint(len(data)))
+            append(data)
         if d.strategy:
             parts.append(self._strategy(d.strategy))
         if d.scores:
@@ -148,7 +158,8 @@ class DecisionEncoder:
                 prefix = self._remember(
                     keys, key, _entry_prefix(_SCORES, key, 9) + bytes((_DOUBLE_VALUE,))
                 )
-            parts.append(prefix + _pack_double(value))
+            parts.append(prefix)
+            parts.append(_pack_double(value))
 
     def _skipped(self, skipped: Mapping[str, int], parts: list[bytes]) -> None:
         keys = self._skip_keys
@@ -170,23 +181,27 @@ class DecisionEncoder:
             )
         return encoded
 
-    def _endpoint(self, e: Endpoint) -> tuple[Endpoint, bytes, bytes]:
-        hit = self._endpoints.get(e.id)
-        if hit is None or hit[0] is not e:
-            proto = convert.endpoint_to_proto(e)
-            hit = (
-                e,
-                dpb.DecideResponse(endpoint=proto).SerializeToString(),
-                dpb.DecideResponse(fallbacks=[proto]).SerializeToString(),
-            )
-            self._remember(self._endpoints, e.id, hit)
-        return hit
+    def _encode_endpoint(self, e: Endpoint) -> tuple[Endpoint, bytes, bytes]:
+        """Encodes an endpoint not seen before (or replaced by a new value) and caches it."""
+        proto = convert.endpoint_to_proto(e)
+        encoded = (
+            e,
+            dpb.DecideResponse(endpoint=proto).SerializeToString(),
+            dpb.DecideResponse(fallbacks=[proto]).SerializeToString(),
+        )
+        return self._remember(self._endpoints, e.id, encoded)
 
     def _retry(self, retry: RetryAdvice) -> bytes:
+        # The engine answers with one RetryAdvice object: compare identity first, as hashing
+        # the dataclass runs Python code.
+        last = self._last_retry
+        if last[0] is retry:
+            return last[1]
         encoded = self._retries.get(retry)
         if encoded is None:
             proto = dpb.DecideResponse(retry=convert.retry_to_proto(retry))
             encoded = self._remember(self._retries, retry, proto.SerializeToString())
+        self._last_retry = (retry, encoded)
         return encoded
 
     def _remember(self, cache: dict[_K, _V], key: _K, value: _V) -> _V:
