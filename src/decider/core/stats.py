@@ -326,35 +326,45 @@ class RankHeap:
         if len(self._heap) > self._limit:
             self._rebuild()
 
-    def first(self) -> EndpointStats:
-        """The best member."""
+    def first(self) -> EndpointStats | None:
+        """The best member (None when there are none), dropping stale entries at the root."""
         heap = self._heap
         latest = self._latest
-        while True:
+        while heap:
             entry = heap[0]
             if latest[entry[2]] == entry[1]:
                 return entry[2]
             heapq.heappop(heap)
+        return None
 
     def best(self, count: int) -> list[EndpointStats]:
-        """Up to `count` distinct members, best first."""
+        """Up to `count` distinct members, best first.
+
+        A best-first walk down the heap that leaves it as it is: every child ranks after its
+        parent, so the smallest entry not yet visited is always among the children of those
+        visited. Stale entries are passed over (their children may be live) and dropped only at
+        the root, where the next call would meet them again. With a few picks and few stale
+        entries that is a handful of comparisons, against two pops and two pushes before."""
+        first = self.first()
+        if first is None:
+            return []
+        out = [first]
         heap = self._heap
         latest = self._latest
-        pop = heapq.heappop
-        out: list[EndpointStats] = []
-        kept: list[tuple[Any, int, EndpointStats]] = []
-        while heap:
-            entry = heap[0]
-            if latest[entry[2]] != entry[1]:
-                pop(heap)
-                continue
-            out.append(entry[2])
-            if len(out) == count:
-                break
-            # Set the valid entry aside to see the next one; the last is only peeked at.
-            kept.append(pop(heap))
-        for entry in kept:
-            heapq.heappush(heap, entry)
+        n = len(heap)
+        frontier = [i for i in (1, 2) if i < n]
+        rank = heap.__getitem__
+        while frontier and len(out) < count:
+            i = min(frontier, key=rank)
+            frontier.remove(i)
+            entry = heap[i]
+            if latest[entry[2]] == entry[1]:
+                out.append(entry[2])
+            child = 2 * i + 1
+            if child < n:
+                frontier.append(child)
+                if child + 1 < n:
+                    frontier.append(child + 1)
         return out
 
     def close(self) -> None:
