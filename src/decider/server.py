@@ -122,7 +122,8 @@ class DeciderServer:
             self.hub,
             clock=clock,
             on_failure=self.prober.probe_soon if self.prober is not None else None,
-            observer=observer or TelemetryObserver(self.metrics),
+            observer=observer
+            or TelemetryObserver(self.metrics, annotate_spans=self.tracing.enabled),
             tracing=self.tracing,
         )
         decider_service.add_to_server(self._decider, self._server)

@@ -745,20 +745,24 @@ class TelemetryObserver:
     """The servicers' Observer (decider.api.ports): annotates the current server span, bumps
     the metrics and, when asked for, logs the decision. Cheap and never raises on purpose."""
 
-    __slots__ = ("_metrics",)
+    __slots__ = ("_annotate", "_metrics")
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, *, annotate_spans: bool = True) -> None:
         self._metrics = metrics
+        # False when tracing is off: there is never a span to annotate, so skip looking.
+        self._annotate = annotate_spans
 
     def decided(
         self, request: RouteRequest, result: Decision | Refusal, *, elapsed_s: float
     ) -> None:
-        annotate_decision(trace.get_current_span(), request, result)
+        if self._annotate:
+            annotate_decision(trace.get_current_span(), request, result)
         if self._metrics is not None:
             self._metrics.record_decision(request, result, elapsed_s)
         log_decision(request, result, elapsed_s=elapsed_s)
 
     def outcome_reported(self, outcome: Outcome, *, decision_found: bool) -> None:
-        annotate_outcome(trace.get_current_span(), outcome, decision_found=decision_found)
+        if self._annotate:
+            annotate_outcome(trace.get_current_span(), outcome, decision_found=decision_found)
         if self._metrics is not None:
             self._metrics.record_outcome(outcome.result, decision_found=decision_found)
