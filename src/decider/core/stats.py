@@ -352,12 +352,15 @@ class RankHeap:
         heap = self._heap
         latest = self._latest
         n = len(heap)
-        frontier = [i for i in (1, 2) if i < n]
-        rank = heap.__getitem__
+        frontier = [1, 2] if n > 2 else [1] if n > 1 else []
         while frontier and len(out) < count:
-            i = min(frontier, key=rank)
-            frontier.remove(i)
+            # The smallest of a handful of positions; plain comparisons beat min(key=...).
+            i = frontier[0]
             entry = heap[i]
+            for j in frontier[1:]:
+                if heap[j] < entry:
+                    i, entry = j, heap[j]
+            frontier.remove(i)
             if latest[entry[2]] == entry[1]:
                 out.append(entry[2])
             child = 2 * i + 1

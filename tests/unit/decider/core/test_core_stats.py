@@ -35,6 +35,22 @@ def test_rank_heap_follows_every_rescore():
         assert heap.first().load == expected[0]
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 40])
+def test_rank_heap_best_is_exactly_the_sorted_live_entries(n):
+    # By key, ties by least recently changed; with the stale entries every rescore leaves.
+    rng = random.Random(n)
+    members = stats(n)
+    sc = scorer()
+    heap = RankHeap(members, lambda s: s.load)
+    for step in range(3000):
+        s = rng.choice(members)
+        s.in_flight = max(0, min(4, s.in_flight + rng.choice((-1, 1))))
+        sc.rescore(s, float(step))
+        ranked = sorted(members, key=lambda m: (m.load, heap._latest[m]))
+        count = rng.randint(1, n + 1)
+        assert heap.best(count) == ranked[:count]
+
+
 def test_rank_heap_breaks_ties_by_least_recently_changed():
     members = stats(3)
     sc = scorer()
