@@ -322,8 +322,15 @@ class RankHeap:
     def push(self, s: EndpointStats) -> None:
         self._seq += 1
         self._latest[s] = self._seq
-        heapq.heappush(self._heap, (self._key(s), self._seq, s))
-        if len(self._heap) > self._limit:
+        entry = (self._key(s), self._seq, s)
+        heap = self._heap
+        if heap and heap[0][2] is s:
+            # The member was just picked, so its entry, now stale, is the root: replace it in
+            # one sift instead of pushing and popping it later.
+            heapq.heapreplace(heap, entry)
+            return
+        heapq.heappush(heap, entry)
+        if len(heap) > self._limit:
             self._rebuild()
 
     def first(self) -> EndpointStats | None:
