@@ -141,6 +141,8 @@ class Results:
     architecture_rss_mb: dict[str, float] = field(default_factory=dict)
     # Server CPU per decision: unary Decide vs the bench-only bidirectional DecideStream.
     stream: dict[str, float] = field(default_factory=dict)
+    # Check vs a Decide that replays one answer (launch.py --replay-decide), per round.
+    replay: list[dict[str, Run]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -394,11 +396,14 @@ def server(
     *,
     processes: int = 1,
     cpus: str | None = None,
+    replay_decide: bool = False,
 ) -> Iterator[Server]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DECIDER_LOG_LEVEL": "WARNING"}
     argv = [sys.executable, str(LAUNCH), "--arch", arch, "--config", str(config)]
     argv += ["--listen", f"127.0.0.1:{port}", "--processes", str(processes)]
+    if replay_decide:
+        argv.append("--replay-decide")
     with running_server(pinned(argv, cpus), env, name=arch, port=port, ready=processes) as srv:
         yield srv
 
@@ -573,6 +578,26 @@ def main_run(
         )
 
 
+def replay_floor(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> None:
+    """Check against a Decide that replays its first answer: Decide's message sizes with no
+    Python work per call, the part of the gap no change to the Decide path can close."""
+    c, conns = args.concurrency, args.connections
+    with server(args.arch, config, cpus="0" if ghz.cpus else None, replay_decide=True) as srv:
+        n_check = calls_for(ghz, srv, CHECK, CHECK_DATA, c=c, conns=conns, seconds=args.seconds)
+        n_decide = calls_for(ghz, srv, DECIDE, DECIDE_DATA, c=c, conns=conns, seconds=args.seconds)
+        serial = ghz.run(srv, DECIDE, DECIDE_DATA, n=200, c=1, conns=1)
+        n_serial = max(200, int(serial.rps * args.seconds * 0.6))
+        order = [("check", CHECK, CHECK_DATA, n_check), ("decide", DECIDE, DECIDE_DATA, n_decide)]
+        for r in range(args.rounds):
+            round_: dict[str, Run] = {}
+            for name, call, data, n in order if r % 2 == 0 else order[::-1]:
+                round_[name] = ghz.run(srv, call, data, n=n, c=c, conns=conns)
+            for name, call, data, _ in order if r % 2 == 0 else order[::-1]:
+                round_[f"{name}_serial"] = ghz.run(srv, call, data, n=n_serial, c=1, conns=1)
+            res.replay.append(round_)
+            print(f"replayed Decide, round {r + 1}: " + _brief(round_), flush=True)
+
+
 def stream_cost(h2load: H2load, srv: Server, args: argparse.Namespace, res: Results) -> None:
     """Server CPU per decision: unary Decide vs K decisions on one DecideStream."""
     from decider.v1 import decider_service_pb2 as dpb
@@ -735,6 +760,15 @@ def summary(res: Results) -> dict[str, float]:
         s["h2load_throughput_ratio"] = s["decide_h2load_rps"] / s["check_h2load_rps"]
     s["throughput_ratio"] = s["decide_rps"] / s["check_rps"]
     s["serial_p50_ratio"] = s["decide_serial_p50_ms"] / s["check_serial_p50_ms"]
+    if res.replay:
+        rep = lambda key: [r[key] for r in res.replay]  # noqa: E731
+        s["replay_throughput_ratio"] = median(rep("decide"), "rps") / median(rep("check"), "rps")
+        s["replay_serial_p50_ratio"] = median(rep("decide_serial"), "p50_ms") / median(
+            rep("check_serial"), "p50_ms"
+        )
+        s["replay_cpu_ratio"] = median(rep("decide"), "server_cpu_us") / median(
+            rep("check"), "server_cpu_us"
+        )
     return s
 
 
@@ -855,6 +889,40 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
                 f"{s['decide_h2load_cpu_us'] / s['check_h2load_cpu_us']:.2f}",
             ),
         ]
+    if res.replay:
+        rep = lambda key: [r[key] for r in res.replay]  # noqa: E731
+        lines += [
+            "",
+            "**The floor for Decide's messages.** The same comparison against a server whose "
+            "Decide replays its first answer, doing no Python work per call "
+            f"(`launch.py --replay-decide`, medians of {len(res.replay)} rounds): what Decide's "
+            "larger request and response cost the transport and ghz, which no change to the "
+            "Decide path can remove.",
+            "",
+            _row("", "Health/Check", "replayed Decide", "replayed / Check", "real Decide / Check"),
+            _row("---", "---:", "---:", "---:", "---:"),
+            _row(
+                "requests/s under load",
+                f"{median(rep('check'), 'rps'):.0f}",
+                f"{median(rep('decide'), 'rps'):.0f}",
+                f"{s['replay_throughput_ratio']:.2f}",
+                f"{s['throughput_ratio']:.2f}",
+            ),
+            _row(
+                "serial p50 (ms)",
+                f"{median(rep('check_serial'), 'p50_ms'):.3f}",
+                f"{median(rep('decide_serial'), 'p50_ms'):.3f}",
+                f"{s['replay_serial_p50_ratio']:.2f}",
+                f"{s['serial_p50_ratio']:.2f}",
+            ),
+            _row(
+                "server CPU per call (us)",
+                f"{median(rep('check'), 'server_cpu_us'):.0f}",
+                f"{median(rep('decide'), 'server_cpu_us'):.0f}",
+                f"{s['replay_cpu_ratio']:.2f}",
+                f"{s['decide_cpu_us'] / s['check_cpu_us']:.2f}",
+            ),
+        ]
     if res.stream:
         st = res.stream
         lines += [
@@ -949,7 +1017,7 @@ def update_doc(section: str) -> None:
 
 
 def check(res: Results) -> None:
-    runs: list[Run] = [r for round_ in res.rounds for r in round_.values()]
+    runs: list[Run] = [r for round_ in res.rounds + res.replay for r in round_.values()]
     runs += [r for arch in res.architectures.values() for r in arch.values()]
     runs += [r for r in (res.report_outcome, res.many_connections) if r is not None]
     for r in runs:
@@ -965,7 +1033,7 @@ def main() -> int:
     parser.add_argument(
         "--arch", default="uvloop", choices=("aio", "uvloop", "sync"), help="main run's server"
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="target length of one phase")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--connections", type=int, default=4)
@@ -975,13 +1043,16 @@ def main() -> int:
     parser.add_argument("--arch-calls", type=int, default=4000)
     parser.add_argument("--arch-rounds", type=int, default=3, help="rounds over the variants")
     parser.add_argument("--skip-architectures", action="store_true")
+    parser.add_argument("--skip-replay", action="store_true", help="no replayed-Decide floor")
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="main run: do not pin server/client"
     )
     parser.add_argument("--h2load", default=shutil.which("h2load") or "", help="'' to skip h2load")
     parser.add_argument("--h2load-calls", type=int, default=6000)
     parser.add_argument("--stream-messages", type=int, default=100)
-    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
+    parser.add_argument(
+        "--no-doc", action="store_true", help="write nothing: no doc, plot or results file"
+    )
     args = parser.parse_args()
     if not Path(args.ghz).exists():
         print(f"ghz not found at {args.ghz}: run `make bench-grpc` (it installs the pinned ghz)")
@@ -1006,11 +1077,20 @@ def main() -> int:
         if h2load is None:
             res.notes.append("h2load (nghttp2-client) not found: its runs were skipped")
         main_run(ghz, h2load, config, args, res)
+        if not args.skip_replay:
+            ghz.cpus = "1" if res.machine.get("pinned") else None
+            replay_floor(ghz, config, args, res)
+            ghz.cpus = None
         if not args.skip_architectures:
             architectures(ghz, h2load, config, args, res)
     check(res)
     elapsed = time.monotonic() - started
 
+    section = markdown(res, args)
+    print(section)
+    if args.no_doc:
+        print(f"\n{elapsed:.0f} s (--no-doc: results, plot and doc left as they were)")
+        return 1 if res.failures else 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -1018,10 +1098,7 @@ def main() -> int:
         )
     )
     plot(res, PLOT)
-    section = markdown(res, args)
-    if not args.no_doc:
-        update_doc(section)
-    print(section)
+    update_doc(section)
     print(f"\n{elapsed:.0f} s; wrote {RESULTS.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
     return 1 if res.failures else 0
 

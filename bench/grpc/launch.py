@@ -10,6 +10,9 @@
           validation and conversions (no interceptors; the engine behind one lock).
 - --processes N: N copies of the chosen architecture on one port with SO_REUSEPORT; the kernel
           spreads connections over them. Each process has its own engine state.
+- --replay-decide: (aio, uvloop) Decide answers its first response again and again, doing no
+          Python work per call: what Decide's request and response sizes cost the transport
+          and the client, the floor the real Decide is compared with.
 
 Each process logs "decider serving on ... (port N)" as `decider serve` does. Nothing here is
 used outside bench/grpc; the architecture the server ships is chosen from these measurements.
@@ -56,8 +59,26 @@ async def _serve_aio(settings: config.Settings) -> None:
     await serve(settings)
 
 
-def run_aio(settings: config.Settings, *, use_uvloop: bool, reuseport: bool) -> None:
+def _replay_decide() -> None:
+    from decider.api.decider_service import DeciderService
+
+    real = DeciderService.Decide
+    first: list[bytes] = []
+
+    async def replayed(self: DeciderService, request: Any, context: Any) -> bytes:
+        if not first:
+            first.append(await real(self, request, context))
+        return first[0]
+
+    DeciderService.Decide = replayed  # type: ignore[method-assign]
+
+
+def run_aio(
+    settings: config.Settings, *, use_uvloop: bool, reuseport: bool, replay: bool = False
+) -> None:
     _aio_server_options(reuseport)
+    if replay:
+        _replay_decide()
     if use_uvloop:
         import uvloop
 
@@ -139,6 +160,7 @@ def main() -> int:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=16, help="sync server's thread pool")
+    parser.add_argument("--replay-decide", action="store_true", help="Decide does no work")
     args = parser.parse_args()
     # As `decider serve` sets it up: INFO, and no line per Decide (log_decisions is off).
     logs.configure_logging(level="INFO", log_decisions=False, json_format=False)
@@ -149,7 +171,12 @@ def main() -> int:
     if args.arch == "sync":
         run_sync(settings, reuseport=reuseport, threads=args.threads)
     else:
-        run_aio(settings, use_uvloop=args.arch == "uvloop", reuseport=reuseport)
+        run_aio(
+            settings,
+            use_uvloop=args.arch == "uvloop",
+            reuseport=reuseport,
+            replay=args.replay_decide,
+        )
     return 0
 
 
