@@ -626,7 +626,11 @@ def traced(rpc: str) -> Callable[[_M], _M]:
     def decorate(method: _M) -> _M:
         @functools.wraps(method)
         async def wrapper(self: Any, request: Any, context: ServerContext) -> Any:
-            with self.tracing.server_span(rpc, context):
+            tracing: Tracing = self.tracing
+            if tracing._tracer is None:
+                # Tracing off: not even a no-op scope (this runs on every Decide).
+                return await method(self, request, context)
+            with tracing.server_span(rpc, context):
                 return await method(self, request, context)
 
         return wrapper  # type: ignore[return-value]

@@ -126,10 +126,14 @@ class DecisionEncoder:
             append(_REASON + varint(len(data)))
             append(data)
         if d.strategy:
-            parts.append(self._strategy(d.strategy))
+            encoded = self._strategies.get(d.strategy)
+            append(encoded if encoded is not None else self._encode_strategy(d.strategy))
         if d.scores:
             self._scores(d.scores, parts)
-        parts.append(self._retry(d.retry))
+        last_retry = self._last_retry
+        # The engine answers with one RetryAdvice object: compare identity before hashing the
+        # dataclass (which runs Python code).
+        append(last_retry[1] if last_retry[0] is d.retry else self._retry(d.retry))
         if d.affinity_hit:
             parts.append(_AFFINITY_HIT_TRUE)
         if d.candidate_count:
@@ -173,13 +177,8 @@ class DecisionEncoder:
                     self._remember(keys, key, prefix)
             parts.append(prefix + value)
 
-    def _strategy(self, name: str) -> bytes:
-        encoded = self._strategies.get(name)
-        if encoded is None:
-            encoded = self._remember(
-                self._strategies, name, _length_delimited(_STRATEGY, name.encode())
-            )
-        return encoded
+    def _encode_strategy(self, name: str) -> bytes:
+        return self._remember(self._strategies, name, _length_delimited(_STRATEGY, name.encode()))
 
     def _encode_endpoint(self, e: Endpoint) -> tuple[Endpoint, bytes, bytes]:
         """Encodes an endpoint not seen before (or replaced by a new value) and caches it."""
@@ -192,11 +191,6 @@ class DecisionEncoder:
         return self._remember(self._endpoints, e.id, encoded)
 
     def _retry(self, retry: RetryAdvice) -> bytes:
-        # The engine answers with one RetryAdvice object: compare identity first, as hashing
-        # the dataclass runs Python code.
-        last = self._last_retry
-        if last[0] is retry:
-            return last[1]
         encoded = self._retries.get(retry)
         if encoded is None:
             proto = dpb.DecideResponse(retry=convert.retry_to_proto(retry))
