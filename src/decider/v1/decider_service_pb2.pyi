@@ -185,7 +185,9 @@ class DecideResponse(_message.Message):
     affinity_hit: _builtins.bool
     """True when session affinity chose the endpoint."""
     candidate_count: _builtins.int
-    """Endpoints that served the model with the required capabilities."""
+    """Endpoints that serve the model routed to (for ab_split, the chosen arm's
+    model and capabilities) with the required capabilities.
+    """
     @_builtins.property
     def endpoint(self) -> _endpoint_pb2.Endpoint:
         """The endpoint to send the request to."""

@@ -238,7 +238,8 @@ type DecideResponse struct {
 	Retry *RetryPolicy `protobuf:"bytes,7,opt,name=retry,proto3" json:"retry,omitempty"`
 	// True when session affinity chose the endpoint.
 	AffinityHit bool `protobuf:"varint,8,opt,name=affinity_hit,json=affinityHit,proto3" json:"affinity_hit,omitempty"`
-	// Endpoints that served the model with the required capabilities.
+	// Endpoints that serve the model routed to (for ab_split, the chosen arm's
+	// model and capabilities) with the required capabilities.
 	CandidateCount uint32 `protobuf:"varint,9,opt,name=candidate_count,json=candidateCount,proto3" json:"candidate_count,omitempty"`
 	// Candidates left out, by reason (for example "unhealthy", "breaker_open").
 	Skipped map[string]uint32 `protobuf:"bytes,10,rep,name=skipped,proto3" json:"skipped,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
