@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-grpc bench-tracing sim clean
+.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -102,6 +102,11 @@ proto-check: install proto-go-check
 
 bench: install
 	$(PY) bench/bench_core.py
+
+# The unary Decide path in-process, stage by stage (parse, convert, engine, observer, encode,
+# the whole handler) against Health/Check through the same interceptor (seconds).
+bench-decide-path: install
+	$(PY) bench/bench_decide_path.py
 
 # gRPC load from ghz against the real server (a few minutes): writes docs/BENCHMARKS.md's
 # "gRPC load" numbers to bench/results/ and the plot to docs/img/. Never part of `make test`.

@@ -5,7 +5,8 @@
 On one server, alternating round by round: grpc.health.v1.Health/Check (the transport floor of
 the same stack) and Decide (100 endpoints, composite strategy, sessions and prefix hashes so
 session and cache affinity are exercised), each under concurrent load and serially, from ghz
-and, when it is installed, from h2load (a lighter client). Then a streaming Decide cost probe,
+and, when it is installed, from h2load (a lighter client). Then the same against a Decide that
+replays one answer (Decide's message sizes with no Python work), a streaming Decide cost probe,
 ReportOutcome throughput, 1000 concurrent HTTP/2 connections doing Decide with the server's RSS
 and connections sampled, and the same calls on each server architecture (launch.py).
 Before the load, 20 requests go through the gateway flow with decider_client (Decide, a failing
