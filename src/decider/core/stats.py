@@ -333,48 +333,37 @@ class RankHeap:
         if len(heap) > self._limit:
             self._rebuild()
 
-    def first(self) -> EndpointStats | None:
-        """The best member (None when there are none), dropping stale entries at the root."""
+    def first(self) -> EndpointStats:
+        """The best member."""
         heap = self._heap
         latest = self._latest
-        while heap:
+        while True:
             entry = heap[0]
             if latest[entry[2]] == entry[1]:
                 return entry[2]
             heapq.heappop(heap)
-        return None
 
     def best(self, count: int) -> list[EndpointStats]:
-        """Up to `count` distinct members, best first.
-
-        A best-first walk down the heap that leaves it as it is: every child ranks after its
-        parent, so the smallest entry not yet visited is always among the children of those
-        visited. Stale entries are passed over (their children may be live) and dropped only at
-        the root, where the next call would meet them again. With a few picks and few stale
-        entries that is a handful of comparisons, against two pops and two pushes before."""
-        first = self.first()
-        if first is None:
-            return []
-        out = [first]
+        """Up to `count` distinct members, best first."""
         heap = self._heap
         latest = self._latest
-        n = len(heap)
-        frontier = [1, 2] if n > 2 else [1] if n > 1 else []
-        while frontier and len(out) < count:
-            # The smallest of a handful of positions; plain comparisons beat min(key=...).
-            i = frontier[0]
-            entry = heap[i]
-            for j in frontier[1:]:
-                if heap[j] < entry:
-                    i, entry = j, heap[j]
-            frontier.remove(i)
-            if latest[entry[2]] == entry[1]:
-                out.append(entry[2])
-            child = 2 * i + 1
-            if child < n:
-                frontier.append(child)
-                if child + 1 < n:
-                    frontier.append(child + 1)
+        pop = heapq.heappop
+        out: list[EndpointStats] = []
+        kept: list[tuple[Any, int, EndpointStats]] = []
+        while heap:
+            entry = heap[0]
+            if latest[entry[2]] != entry[1]:
+                pop(heap)
+                continue
+            out.append(entry[2])
+            if len(out) == count:
+                break
+            # Set the valid entry aside to see the next one; the last is only peeked at. Popping
+            # also drops the stale entries met on the way (a best-first walk that left the heap
+            # as it was measured slower once outcomes rescore endpoints between decisions).
+            kept.append(pop(heap))
+        for entry in kept:
+            heapq.heappush(heap, entry)
         return out
 
     def close(self) -> None:

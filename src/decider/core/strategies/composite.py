@@ -64,10 +64,7 @@ def cache_credits(
         if ctx.filtered:
             min_load = min(s.load for s in ctx.items)
         else:
-            least_loaded = ctx.pool.heap("load", load_key).first()
-            # Never None: every item of a pool has a live entry in its heaps.
-            assert least_loaded is not None
-            min_load = least_loaded.load
+            min_load = ctx.pool.heap("load", load_key).first().load
     limit = min_load + gap
     credits: dict[EndpointStats, float] = {}
     for endpoint_id, depth in matches.items():
