@@ -5,8 +5,9 @@
 On one server, alternating round by round: grpc.health.v1.Health/Check (the transport floor of
 the same stack) and Decide (100 endpoints, composite strategy, sessions and prefix hashes so
 session and cache affinity are exercised), each under concurrent load and serially, from ghz
-and, when it is installed, from h2load (a lighter client). Then the same against a Decide that
-replays one answer (Decide's message sizes with no Python work), a streaming Decide cost probe,
+and, when it is installed, from h2load (a lighter client); in the same rounds, the same ghz runs
+against a second server whose Decide replays one answer (Decide's message sizes with no Python
+work). Then a streaming Decide cost probe,
 ReportOutcome throughput, 1000 concurrent HTTP/2 connections doing Decide with the server's RSS
 and connections sampled, and the same calls on each server architecture (launch.py).
 Before the load, 20 requests go through the gateway flow with decider_client (Decide, a failing
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -513,7 +515,14 @@ def main_run(
     if h2load is not None:
         h2load.cpus = ghz.cpus
     res.machine["pinned"] = pin
-    with server(args.arch, config, cpus="0" if pin else None) as srv:
+    # A second server whose Decide replays one answer (no Python work per call), measured in
+    # the same rounds so that drift in machine load affects both alike.
+    replayed = (
+        server(args.arch, config, cpus="0" if pin else None, replay_decide=True)
+        if not args.skip_replay
+        else contextlib.nullcontext()
+    )
+    with server(args.arch, config, cpus="0" if pin else None) as srv, replayed as rsrv:
         res.rss_idle_mb = srv.rss_mb()
         problem = asyncio.run(gateway_flow(srv.addr))
         if problem:
@@ -547,6 +556,14 @@ def main_run(
                     )
             res.rounds.append(round_)
             print(f"round {r + 1}: " + _brief(round_), flush=True)
+            if rsrv is not None:
+                replay: dict[str, Run] = {}
+                for name, call, data, n in order if r % 2 == 0 else order[::-1]:
+                    replay[name] = ghz.run(rsrv, call, data, n=n, c=c, conns=conns)
+                for name, call, data, _ in order if r % 2 == 0 else order[::-1]:
+                    replay[f"{name}_serial"] = ghz.run(rsrv, call, data, n=n_serial, c=1, conns=1)
+                res.replay.append(replay)
+                print(f"round {r + 1}, replayed Decide: " + _brief(replay), flush=True)
 
         if h2load is not None:
             stream_cost(h2load, srv, args, res)
@@ -577,26 +594,6 @@ def main_run(
             f"RSS peak {res.rss_peak_mb:.0f} MB",
             flush=True,
         )
-
-
-def replay_floor(ghz: Ghz, config: Path, args: argparse.Namespace, res: Results) -> None:
-    """Check against a Decide that replays its first answer: Decide's message sizes with no
-    Python work per call, the part of the gap no change to the Decide path can close."""
-    c, conns = args.concurrency, args.connections
-    with server(args.arch, config, cpus="0" if ghz.cpus else None, replay_decide=True) as srv:
-        n_check = calls_for(ghz, srv, CHECK, CHECK_DATA, c=c, conns=conns, seconds=args.seconds)
-        n_decide = calls_for(ghz, srv, DECIDE, DECIDE_DATA, c=c, conns=conns, seconds=args.seconds)
-        serial = ghz.run(srv, DECIDE, DECIDE_DATA, n=200, c=1, conns=1)
-        n_serial = max(200, int(serial.rps * args.seconds * 0.6))
-        order = [("check", CHECK, CHECK_DATA, n_check), ("decide", DECIDE, DECIDE_DATA, n_decide)]
-        for r in range(args.rounds):
-            round_: dict[str, Run] = {}
-            for name, call, data, n in order if r % 2 == 0 else order[::-1]:
-                round_[name] = ghz.run(srv, call, data, n=n, c=c, conns=conns)
-            for name, call, data, _ in order if r % 2 == 0 else order[::-1]:
-                round_[f"{name}_serial"] = ghz.run(srv, call, data, n=n_serial, c=1, conns=1)
-            res.replay.append(round_)
-            print(f"replayed Decide, round {r + 1}: " + _brief(round_), flush=True)
 
 
 def stream_cost(h2load: H2load, srv: Server, args: argparse.Namespace, res: Results) -> None:
@@ -896,7 +893,8 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
             "",
             "**The floor for Decide's messages.** The same comparison against a server whose "
             "Decide replays its first answer, doing no Python work per call "
-            f"(`launch.py --replay-decide`, medians of {len(res.replay)} rounds): what Decide's "
+            "(`launch.py --replay-decide`, a second server measured in the same rounds, "
+            f"medians of {len(res.replay)} rounds): what Decide's "
             "larger request and response cost the transport and ghz, which no change to the "
             "Decide path can remove.",
             "",
@@ -1078,10 +1076,6 @@ def main() -> int:
         if h2load is None:
             res.notes.append("h2load (nghttp2-client) not found: its runs were skipped")
         main_run(ghz, h2load, config, args, res)
-        if not args.skip_replay:
-            ghz.cpus = "1" if res.machine.get("pinned") else None
-            replay_floor(ghz, config, args, res)
-            ghz.cpus = None
         if not args.skip_architectures:
             architectures(ghz, h2load, config, args, res)
     check(res)
