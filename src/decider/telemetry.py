@@ -765,6 +765,10 @@ class TelemetryObserver:
             self._metrics.record_decision(request, result, elapsed_s)
         log_decision(request, result, elapsed_s=elapsed_s)
 
+    def decide_rejected(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.record_decision_error(reason)
+
     def outcome_reported(self, outcome: Outcome, *, decision_found: bool) -> None:
         if self._annotate:
             annotate_outcome(trace.get_current_span(), outcome, decision_found=decision_found)

@@ -192,6 +192,10 @@ async def test_metrics_are_scraped_over_http_from_the_real_server(tmp_path):
         await srv.decider.Decide(dpb.DecideRequest(model="m", explain=True))
         with pytest.raises(grpc.aio.AioRpcError):
             await srv.decider.Decide(dpb.DecideRequest(model="gpt-7"))
+        for malformed in (dpb.DecideRequest(), dpb.DecideRequest(model="m", strategy="nope")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await srv.decider.Decide(malformed)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         for reply, result in zip(replies[:2], (dpb.RESULT_SUCCESS, dpb.RESULT_ERROR), strict=True):
             await srv.decider.ReportOutcome(
                 dpb.ReportOutcomeRequest(
@@ -234,6 +238,7 @@ async def test_metrics_are_scraped_over_http_from_the_real_server(tmp_path):
     assert _value(samples, decisions, model="m", strategy="round_robin", result="ok") == 3
     assert _value(samples, decisions, model="m", strategy="round_robin", result="explain") == 1
     assert _value(samples, decisions, model="", strategy="", result="model_not_found") == 1
+    assert _value(samples, decisions, model="", strategy="", result="invalid_argument") == 2
     assert _value(samples, "decider_decision_duration_seconds_count", strategy="round_robin") == 3
     assert _value(samples, "decider_outcomes_total", result="success") == 2
     assert _value(samples, "decider_outcomes_total", result="error") == 1

@@ -22,11 +22,14 @@ from decider.api.errors import (
 from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
 from decider.api.wire import DecisionEncoder
 from decider.core.model import Refusal, Result
+from decider.errors import InvalidArgument
 from decider.telemetry import Rpc, Tracing, traced, traced_stream
 from decider.v1 import decider_service_pb2 as dpb
 from decider.watch import WatchHub
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# The `result` label a Decide refused for a malformed request is counted under.
+INVALID_ARGUMENT = "invalid_argument"
 
 
 class DeciderService:
@@ -60,9 +63,14 @@ class DeciderService:
     @unary
     async def Decide(self, request: dpb.DecideRequest, context: Context) -> bytes:
         """Answers the DecideResponse already serialized (see add_to_server)."""
-        route = convert.checked_route_request(request)
-        started = time.perf_counter()
-        result = self._engine.decide(route, now=self._clock())
+        try:
+            route = convert.checked_route_request(request)
+            started = time.perf_counter()
+            # Raises InvalidArgument for a strategy name it does not know.
+            result = self._engine.decide(route, now=self._clock())
+        except InvalidArgument:
+            self._observer.decide_rejected(INVALID_ARGUMENT)
+            raise
         self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
         if isinstance(result, Refusal):
             await abort(context, status_for_refusal(result))
@@ -125,9 +133,13 @@ class DeciderService:
     def _stream_answer(self, message: dpb.DecideStreamRequest) -> bytes:
         request = message.decide
         try:
-            route = convert.checked_route_request(request)
-            started = time.perf_counter()
-            result = self._engine.decide(route, now=self._clock())
+            try:
+                route = convert.checked_route_request(request)
+                started = time.perf_counter()
+                result = self._engine.decide(route, now=self._clock())
+            except InvalidArgument:
+                self._observer.decide_rejected(INVALID_ARGUMENT)
+                raise
             self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
             if isinstance(result, Refusal):
                 status = status_for_refusal(result)

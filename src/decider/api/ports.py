@@ -42,6 +42,10 @@ class Observer(Protocol):
         self, request: RouteRequest, result: Decision | Refusal, *, elapsed_s: float
     ) -> None: ...
 
+    def decide_rejected(self, reason: str) -> None:
+        """A Decide answered with an error before the engine decided (`reason`: a short,
+        bounded label such as "invalid_argument")."""
+
     def outcome_reported(self, outcome: Outcome, *, decision_found: bool) -> None: ...
 
 
@@ -49,6 +53,9 @@ class NullObserver:
     def decided(
         self, request: RouteRequest, result: Decision | Refusal, *, elapsed_s: float
     ) -> None:
+        pass
+
+    def decide_rejected(self, reason: str) -> None:
         pass
 
     def outcome_reported(self, outcome: Outcome, *, decision_found: bool) -> None:

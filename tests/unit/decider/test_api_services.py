@@ -66,10 +66,14 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.decisions: list[tuple[RouteRequest, Decision | Refusal]] = []
         self.outcomes: list[tuple[Outcome, bool]] = []
+        self.rejected: list[str] = []
 
     def decided(self, request, result, *, elapsed_s):
         assert elapsed_s >= 0
         self.decisions.append((request, result))
+
+    def decide_rejected(self, reason):
+        self.rejected.append(reason)
 
     def outcome_reported(self, outcome, *, decision_found):
         self.outcomes.append((outcome, decision_found))
@@ -106,6 +110,16 @@ async def test_decide_converts_and_tells_the_observer():
     ((request, result),) = observer.decisions
     assert request.tenant == "t"
     assert isinstance(result, Decision)
+
+
+async def test_a_malformed_request_is_invalid_argument_and_told_to_the_observer():
+    observer = RecordingObserver()
+    service = _service(FakeEngine(_decision()), observer=observer)
+    with pytest.raises(Aborted) as err:
+        await service.Decide(dpb.DecideRequest(model=""), FakeContext())
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert observer.rejected == ["invalid_argument"]
+    assert observer.decisions == []
 
 
 async def test_a_refusal_becomes_its_status():
