@@ -10,7 +10,12 @@ Each stage is timed on its own, and then the whole path; the whole path costs mo
 of its stages because the stages evict each other's data from the CPU caches. Printed: the
 median and the 25th percentile of the per-call mean over rounds of calls, in microseconds.
 
-    .venv/bin/python bench/bench_decide_path.py [--rounds 30] [--calls 3000]
+In a loaded server each call finds the CPU caches holding the grpc core's, the event loop's and
+other calls' data rather than its own. `--evict-mb N` copies an N MB buffer before every call
+(not timed), so each call starts with cold caches; the default loop, with caches warm, is the
+other extreme. 2 MB covers the L1 and L2 caches of the 2-vCPU machine in docs/BENCHMARKS.md.
+
+    .venv/bin/python bench/bench_decide_path.py [--rounds 30] [--calls 3000] [--evict-mb 2]
 """
 
 from __future__ import annotations
@@ -69,21 +74,34 @@ class _Handlers:
 
 
 async def _measure(
-    step: Callable[[int], Awaitable[object] | object], rounds: int, calls: int
+    step: Callable[[int], Awaitable[object] | object], rounds: int, calls: int, evict: bytes
 ) -> tuple[float, float]:
+    scratch = bytearray(len(evict))
     means = []
+    perf_counter = time.perf_counter
     for _ in range(rounds):
-        started = time.perf_counter()
+        if not evict:
+            started = perf_counter()
+            for i in range(calls):
+                result = step(i & 4095)
+                if asyncio.iscoroutine(result):
+                    await result
+            means.append((perf_counter() - started) / calls * 1e6)
+            continue
+        spent = 0.0
         for i in range(calls):
+            scratch[:] = evict  # a copy larger than the caches: the call below starts cold
+            started = perf_counter()
             result = step(i & 4095)
             if asyncio.iscoroutine(result):
                 await result
-        means.append((time.perf_counter() - started) / calls * 1e6)
+            spent += perf_counter() - started
+        means.append(spent / calls * 1e6)
     means.sort()
     return statistics.median(means), means[len(means) // 4]
 
 
-async def run(rounds: int, calls: int) -> list[tuple[str, float, float]]:
+async def run(rounds: int, calls: int, evict_mb: int = 0) -> list[tuple[str, float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.toml"
         bench_grpc.write_config(path)
@@ -128,9 +146,10 @@ async def run(rounds: int, calls: int) -> list[tuple[str, float, float]]:
         ("Health/Check through the admission interceptor (floor)",
          lambda k: through_interceptor(CHECK, check_raw)),
     ]  # fmt: skip
+    evict = bytes(evict_mb << 20)
     out = []
     for name, step in steps:
-        median, p25 = await _measure(step, rounds, calls)
+        median, p25 = await _measure(step, rounds, calls, evict)
         out.append((name, median, p25))
         print(f"{name}: median {median:.2f} us, p25 {p25:.2f} us", flush=True)
     return out
@@ -140,8 +159,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=3000, help="calls per round")
+    parser.add_argument(
+        "--evict-mb", type=int, default=0, help="copy this many MB before each call (cold caches)"
+    )
     args = parser.parse_args()
-    rows = asyncio.run(run(args.rounds, args.calls))
+    rows = asyncio.run(run(args.rounds, args.calls, args.evict_mb))
     print("\n| stage | median (us) | p25 (us) |\n| --- | ---: | ---: |")
     for name, median, p25 in rows:
         print(f"| {name} | {median:.2f} | {p25:.2f} |")
