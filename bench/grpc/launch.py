@@ -89,9 +89,8 @@ def run_aio(
 
 def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
 
-    from decider.api import convert, decider_service, validate
+    from decider.api import convert, decider_service, reflection, validate
     from decider.api.errors import status_for_refusal
     from decider.api.wire import DecisionEncoder
     from decider.core.engine import Engine
@@ -137,7 +136,7 @@ def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> Non
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(names, server)
+    reflection.enable(names, server)
     port = server.add_insecure_port(settings.server.listen)
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

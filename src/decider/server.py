@@ -22,9 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
-from decider.api import decider_service
+from decider.api import decider_service, reflection
 from decider.api.convert import health_event_from_state
 from decider.api.decider_service import DeciderService
 from decider.api.interceptors import AdminTokenInterceptor, AdmissionInterceptor
@@ -139,7 +138,7 @@ class DeciderServer:
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
+        reflection.enable(
             (
                 DECIDER_SERVICE,
                 REGISTRY_SERVICE,

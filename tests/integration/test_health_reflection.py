@@ -6,8 +6,10 @@ import asyncio
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 from decider_support import endpoints_doc, grpcurl_binary
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -38,6 +40,49 @@ async def test_reflection_lists_every_service(start_server):
         } <= names
 
 
+async def _file_containing(srv, symbol: str) -> reflection_pb2.ServerReflectionResponse:
+    stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)]), timeout=5
+    )
+    replies = [reply async for reply in call]
+    assert len(replies) == 1
+    return replies[0]
+
+
+@pytest.mark.parametrize(
+    ("symbol", "file"),
+    [
+        ("decider.v1.DeciderService", "decider/v1/decider_service.proto"),
+        ("decider.v1.DeciderService.Decide", "decider/v1/decider_service.proto"),
+        ("decider.v1.RegistryService.ListEndpoints", "decider/v1/registry_service.proto"),
+        ("grpc.health.v1.Health.Check", "grpc_health/v1/health.proto"),
+        ("decider.v1.DecideRequest", "decider/v1/decider_service.proto"),
+    ],
+)
+async def test_reflection_finds_the_file_of_services_methods_and_messages(
+    start_server, symbol, file
+):
+    async with start_server() as srv:
+        reply = await _file_containing(srv, symbol)
+        assert reply.WhichOneof("message_response") == "file_descriptor_response", reply
+        names = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw).name
+            for raw in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        assert names[0] == file
+
+
+@pytest.mark.parametrize(
+    "symbol", ["decider.v1.DeciderService.NoSuchMethod", "no.such.Service.Method", "Decide"]
+)
+async def test_reflection_answers_not_found_for_unknown_symbols(start_server, symbol):
+    async with start_server() as srv:
+        reply = await _file_containing(srv, symbol)
+        assert reply.WhichOneof("message_response") == "error_response"
+        assert reply.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 async def _run(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -46,7 +91,7 @@ async def _run(*args: str) -> tuple[int, str, str]:
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-async def test_grpcurl_lists_and_decides_through_reflection(start_server):
+async def test_grpcurl_lists_describes_and_decides_through_reflection(start_server):
     grpcurl = grpcurl_binary()
     doc = endpoints_doc("llama", 2, routing={"default_strategy": "round_robin"})
     async with start_server(doc) as srv:
@@ -61,3 +106,10 @@ async def test_grpcurl_lists_and_decides_through_reflection(start_server):
         reply = json.loads(out)
         assert reply["endpoint"]["id"] in {"llama-0", "llama-1"}
         assert reply["strategy"] == "round_robin"
+        code, out, err = await _run(
+            grpcurl, "-plaintext", srv.address, "describe", "decider.v1.DeciderService.Decide"
+        )
+        assert code == 0, err
+        assert (
+            "rpc Decide ( .decider.v1.DecideRequest ) returns ( .decider.v1.DecideResponse )" in out
+        )
