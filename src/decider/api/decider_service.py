@@ -21,7 +21,7 @@ from decider.api.errors import (
 )
 from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
 from decider.api.wire import DecisionEncoder
-from decider.core.model import Refusal, Result
+from decider.core.model import Decision, Refusal, Result
 from decider.errors import InvalidArgument
 from decider.telemetry import Rpc, Tracing, traced, traced_stream
 from decider.v1 import decider_service_pb2 as dpb
@@ -63,19 +63,24 @@ class DeciderService:
     @unary
     async def Decide(self, request: dpb.DecideRequest, context: Context) -> bytes:
         """Answers the DecideResponse already serialized (see add_to_server)."""
+        result = self._decide(request)
+        if isinstance(result, Refusal):
+            await abort(context, status_for_refusal(result))
+        else:
+            return self._encoder.encode(result)
+
+    def _decide(self, request: dpb.DecideRequest) -> Decision | Refusal:
+        """Checks, decides and observes one request, unary or streamed; raises InvalidArgument
+        for a malformed request or a strategy name the engine does not know."""
         try:
             route = convert.checked_route_request(request)
             started = time.perf_counter()
-            # Raises InvalidArgument for a strategy name it does not know.
             result = self._engine.decide(route, now=self._clock())
         except InvalidArgument:
             self._observer.decide_rejected(INVALID_ARGUMENT)
             raise
         self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
-        if isinstance(result, Refusal):
-            await abort(context, status_for_refusal(result))
-        else:
-            return self._encoder.encode(result)
+        return result
 
     @traced(Rpc.REPORT_OUTCOME)
     @unary
@@ -133,14 +138,7 @@ class DeciderService:
     def _stream_answer(self, message: dpb.DecideStreamRequest) -> bytes:
         request = message.decide
         try:
-            try:
-                route = convert.checked_route_request(request)
-                started = time.perf_counter()
-                result = self._engine.decide(route, now=self._clock())
-            except InvalidArgument:
-                self._observer.decide_rejected(INVALID_ARGUMENT)
-                raise
-            self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
+            result = self._decide(request)
             if isinstance(result, Refusal):
                 status = status_for_refusal(result)
             else:
