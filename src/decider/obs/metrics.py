@@ -35,8 +35,7 @@ from decider.core.model import (
     Result,
     RouteRequest,
 )
-from decider.errors import ConfigError
-from decider.plain_metrics import PlainCounter, PlainHistogram
+from decider.obs.plain_metrics import PlainCounter, PlainHistogram
 
 __all__ = [
     "MetricName",
@@ -44,7 +43,6 @@ __all__ = [
     "MetricsServer",
     "ProbeResultLike",
     "failure_label",
-    "parse_listen",
 ]
 
 log = logging.getLogger("decider.metrics")
@@ -370,18 +368,8 @@ class Metrics:
 
 # --------------------------------------------------------------------------- HTTP server
 
-_LISTEN: Final = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
 _READ_TIMEOUT_S: Final = 10.0
 _MAX_HEAD_BYTES: Final = 16 * 1024
-
-
-def parse_listen(value: str, *, name: str = "--metrics-listen") -> tuple[str, int]:
-    """`HOST:PORT`, `[IPv6]:PORT`, or `:PORT` (all interfaces) -> (host, port)."""
-    match = _LISTEN.fullmatch(value.strip())
-    port = int(match["port"]) if match else -1
-    if match is None or port > 65535:
-        raise ConfigError(f"{name}: {value!r}, must be HOST:PORT (e.g. 127.0.0.1:9464)")
-    return (match["v6"] if match["v6"] is not None else match["host"]), port
 
 
 class MetricsServer:
