@@ -19,7 +19,7 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
-	@echo "make test   install everything (venv, grpcurl, buf), check generated code, run pytest then go test"
+	@echo "make test   install everything (venv, grpcurl, buf, the Zig client's Debian packages), check generated code, run pytest, go test and zig build test"
 	@echo "make lint   ruff, mypy --strict on src, buf lint"
 	@echo "make proto  regenerate src/decider/v1 from protos/"
 
@@ -44,7 +44,7 @@ $(TOOLS)/node_modules/.bin/buf:
 run: install
 	$(VENV)/bin/decider serve --demo
 
-test: install proto-check lint-imports test-python test-go
+test: install proto-check lint-imports test-python test-go test-zig
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test-python: install
@@ -53,6 +53,37 @@ test-python: install
 # The Go client's tests start the real decider from $(VENV) (skipped, saying so, only without it).
 test-go: install
 	cd clients/go && go vet ./... && go test -count=1 ./...
+
+# The Zig client links gRPC's C core and protobuf-c from Debian; Zig itself comes from the
+# `ziglang` wheel in the venv. Its cache stays in .tools so repeated runs build in seconds.
+ZIG_DEBS := libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
+ZIG := $(CURDIR)/$(PY) -m ziglang
+export ZIG_GLOBAL_CACHE_DIR := $(TOOLS)/zig-cache
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+zig-deps:
+	@missing="$$(for p in $(ZIG_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+	  echo "zig-deps: installing $$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
+
+# clients/zig: unit tests, then the live tests that start the real decider from $(VENV) and
+# stand-in backends on 127.0.0.1, and the example gateway end to end.
+test-zig: install zig-deps
+	cd clients/zig && $(ZIG) build test --summary line
+
+# protobuf-c stubs for clients/zig; protoc is grpcio-tools' from the venv.
+proto-c: install zig-deps
+	PYTHON=$(PY) clients/zig/gen.sh
+
+proto-c-check: proto-c
+	@if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  echo "proto-c-check: not a git checkout, freshness not checked"; exit 0; fi; \
+	changed="$$(git status --porcelain --untracked-files=all -- clients/zig/gen)"; \
+	if [ -n "$$changed" ]; then \
+	  echo "$$changed"; \
+	  echo "protobuf-c stubs are stale: run 'make proto-c' and commit clients/zig/gen"; exit 1; fi; \
+	echo "proto-c-check: protobuf-c stubs are fresh"
 
 # Go stubs for clients/go with the pinned plugins; protoc is grpcio-tools' from the venv.
 GO_PLUGINS := $(TOOLS)/bin/protoc-gen-go $(TOOLS)/bin/protoc-gen-go-grpc
@@ -94,7 +125,7 @@ proto: install
 
 # Fails when the committed stubs differ from what the protos produce, including generated
 # files that exist but were never committed.
-proto-check: install proto-go-check
+proto-check: install proto-go-check proto-c-check
 	cd protos && buf lint
 	PYTHON=$(PY) scripts/gen_proto.sh
 	@if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
