@@ -39,6 +39,17 @@ pub fn build(b: *std.Build) void {
         decider.linkSystemLibrary(lib, .{ .use_pkg_config = .no });
     }
 
+    const gateway = b.addExecutable(.{
+        .name = "decider-gateway",
+        .root_module = b.createModule(.{
+            .root_source_file = b.path("examples/gateway/main.zig"),
+            .target = target,
+            .optimize = optimize,
+            .imports = &.{.{ .name = "decider", .module = decider }},
+        }),
+    });
+    b.installArtifact(gateway);
+
     // Tests run the real Decider from the repository's .venv and real HTTP
     // backends on 127.0.0.1; they talk to live processes, so never cache a run.
     const test_step = b.step("test", "Run the client and gateway tests against a real Decider");
@@ -47,11 +58,17 @@ pub fn build(b: *std.Build) void {
     run_unit.has_side_effects = true;
     test_step.dependOn(&run_unit.step);
 
+    // The gateway tests run the built example binary.
+    const live_options = b.addOptions();
+    live_options.addOptionPath("gateway_exe", gateway.getEmittedBin());
     const live_mod = b.createModule(.{
         .root_source_file = b.path("tests/live_test.zig"),
         .target = target,
         .optimize = optimize,
-        .imports = &.{.{ .name = "decider", .module = decider }},
+        .imports = &.{
+            .{ .name = "decider", .module = decider },
+            .{ .name = "live_options", .module = live_options.createModule() },
+        },
     });
     const live = b.addTest(.{ .name = "live", .root_module = live_mod });
     const run_live = b.addRunArtifact(live);

@@ -47,7 +47,7 @@ pub const Proc = struct {
     stopped: bool = false,
 
     /// Spawns argv and reads `which` until a line containing `marker` followed by a port.
-    fn start(p: *Proc, io: Io, argv: []const []const u8, which: enum { stdout, stderr }, marker: []const u8) !void {
+    pub fn start(p: *Proc, io: Io, argv: []const []const u8, which: enum { stdout, stderr }, marker: []const u8) !void {
         p.* = .{ .io = io, .child = try std.process.spawn(io, .{
             .argv = argv,
             .stdin = .ignore,
@@ -159,6 +159,7 @@ pub const Cluster = struct {
         defer cfg.deinit(gpa);
         try cfg.appendSlice(gpa,
             \\[routing]
+            \\default_strategy = "round_robin"
             \\max_fallbacks = 3
             \\retry_max_attempts = 4
             \\retry_initial_backoff_s = 0.005
@@ -172,7 +173,7 @@ pub const Cluster = struct {
             \\interval_s = 0.2
             \\unhealthy_interval_s = 0.2
             \\unhealthy_threshold = 1
-            \\liveness_interval_s = 0.2
+            \\liveness = "off"
             \\
         );
         try cfg.appendSlice(gpa, extra);
@@ -193,6 +194,11 @@ pub const Cluster = struct {
         return c;
     }
 
+    /// Path of a file under clients/zig/tests (allocated from gpa).
+    pub fn testFile(c: *Cluster, name: []const u8) ![]u8 {
+        return std.fs.path.join(c.gpa, &.{ c.root, "clients", "zig", "tests", name });
+    }
+
     pub fn backend(c: *Cluster, id: []const u8) *Backend {
         for (c.backends) |*b| if (std.mem.eql(u8, b.id, id)) return b;
         unreachable;
@@ -208,6 +214,14 @@ pub const Cluster = struct {
         c.gpa.destroy(c);
     }
 };
+
+/// A loopback address nothing listens on: a port bound, noted and closed again.
+pub fn deadAddress(io: Io, buf: []u8) ![]const u8 {
+    var a: Io.net.IpAddress = try .parseIp4("127.0.0.1", 0);
+    var srv = try a.listen(io, .{});
+    defer srv.deinit(io);
+    return std.fmt.bufPrint(buf, "127.0.0.1:{d}", .{srv.socket.address.getPort()});
+}
 
 /// Polls `cond` every 10 ms for at most 20 s; the bound keeps a broken test from hanging.
 pub fn waitFor(io: Io, what: []const u8, ctx: anytype, comptime cond: fn (@TypeOf(ctx)) bool) !void {

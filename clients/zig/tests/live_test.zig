@@ -6,6 +6,7 @@ const harness = @import("harness.zig");
 
 test {
     _ = @import("prefix_test.zig");
+    _ = @import("gateway_test.zig");
 }
 
 const testing = std.testing;
@@ -154,14 +155,8 @@ test "fail-open answers from the last known healthy endpoints when Decider is st
 }
 
 test "seed endpoints make fail-open work when Decider was never reachable" {
-    // A port nothing listens on: bind one, note it, close it.
     var addr_buf: [32]u8 = undefined;
-    const addr = blk: {
-        var a: std.Io.net.IpAddress = try .parseIp4("127.0.0.1", 0);
-        var srv = try a.listen(io, .{});
-        defer srv.deinit(io);
-        break :blk try std.fmt.bufPrint(&addr_buf, "127.0.0.1:{d}", .{srv.socket.address.getPort()});
-    };
+    const addr = try harness.deadAddress(io, &addr_buf);
     const client = try decider.Client.init(gpa, io, addr, .{ .fail_open = true, .seed_endpoints = &.{.{ .id = "s", .address = "127.0.0.1:9", .model = "m" }} });
     defer client.deinit();
     var d = try client.decide(.{ .model = "m" }, null);
