@@ -41,15 +41,13 @@ from decider.core.stats import (
     LABEL_TAG,
     RECENT_TAU_S,
     EndpointStats,
+    ScoreParams,
     Scorer,
     median,
     record_latency,
 )
 from decider.core.strategies import STRATEGIES, Strategy
-from decider.core.strategies.ab_split import AbSplit
-from decider.core.strategies.base import PickContext, Pool, Ranked
-from decider.core.strategies.composite import Composite
-from decider.core.strategies.latency import Latency
+from decider.core.strategies.base import PickContext, Pool, Ranked, ShapesScores, Splitter
 from decider.errors import InvalidArgument
 
 # Skip reasons: wire name -> phrase used in reasons and refusal messages.
@@ -105,18 +103,27 @@ class Engine:
         routing = settings.routing
         self._rng = rng
         self._on_event = on_event
-        composite = Composite.parse_config(routing.options("composite"), "routing.composite")
-        latency = Latency.parse_config(routing.options("latency"), "routing.latency")
-        self._ttft_weight = latency.ttft_weight
+        self._strategies: dict[str, Strategy] = {
+            name: factory(routing.config(name), rng) for name, factory in STRATEGIES.items()
+        }
+        # The hooks, asked once: strategies that shape the shared scores, and splitters, which
+        # route over several targets with another strategy inside each.
+        params = ScoreParams()
+        for strategy in self._strategies.values():
+            if isinstance(strategy, ShapesScores):
+                params = strategy.shape_scores(params)
+        self._ttft_weight = params.ttft_weight
         self._scorer = Scorer(
-            composite.weights,
+            params.weights,
             load_reference=routing.load_reference,
             max_report_age_s=routing.load_report_max_age_s,
-            ttft_weight=latency.ttft_weight,
+            ttft_weight=params.ttft_weight,
             decay_s=routing.latency_decay_s,
         )
-        self._strategies: dict[str, Strategy] = {
-            name: factory(routing.options(name), rng) for name, factory in STRATEGIES.items()
+        # name -> (strategy, splitter or None): one lookup per decision.
+        self._plans: dict[str, tuple[Strategy, Splitter | None]] = {
+            name: (strategy, strategy if isinstance(strategy, Splitter) else None)
+            for name, strategy in self._strategies.items()
         }
         self._max_fallbacks = routing.max_fallbacks
         self._retry = RetryAdvice(
@@ -222,8 +229,8 @@ class Engine:
 
     def decide(self, request: RouteRequest, *, now: float) -> Decision | Refusal:
         name = request.strategy or self._settings.routing.default_strategy
-        strategy = self._strategies.get(name)
-        if strategy is None:
+        plan = self._plans.get(name)
+        if plan is None:
             raise InvalidArgument.one(
                 "strategy", f"{name!r} is not a strategy; known: {', '.join(self._strategies)}"
             )
@@ -233,10 +240,11 @@ class Engine:
         if expiry and expiry[0][0] <= now:
             self._expire(now)
 
-        if isinstance(strategy, AbSplit):
-            within = self._strategies[strategy.within]
+        strategy, splitter = plan
+        if splitter is not None:
+            within = self._strategies[splitter.within]
             first: Decision | Refusal | None = None
-            for route in strategy.routes(request):
+            for route in splitter.routes(request):
                 result = self._decide(
                     request, within, name, now, route.note, route.model, route.capabilities
                 )

@@ -168,6 +168,15 @@ class FactorWeights:
         return self.load + self.latency + self.cache + self.quota + self.health + self.cost
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreParams:
+    """What the strategies' options set in the shared scores (see strategies.base.ShapesScores)."""
+
+    weights: FactorWeights = FactorWeights()
+    # Share of time to first token in the latency metric where an endpoint reports it.
+    ttft_weight: float = 1.0
+
+
 def peak_ewma(previous_s: float, sample_s: float, *, elapsed_s: float, decay_s: float) -> float:
     """Finagle's peak EWMA: jump up to a worse sample at once, decay towards better ones with a
     weight that depends on the time since the last sample."""

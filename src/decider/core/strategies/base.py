@@ -1,9 +1,16 @@
-"""What a strategy sees and returns.
+"""What a strategy is, sees and returns.
 
 A strategy ranks the usable candidates of one request: `choose` returns the chosen endpoint and up
 to `count - 1` ordered fallbacks, `rank` returns every candidate with its scores for explain mode.
 Neither reads the clock (the engine passes `now`) nor draws randomness except from the `rng` it was
 built with; with `ctx.commit` False (explain mode) neither changes any state.
+
+A strategy plugs in as grpc-go's balancers do: its class is listed in the STRATEGIES table
+(strategies/__init__.py), `parse_config` turns its `[routing.<name>]` table into its typed config
+once, at load time (core/settings.py keeps it), and the class is called with that config to build
+it. What the engine needs from a strategy beyond picking, it asks through a hook Protocol found
+once when the engine is built: `Splitter` (route over several targets, as ab_split's arms do) and
+`ShapesScores` (set parameters of the shared endpoint scores, as composite's weights do).
 
 Candidates are the engine's long-lived `EndpointStats` objects, not per-decision copies: picking
 reads their attributes and builds nothing per candidate.
@@ -19,7 +26,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from decider.core.model import RouteRequest
-from decider.core.stats import EndpointStats, RankHeap, Scorer
+from decider.core.stats import EndpointStats, RankHeap, ScoreParams, Scorer
 
 if TYPE_CHECKING:
     from decider.core.affinity import PrefixIndex, SessionTable
@@ -200,6 +207,43 @@ class Strategy(Protocol):
     def rank(self, ctx: PickContext) -> list[Ranked]: ...
 
 
+class StrategyConfig(Protocol):
+    """A strategy's parsed options: a frozen value of the strategy's own config class (for example
+    `LeastRequestConfig`), built once by its `parse_config`. Nothing beyond that is required."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """One target a `Splitter` sends the request to: the model and required capabilities whose
+    pool the engine picks from, and the words the reason starts with."""
+
+    model: str
+    capabilities: frozenset[str]
+    note: str
+
+
+@runtime_checkable
+class Splitter(Protocol):
+    """Hook: a strategy that routes a request over several targets in turn (ab_split's arms).
+
+    The engine tries the routes in order, picking inside each with the strategy named `within`,
+    and answers with the first decision (or quota refusal); otherwise with the first refusal."""
+
+    @property
+    def within(self) -> str: ...
+
+    def routes(self, request: RouteRequest) -> Sequence[Route]: ...
+
+
+@runtime_checkable
+class ShapesScores(Protocol):
+    """Hook: a strategy whose options set parameters of the per-endpoint scores every strategy
+    reads (composite's factor weights, latency's TTFT share). The engine asks each such strategy,
+    in table order, once when it is built, and builds its one Scorer from the result."""
+
+    def shape_scores(self, params: ScoreParams) -> ScoreParams: ...
+
+
 @runtime_checkable
 class Picker(Strategy, Protocol):
     """A strategy that can pick without explaining itself (affinity's fallbacks)."""
@@ -208,10 +252,19 @@ class Picker(Strategy, Protocol):
 
 
 class StrategyFactory(Protocol):
-    def __call__(self, config: Mapping[str, Any], rng: random.Random) -> Strategy: ...
+    """A strategy class as the STRATEGIES table lists it (its `name` is the wire name)."""
+
+    @property
+    def name(self) -> str: ...
+
+    # `config` is what this class's own parse_config returned (typed per strategy, hence Any).
+    def __call__(self, config: Any, rng: random.Random) -> Strategy: ...
 
     @staticmethod
-    def parse_config(options: Mapping[str, Any], path: str) -> object: ...
+    def parse_config(options: Mapping[str, Any], path: str) -> StrategyConfig:
+        """Validate a `[routing.<name>]` table (path is its key path, for messages): the typed
+        config, or ConfigError naming the key, the value and what is allowed."""
+        ...
 
 
 # -- helpers shared by strategies ---------------------------------------------------------------
