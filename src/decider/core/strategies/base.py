@@ -26,97 +26,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from decider.core.model import RouteRequest
-from decider.core.stats import EndpointStats, RankHeap, ScoreParams, Scorer
+from decider.core.stats import EndpointStats, ScoreParams, Scorer
 
 if TYPE_CHECKING:
-    from decider.core.affinity import PrefixIndex, SessionTable
-    from decider.core.quota import QuotaLedger
+    from decider.core.pool import Pool
+    from decider.core.state import PrefixCache, Sessions
 
 NO_SCORES: Mapping[str, float] = MappingProxyType({})
-
-
-class Pool:
-    """The usable endpoints of one (model, required capabilities) pair, rebuilt only when health,
-    breakers or membership change. Strategies may cache structures derived from `items` in
-    `scratch` (keyed by their name); a rebuild starts with an empty one."""
-
-    __slots__ = (
-        "candidates",
-        "has_limits",
-        "items",
-        "key",
-        "members",
-        "model",
-        "panic",
-        "registered",
-        "scratch",
-        "skipped",
-        "standby",
-        "summary",
-        "valid_until",
-    )
-
-    def __init__(
-        self,
-        *,
-        key: tuple[str, frozenset[str]],
-        items: list[EndpointStats],
-        standby: list[EndpointStats],
-        registered: int,
-        candidates: list[EndpointStats],
-        skipped: dict[str, int],
-        valid_until: float,
-        panic: bool,
-        has_limits: bool,
-        summary: str = "",
-    ) -> None:
-        self.key = key
-        # The filters' part of a reason, e.g. "3 of 5 candidates, 1 unhealthy, 1 breaker open".
-        self.summary = summary
-        self.model = key[0]
-        # Usable now, best health tier only (HEALTHY, else UNKNOWN, else DEGRADED).
-        self.items = items
-        # The items by endpoint id.
-        self.members: dict[str, EndpointStats] = {s.id: s for s in items}
-        # Usable but in a worse health tier: only ever fallbacks.
-        self.standby = standby
-        # Endpoints serving the model, and those of them with the required capabilities.
-        self.registered = registered
-        self.candidates = candidates
-        # Candidates left out before picking, by reason wire name (standby tiers included).
-        self.skipped = skipped
-        # The pool must be rebuilt at this time (a cooldown or open breaker ends).
-        self.valid_until = valid_until
-        self.panic = panic
-        # Some item has a max_in_flight, requests_per_minute or tokens_per_minute limit.
-        self.has_limits = has_limits
-        self.scratch: dict[str, Any] = {}
-
-    def close(self) -> None:
-        for value in self.scratch.values():
-            if isinstance(value, RankHeap):
-                value.close()
-
-    def heap(self, name: str, key: Callable[[EndpointStats], Any]) -> RankHeap:
-        """The pool's items ranked by `key` (smallest first), built on first use and kept
-        current as their stats change; shared by strategies through `name`."""
-        heap: RankHeap | None = self.scratch.get(name)
-        if heap is None:
-            heap = self.scratch[name] = RankHeap(self.items, key)
-        return heap
-
-
-_EMPTY_POOL = Pool(
-    key=("", frozenset()),
-    items=[],
-    standby=[],
-    registered=0,
-    candidates=[],
-    skipped={},
-    valid_until=0.0,
-    panic=False,
-    has_limits=False,
-)
 
 
 class PickContext:
@@ -129,7 +45,6 @@ class PickContext:
         "filtered",
         "index",
         "items",
-        "ledger",
         "now",
         "pool",
         "request",
@@ -142,12 +57,11 @@ class PickContext:
         self,
         *,
         scorer: Scorer,
-        index: PrefixIndex,
-        sessions: SessionTable,
-        ledger: QuotaLedger,
+        index: PrefixCache,
+        sessions: Sessions,
         strategies: Mapping[str, Strategy],
+        pool: Pool,
         request: RouteRequest | None = None,
-        pool: Pool | None = None,
         items: Sequence[EndpointStats] = (),
         count: int = 1,
         commit: bool = True,
@@ -157,11 +71,10 @@ class PickContext:
         self.scorer = scorer
         self.index = index
         self.sessions = sessions
-        self.ledger = ledger
         self.strategies = strategies
         # Per decision: the engine sets these before each pick.
         self.request: RouteRequest = request if request is not None else RouteRequest(model="")
-        self.pool: Pool = pool if pool is not None else _EMPTY_POOL
+        self.pool = pool
         # Non-empty. pool.items itself unless this request filtered some out (then `filtered`).
         self.items = items
         self.filtered = items is not self.pool.items

@@ -35,10 +35,10 @@ class WeightedRandom:
     def _cumulative(self, ctx: PickContext) -> list[int]:
         if ctx.filtered:
             return list(itertools.accumulate(s.weight for s in ctx.items))
-        cumulative: list[int] | None = ctx.pool.scratch.get(self.name)
+        cumulative = ctx.pool.cumulative_weights
         if cumulative is None:
             cumulative = list(itertools.accumulate(s.weight for s in ctx.items))
-            ctx.pool.scratch[self.name] = cumulative
+            ctx.pool.cumulative_weights = cumulative
         return cumulative
 
     def pick(self, ctx: PickContext) -> list[EndpointStats]:
