@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from decider.errors import ConfigError
+from decider.tls import ClientTLS, add_client_arguments
 
 from .remote import StandaloneProber, local_headers
 from .settings import ProbeSettings
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of this prober in the decider's health reasons (default: host:pid)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    add_client_arguments(parser, os.environ)
     return parser
 
 
@@ -53,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings, headers = load_config(args.config)
+        tls = ClientTLS.from_args(args)
+        if tls.active:
+            tls.channel_credentials()  # an unreadable file is an error now, not at first call
     except ConfigError as exc:
         print(f"decider-probe: {exc}", file=sys.stderr)
         return 2
@@ -62,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prober_id=args.prober_id,
         admin_token=args.admin_token,
         local=headers,
+        tls=tls,
     )
     asyncio.run(_serve(standalone))
     return 0

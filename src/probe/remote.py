@@ -16,6 +16,7 @@ import grpc.aio
 
 from decider.api.convert import REDACTED, endpoint_from_proto, load_to_proto, to_duration
 from decider.core.model import Endpoint, HealthStatus, LoadReport
+from decider.tls import ClientTLS
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import registry_service_pb2 as rpb
@@ -119,9 +120,12 @@ class StandaloneProber:
         prober_id: str,
         admin_token: str = "",
         local: Mapping[str, Mapping[str, str]] | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
+        """`tls`: how to reach the decider (default plaintext)."""
         self._settings = settings
         self._target = target
+        self._tls = tls or ClientTLS()
         self._prober_id = prober_id
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self._local = local or {}
@@ -134,7 +138,7 @@ class StandaloneProber:
         self.listed = asyncio.Event()
 
     async def run(self) -> None:
-        async with grpc.aio.insecure_channel(self._target) as channel:
+        async with self._tls.aio_channel(self._target) as channel:
             registry = rgrpc.RegistryServiceStub(channel)
             decider = dgrpc.DeciderServiceStub(channel)
             try:
