@@ -10,13 +10,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import Any
 
 import grpc
 import grpc.aio
 
-from decider.api.convert import REDACTED, endpoint_from_proto, load_to_proto, to_duration
+from decider.codec.convert import REDACTED, endpoint_from_proto, load_to_proto, to_duration
 from decider.core.model import Endpoint, HealthStatus, LoadReport
-from decider.tls import ClientTLS
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import registry_service_pb2 as rpb
@@ -120,12 +120,15 @@ class StandaloneProber:
         prober_id: str,
         admin_token: str = "",
         local: Mapping[str, Mapping[str, str]] | None = None,
-        tls: ClientTLS | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """`tls`: how to reach the decider (default plaintext)."""
+        """`credentials` (and `channel_options`, such as a TLS server name) say how to reach
+        the decider; without them the channel is plaintext."""
         self._settings = settings
         self._target = target
-        self._tls = tls or ClientTLS()
+        self._credentials = credentials
+        self._channel_options = list(channel_options)
         self._prober_id = prober_id
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self._local = local or {}
@@ -138,7 +141,12 @@ class StandaloneProber:
         self.listed = asyncio.Event()
 
     async def run(self) -> None:
-        async with self._tls.aio_channel(self._target) as channel:
+        channel = (
+            grpc.aio.secure_channel(self._target, self._credentials, self._channel_options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(self._target, self._channel_options)
+        )
+        async with channel:
             registry = rgrpc.RegistryServiceStub(channel)
             decider = dgrpc.DeciderServiceStub(channel)
             try:

@@ -53,8 +53,8 @@ from opentelemetry.trace import (
 
 from decider.core.model import Decision, Outcome, Refusal, RouteRequest
 from decider.errors import ConfigError
-from decider.logs import log_decision
-from decider.metrics import Metrics
+from decider.obs.logs import log_decision
+from decider.obs.metrics import Metrics
 
 __all__ = [
     "Attr",

@@ -12,11 +12,11 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from decider.config import load
+from decider.config.tls import ClientTLS, add_client_arguments
 from decider.errors import ConfigError
-from decider.tls import ClientTLS, add_client_arguments
-
-from .remote import StandaloneProber, local_headers
-from .settings import ProbeSettings
+from probe.remote import StandaloneProber, local_headers
+from probe.settings import ProbeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings, headers = load_config(args.config)
         tls = ClientTLS.from_args(args)
-        if tls.active:
-            tls.channel_credentials()  # an unreadable file is an error now, not at first call
+        credentials = tls.channel_credentials() if tls.active else None
     except ConfigError as exc:
         print(f"decider-probe: {exc}", file=sys.stderr)
         return 2
@@ -67,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prober_id=args.prober_id,
         admin_token=args.admin_token,
         local=headers,
-        tls=tls,
+        credentials=credentials,
+        channel_options=tls.channel_options(),
     )
     asyncio.run(_serve(standalone))
     return 0
@@ -78,8 +78,6 @@ def load_config(path: str | None) -> tuple[ProbeSettings, dict[str, dict[str, st
     if not path:
         return ProbeSettings(), {}
     # The decider's own loader, so one file serves both processes and errors read the same.
-    from decider.config import load
-
     settings = load(path)
     headers = {k: dict(v) for k, v in local_headers(settings.endpoints).items()}
     for endpoint_id, extra in settings.probe.headers.items():

@@ -1,4 +1,4 @@
-"""decider.tls: certificate files checked at start, re-read on change, client identities."""
+"""decider.config.tls: certificate files checked at start, re-read on change, client identities."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import ssl
 import pytest
 from tls_certs import CA, common_name
 
+from decider.config.tls import CertificateFiles, ClientTLS, TLSSettings, peer_identities
 from decider.errors import ConfigError
-from decider.tls import CertificateFiles, ClientTLS, TLSSettings, peer_identities
 
 
 @pytest.fixture
