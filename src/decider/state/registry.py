@@ -265,9 +265,18 @@ class EndpointStore:
             ) from None
 
     def _write_failure(self, what: str, exc: sqlite3.Error) -> str:
-        log.error("registry store %s: cannot %s: %s", self.path, what, exc)
+        cause = str(exc)
+        try:
+            # sqlite reports a read-only file system as "disk I/O error"; the OS says which.
+            with tempfile.TemporaryFile(dir=self.path.parent) as probe:
+                probe.write(b"\0" * 4096)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as probe_error:
+            cause = f"{exc}: {probe_error.strerror or probe_error}"
+        log.error("registry store %s: cannot %s: %s", self.path, what, cause)
         return (
-            f"cannot {what}: the registry store {self.path} cannot be written ({exc}); "
+            f"cannot {what}: the registry store {self.path} cannot be written ({cause}); "
             "nothing was changed"
         )
 
