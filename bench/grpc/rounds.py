@@ -185,7 +185,7 @@ async def gateway_flow(addr: str) -> str:
     whose first endpoint fails, report every outcome, and check nothing went wrong."""
     from decider.v1 import decider_service_pb2 as dpb
     from decider.v1 import endpoint_pb2 as epb
-    from decider_client import Attempt, DeciderClient
+    from decider_client import Attempt, ClientOptions, DeciderClient
 
     tries: list[str] = []
 
@@ -195,7 +195,7 @@ async def gateway_flow(addr: str) -> str:
             return Attempt(result=dpb.RESULT_ERROR, error="scripted failure")
         return Attempt(result=dpb.RESULT_SUCCESS, input_tokens=800, output_tokens=120)
 
-    async with DeciderClient(addr, decide_timeout_s=5) as client:
+    async with DeciderClient(addr, ClientOptions(decide_timeout_s=5)) as client:
         for i in range(20):
             tries.clear()
             routed = await client.route(decide_msg(i), attempt)

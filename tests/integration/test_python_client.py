@@ -16,8 +16,11 @@ from decider.v1 import registry_service_pb2 as rpb
 from decider_client import (
     Attempt,
     AttemptsExhausted,
+    ClientOptions,
     DeciderClient,
     DeciderUnreachable,
+    NoHealthyEndpoint,
+    NotFound,
     is_no_healthy_endpoint,
     is_unreachable,
 )
@@ -58,7 +61,10 @@ async def wait_for(what: str, cond: Any) -> None:
 
 
 async def test_route_spreads_requests_and_reports_every_outcome(start_server):
-    async with start_server(DOC) as srv, DeciderClient(srv.address, decide_timeout_s=5) as client:
+    async with (
+        start_server(DOC) as srv,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5)) as client,
+    ):
         attempt, calls = attempts(set())
         for _ in range(30):
             routed = await client.route(RR, attempt)
@@ -76,7 +82,7 @@ async def test_route_spreads_requests_and_reports_every_outcome(start_server):
 async def test_route_fails_over_and_the_breaker_reaches_the_health_view(start_server):
     async with (
         start_server(DOC) as srv,
-        DeciderClient(srv.address, decide_timeout_s=5, watch=True) as client,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5, watch=True)) as client,
     ):
         await wait_for("the first snapshot", lambda: client.health_snapshots > 0)
         attempt, calls = attempts({"m-0"})
@@ -97,7 +103,10 @@ async def test_route_fails_over_and_the_breaker_reaches_the_health_view(start_se
 
 async def test_route_decides_again_without_the_endpoints_it_tried(start_server):
     doc = {**DOC, "routing": {**DOC["routing"], "max_fallbacks": 0}}
-    async with start_server(doc) as srv, DeciderClient(srv.address, decide_timeout_s=5) as client:
+    async with (
+        start_server(doc) as srv,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5)) as client,
+    ):
         attempt, _ = attempts({"m-0", "m-1"})
         routed = await client.route(RR, attempt)
         # Without fallbacks every retry is a new Decide excluding what failed.
@@ -106,7 +115,10 @@ async def test_route_decides_again_without_the_endpoints_it_tried(start_server):
 
 
 async def test_route_raises_when_every_endpoint_fails(start_server):
-    async with start_server(DOC) as srv, DeciderClient(srv.address, decide_timeout_s=5) as client:
+    async with (
+        start_server(DOC) as srv,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5)) as client,
+    ):
         attempt, calls = attempts({"m-0", "m-1", "m-2"})
         with pytest.raises(AttemptsExhausted) as info:
             await client.route(dpb.DecideRequest(model="m"), attempt)
@@ -117,14 +129,14 @@ async def test_route_raises_when_every_endpoint_fails(start_server):
 async def test_refusals_are_raised_and_never_fail_open(start_server):
     async with (
         start_server(DOC) as srv,
-        DeciderClient(srv.address, decide_timeout_s=5, fail_open=True) as client,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5, fail_open=True)) as client,
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        with pytest.raises(NotFound) as info:
             await client.decide(dpb.DecideRequest(model="nobody-serves-this"))
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
 
         everything = dpb.DecideRequest(model="m", exclude_endpoint_ids=["m-0", "m-1", "m-2"])
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        with pytest.raises(NoHealthyEndpoint) as info:
             await client.decide(everything)
         assert is_no_healthy_endpoint(info.value) and not is_unreachable(info.value)
         assert client.stats.fail_open_decisions == 0
@@ -132,8 +144,8 @@ async def test_refusals_are_raised_and_never_fail_open(start_server):
 
 async def test_fail_open_routes_to_last_known_endpoints_when_decider_is_gone(start_server):
     async with start_server(DOC) as srv:
-        opened = DeciderClient(srv.address, decide_timeout_s=1, fail_open=True)
-        closed = DeciderClient(srv.address, decide_timeout_s=1)
+        opened = DeciderClient(srv.address, ClientOptions(decide_timeout_s=1, fail_open=True))
+        closed = DeciderClient(srv.address, ClientOptions(decide_timeout_s=1))
         try:
             # Learn every endpoint (each decision names one plus its fallbacks).
             await opened.decide(dpb.DecideRequest(model="m"))
