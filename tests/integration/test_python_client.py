@@ -19,8 +19,13 @@ from decider_client import (
     ClientOptions,
     DeciderClient,
     DeciderUnreachable,
+    InvalidRequest,
     NoHealthyEndpoint,
     NotFound,
+    Outcome,
+    QuotaExceeded,
+    Unauthenticated,
+    decide_request,
     is_no_healthy_endpoint,
     is_unreachable,
 )
@@ -165,3 +170,59 @@ async def test_fail_open_routes_to_last_known_endpoints_when_decider_is_gone(sta
         finally:
             await opened.close()
             await closed.close()
+
+
+async def test_refusals_carry_their_details(start_server):
+    doc = {**DOC, "quotas": {"tenants": {"acme": {"requests_per_minute": 2}}}}
+    async with (
+        start_server(doc, admin_token="s3cret") as srv,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5, fail_open=True)) as client,
+    ):
+        for _ in range(2):
+            await client.decide(dpb.DecideRequest(model="m", tenant="acme"))
+        with pytest.raises(QuotaExceeded) as quota:
+            await client.decide(dpb.DecideRequest(model="m", tenant="acme"))
+        assert quota.value.reason == "QUOTA_EXHAUSTED" and quota.value.retry_after_s > 0
+
+        with pytest.raises(InvalidRequest) as bad:
+            await client.decide(dpb.DecideRequest(model="", tenant="t" * 600))
+        assert {f for f, _ in bad.value.status.field_violations} == {"model", "tenant"}
+
+        with pytest.raises(Unauthenticated) as denied:
+            await client.refresh_endpoints()
+        assert denied.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert client.stats.fail_open_decisions == 0
+
+
+async def test_refresh_and_prefix_signals_from_an_openai_body(start_server):
+    options = ClientOptions(decide_timeout_s=5, admin_token="s3cret", watch_model="m")
+    async with (
+        start_server(DOC, admin_token="s3cret") as srv,
+        DeciderClient(srv.address, options) as client,
+    ):
+        await client.refresh_endpoints()
+        assert [ep.id for ep in client.known_endpoints()] == ["m-0", "m-1", "m-2"]
+        system = "You are a careful assistant. " * 8
+        body = {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "hi"},
+            ],
+        }
+        request = decide_request(body, strategy="cache_aware")
+        assert len(request.prefix_hashes) >= 3 and request.estimated_input_tokens > 0
+        first = await client.decide(request)
+        # A success indexes the prompt's prefix blocks for the endpoint that served it.
+        assert await client.report_outcome(
+            Outcome(
+                decision_id=first.decision_id,
+                endpoint_id=first.endpoint.id,
+                result=dpb.RESULT_SUCCESS,
+                latency_s=0.2,
+            )
+        )
+        # The same system prompt with another question lands where the first one did.
+        other = {**body, "messages": [body["messages"][0], {"role": "user", "content": "bye"}]}
+        second = await client.decide(decide_request(other, strategy="cache_aware"))
+        assert second.endpoint.id == first.endpoint.id
