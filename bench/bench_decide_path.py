@@ -34,8 +34,9 @@ from grpc_health.v1 import health_pb2_grpc
 
 from bench.grpc import workload
 from decider import config
-from decider.api import convert, decider_service
-from decider.server import DeciderServer
+from decider.api import decider_service
+from decider.codec import convert
+from decider.runtime.server import DeciderServer
 from decider.v1 import decider_service_pb2 as dpb
 
 DECIDE = "/" + workload.DECIDE
