@@ -163,3 +163,27 @@ def test_tls_options_need_cert_and_key_together_and_readable_files(tmp_path: Pat
     assert str(raised.value) == (
         f"TlsOptions.ca_file: cannot read {str(missing)!r}: No such file or directory"
     )
+
+
+def _python_section() -> str:
+    text = (Path(__file__).parents[3] / "docs" / "CLIENTS.md").read_text()
+    return text.split("## Python\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_docs_list_every_option_and_every_error():
+    import dataclasses
+    import re
+
+    import decider_client
+
+    section = _python_section()
+    rows = re.findall(r"^\| `([^|]+?)` \|", section, re.M)
+    documented = {name.strip("` ") for row in rows for name in row.split(",")}
+    options = {f.name for f in dataclasses.fields(ClientOptions)}
+    errors = {
+        name
+        for name in decider_client.__all__
+        if isinstance(getattr(decider_client, name), type)
+        and issubclass(getattr(decider_client, name), DeciderClientError)
+    }
+    assert options | errors <= documented, (options | errors) - documented
