@@ -296,15 +296,16 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def update_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+def update_doc(section: str, doc: Path = DOC) -> None:
+    """Replaces the text between the markers (or appends the section); the rest stays."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)
 
 
 def write_results(res: Results, section: str, elapsed_s: float) -> None:
