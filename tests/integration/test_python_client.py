@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from decider_support import endpoints_doc
 
@@ -226,3 +229,33 @@ async def test_refresh_and_prefix_signals_from_an_openai_body(start_server):
         other = {**body, "messages": [body["messages"][0], {"role": "user", "content": "bye"}]}
         second = await client.decide(decide_request(other, strategy="cache_aware"))
         assert second.endpoint.id == first.endpoint.id
+
+
+async def test_the_python_example_in_clients_md_runs(start_server):
+    section = (Path(__file__).parents[2] / "docs" / "CLIENTS.md").read_text()
+    section = section.split("## Python\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    sent: list[str] = []
+
+    def model_server(request: httpx.Request) -> httpx.Response:
+        sent.append(f"{request.url.host}:{request.url.port}")
+        return httpx.Response(200, json={"usage": {"prompt_tokens": 5, "completion_tokens": 7}})
+
+    async with (
+        start_server(DOC) as srv,
+        httpx.AsyncClient(transport=httpx.MockTransport(model_server)) as http,
+    ):
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        scope: dict[str, Any] = {"http": http, "body": body}
+        example = compile(
+            code.replace("127.0.0.1:50051", srv.address),
+            "CLIENTS.md",
+            "exec",
+            flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+        )
+        pending = eval(example, scope)
+        if pending is not None:
+            await pending
+    routed = scope["routed"]
+    assert routed.attempt.input_tokens == 5 and routed.decision_id
+    assert sent == [routed.endpoint.address]
