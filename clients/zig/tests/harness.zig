@@ -181,9 +181,7 @@ pub const Cluster = struct {
             try cfg.print(gpa, "\n[[endpoints]]\nid = \"{s}\"\naddress = \"{s}\"\nmodel = \"m\"\nhealth_url = \"http://{s}/health\"\n", .{ b.id, b.addr, b.addr });
         }
         try c.tmp.dir.writeFile(io, .{ .sub_path = "decider.toml", .data = cfg.items });
-        const cwd = try std.process.currentPathAlloc(io, gpa);
-        defer gpa.free(cwd);
-        const dir = try std.fs.path.join(gpa, &.{ cwd, ".zig-cache", "tmp", &c.tmp.sub_path });
+        const dir = try tmpPath(gpa, io, &c.tmp);
         defer gpa.free(dir);
         const cfg_path = try std.fs.path.join(gpa, &.{ dir, "decider.toml" });
         defer gpa.free(cfg_path);
@@ -214,6 +212,13 @@ pub const Cluster = struct {
         c.gpa.destroy(c);
     }
 };
+
+/// The absolute path of a std.testing.tmpDir (under .zig-cache/tmp of the working directory).
+pub fn tmpPath(gpa: Allocator, io: Io, tmp: *const std.testing.TmpDir) ![]u8 {
+    const cwd = try std.process.currentPathAlloc(io, gpa);
+    defer gpa.free(cwd);
+    return std.fs.path.join(gpa, &.{ cwd, ".zig-cache", "tmp", &tmp.sub_path });
+}
 
 /// A loopback address nothing listens on: a port bound, noted and closed again.
 pub fn deadAddress(io: Io, buf: []u8) ![]const u8 {

@@ -165,16 +165,72 @@ test "seed endpoints make fail-open work when Decider was never reachable" {
     try testing.expectEqualStrings("s", d.endpoint.id);
 }
 
-test "TLS: client credentials are built and used" {
-    const cl = try harness.Cluster.start(gpa, io, &.{"a"}, "");
-    defer cl.stop();
-    // This server speaks plaintext: a TLS client must fail its handshake and
-    // report Decider as unreachable, never fall back to plaintext.
-    const client = try decider.Client.init(gpa, io, cl.addr, .{ .credentials = .{ .tls = .{ .server_name_override = "localhost" } }, .decide_timeout_ms = 2000 });
-    defer client.deinit();
-    var f: decider.Failure = .{};
-    try testing.expectError(error.DeciderUnreachable, client.decide(.{ .model = "m" }, &f));
-    try testing.expectEqual(decider.StatusCode.unavailable, f.code);
-    // A TLS-serving Decider ([server.tls]) is not part of this server yet.
-    std.debug.print("SKIP: TLS against a TLS-serving decider: the server has no [server.tls] yet; TLS credentials were checked against a plaintext server only\n", .{});
+fn readPem(dir: []const u8, name: []const u8) ![:0]u8 {
+    const path = try std.fs.path.join(gpa, &.{ dir, name });
+    defer gpa.free(path);
+    const pem = try std.Io.Dir.cwd().readFileAlloc(io, path, gpa, .limited(1 << 20));
+    defer gpa.free(pem);
+    return gpa.dupeSentinel(u8, pem, 0);
+}
+
+test "TLS and mutual TLS against a TLS-serving Decider" {
+    // Certificates made now by the repository's test CA (tests/tls_certs.py).
+    var certs = testing.tmpDir(.{});
+    defer certs.cleanup();
+    const dir = try harness.tmpPath(gpa, io, &certs);
+    defer gpa.free(dir);
+    const root = try harness.repoRoot(gpa, io);
+    defer gpa.free(root);
+    const py = try harness.python(gpa, io, root);
+    defer gpa.free(py);
+    const script = try std.fs.path.join(gpa, &.{ root, "clients", "zig", "tests", "make_certs.py" });
+    defer gpa.free(script);
+    const made = try std.process.run(gpa, io, .{ .argv = &.{ py, script, dir } });
+    defer gpa.free(made.stdout);
+    defer gpa.free(made.stderr);
+    if (made.term != .exited or made.term.exited != 0) {
+        std.debug.print("make_certs.py: {s}\n", .{made.stderr});
+        return error.TestUnexpectedResult;
+    }
+    const ca = try readPem(dir, "ca.crt");
+    defer gpa.free(ca);
+    const cert = try readPem(dir, "client.crt");
+    defer gpa.free(cert);
+    const key = try readPem(dir, "client.key");
+    defer gpa.free(key);
+
+    for ([_]bool{ false, true }) |mutual| {
+        const extra = try std.fmt.allocPrint(gpa, "\n[server.tls]\ncert_file = \"{s}/server.crt\"\nkey_file = \"{s}/server.key\"\n{s}{s}{s}", .{
+            dir, dir, if (mutual) "client_ca_file = \"" else "", if (mutual) dir else "", if (mutual) "/ca.crt\"\n" else "",
+        });
+        defer gpa.free(extra);
+        const cl = try harness.Cluster.start(gpa, io, &.{"a"}, extra);
+        defer cl.stop();
+
+        const tls: decider.Tls = .{ .root_certs_pem = ca, .server_name_override = "decider.test", .cert_chain_pem = if (mutual) cert else null, .private_key_pem = if (mutual) key else null };
+        for ([_]bool{ false, true }) |stream| {
+            const client = try decider.Client.init(gpa, io, cl.addr, .{ .credentials = .{ .tls = tls }, .decide_timeout_ms = 5000, .stream = stream });
+            defer client.deinit();
+            var d = try client.decide(.{ .model = "m" }, null);
+            defer d.deinit();
+            try testing.expectEqualStrings("a", d.endpoint.id);
+            try testing.expect(try client.reportOutcomeWait(.{ .decision_id = d.id, .endpoint_id = "a", .result = .success }, null));
+        }
+
+        // Refused handshakes: Decider is unreachable to these clients, never spoken to in plaintext.
+        const refused = [_]decider.Credentials{
+            .plaintext,
+            // The right server, verified against the system roots instead of the test CA.
+            .{ .tls = .{ .server_name_override = "decider.test" } },
+            // Without a client certificate, where the server asks for one.
+            .{ .tls = .{ .root_certs_pem = ca, .server_name_override = "decider.test" } },
+        };
+        for (refused, 0..) |creds, i| {
+            if (i == 2 and !mutual) continue;
+            const client = try decider.Client.init(gpa, io, cl.addr, .{ .credentials = creds, .decide_timeout_ms = 2000 });
+            defer client.deinit();
+            var f: decider.Failure = .{};
+            try testing.expectError(error.DeciderUnreachable, client.decide(.{ .model = "m" }, &f));
+        }
+    }
 }
