@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools run test test-python test-go test-zig zig-deps lint lint-imports proto proto-check proto-go proto-go-check proto-c proto-c-check bench bench-decide-path bench-grpc bench-zig bench-tracing sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -68,9 +68,11 @@ zig-deps:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 # clients/zig: unit tests, then the live tests that start the real decider from $(VENV) and
-# stand-in backends on 127.0.0.1, and the example gateway end to end.
+# stand-in backends on 127.0.0.1, and the example gateway end to end; then a package outside
+# clients/zig that depends on it the way docs/CLIENTS.md shows.
 test-zig: install zig-deps
 	cd clients/zig && $(ZIG) build test --summary line
+	cd clients/zig/tests/consumer && $(ZIG) build run
 
 # protobuf-c stubs for clients/zig; protoc is grpcio-tools' from the venv.
 proto-c: install zig-deps
@@ -148,6 +150,14 @@ bench-decide-path: install
 # "gRPC load" numbers to bench/results/ and the plot to docs/img/. Never part of `make test`.
 bench-grpc: install $(TOOLS)/bin/ghz
 	$(PY) -m bench.grpc --ghz $(TOOLS)/bin/ghz
+
+# Decide from the gateway side (a few minutes): the Zig client (ReleaseFast) beside the Go
+# client and ghz, unary and streamed, against one real server; writes bench/results/clients_grpc.json.
+bench-zig: install zig-deps $(TOOLS)/bin/ghz
+	cd clients/zig && $(ZIG) build bench -Doptimize=ReleaseFast
+	cd bench/grpc/goclient && go build -o $(TOOLS)/bin/decider-goclient-bench .
+	$(PY) -m bench.grpc.bench_clients --zig-bench clients/zig/zig-out/bin/decider-bench \
+	  --go-bench $(TOOLS)/bin/decider-goclient-bench --ghz $(TOOLS)/bin/ghz
 
 # Tracing overhead end to end: Decide throughput with tracing off, a 1% sampler and always_on,
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.

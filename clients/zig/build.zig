@@ -74,4 +74,16 @@ pub fn build(b: *std.Build) void {
     const run_live = b.addRunArtifact(live);
     run_live.has_side_effects = true;
     test_step.dependOn(&run_live.step);
+
+    const bench = b.addExecutable(.{
+        .name = "decider-bench",
+        .root_module = b.createModule(.{
+            .root_source_file = b.path("bench/main.zig"),
+            .target = target,
+            .optimize = optimize,
+            .imports = &.{.{ .name = "decider", .module = decider }},
+        }),
+    });
+    const bench_step = b.step("bench", "Build the Decide latency benchmark client");
+    bench_step.dependOn(&b.addInstallArtifact(bench, .{}).step);
 }
