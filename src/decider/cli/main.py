@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(path: str) -> int:
-    settings = config.load(path)
+    # The DECIDER_* variables count as they do for `serve`, so "ok" means serve would start.
+    settings = config.load(path, env=os.environ)
     print(
         f"{path}: ok ({len(settings.endpoints)} endpoints, "
         f"listen {settings.server.listen}, "
