@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys, get_float
 from decider.core.stats import EndpointStats, FactorWeights, ScoreParams
 from decider.core.strategies.base import (
     Choice,
@@ -27,24 +26,15 @@ from decider.core.strategies.base import (
     composite_key,
     load_key,
 )
-from decider.errors import ConfigError
+from decider.core.validation import Problems, allowed, schema
 
 _BASE = attrgetter("base_score")
-_FACTORS = ("load", "latency", "cache", "quota", "health", "cost")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompositeConfig:
     weights: FactorWeights = field(default_factory=FactorWeights)
-    max_load_gap: float = 16.0
-
-
-def parse_weights(options: Mapping[str, Any], path: str, default: FactorWeights) -> FactorWeights:
-    values = {f: get_float(options, f, getattr(default, f), path) for f in _FACTORS}
-    weights = FactorWeights(**values)
-    if weights.total <= 0.0:
-        raise ConfigError(f"{path}: every weight is 0, at least one must be > 0")
-    return weights
+    max_load_gap: float = field(default=16.0, metadata=allowed(ge=0))
 
 
 def cache_credits(
@@ -100,11 +90,17 @@ class Composite:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> CompositeConfig:
-        check_keys(options, {*_FACTORS, "max_load_gap"}, path)
-        return CompositeConfig(
-            weights=parse_weights(options, path, FactorWeights()),
-            max_load_gap=get_float(options, "max_load_gap", 16.0, path),
+        # One flat table: the factor weights and max_load_gap side by side.
+        problems = Problems()
+        weights = schema(FactorWeights).validate(options, path, problems, skip=("max_load_gap",))
+        rest = schema(CompositeConfig, exclude=("weights",)).validate(
+            options, path, problems, skip=[k for k in options if k != "max_load_gap"]
         )
+        if weights is not None and FactorWeights(**weights).total <= 0.0:
+            problems.add((), f"{path}: every weight is 0, at least one must be > 0")
+        problems.raise_any()
+        assert weights is not None and rest is not None
+        return CompositeConfig(weights=FactorWeights(**weights), **rest)
 
     def shape_scores(self, params: ScoreParams) -> ScoreParams:
         """The ShapesScores hook: the factor weights are the shared scores' weights."""
