@@ -100,7 +100,7 @@ class _TlsTable:
     key_file: str = ""
     client_ca_file: str = ""
     admin_client_names: list[str] = field(
-        default_factory=list, metadata=allowed(what="a list of strings")
+        default_factory=list, metadata=allowed(what="a list of non-empty strings")
     )
 
 
@@ -325,7 +325,13 @@ def _parse_server(value: Any, problems: Problems, order: tuple[int, ...]) -> Ser
     tls = schema(_TlsTable).validate(
         raw_tls, "server.tls", problems, (*order, position(value, "tls"))
     )
-    if tls is not None:
+    if tls is not None and not all(tls["admin_client_names"]):
+        problems.add(
+            (*order, position(value, "tls")),
+            f"server.tls.admin_client_names: {show(raw_tls['admin_client_names'])}, "
+            "must be a list of non-empty strings",
+        )
+    elif tls is not None:
         values["tls"] = _tls(tls)
     if "listen" in value:
         _check_listen(
