@@ -184,8 +184,11 @@ class SimServer:
     def _blocks_for(self, job: Job) -> int:
         return -(-(job.prompt_tokens + job.output_tokens) // self.params.block_tokens)
 
-    def predict_ttft(self, prompt_tokens: int, prompt_blocks: Sequence[int], now: float) -> float:
-        """Time to first token of a job submitted now, read from the true queue and cache.
+    def predict_ttft(
+        self, prompt_tokens: int, prompt_blocks: Sequence[int], now: float
+    ) -> tuple[float, float]:
+        """Time to first token of a job submitted now, read from the true queue and cache, as
+        (wait before its prefill starts, its prefill); the sum is the TTFT.
 
         The oracle's estimate: the prefills ahead of it (the one running, then the admitted and
         the waiting ones, each at its own cache hit), a wait for a batch slot when the batch is
@@ -214,7 +217,7 @@ class SimServer:
             t = max(t, now + max(0.0, left[k]) / rate_now)
         hit = _leading(prompt_blocks, cache, ahead) * p.block_tokens
         uncached = prompt_tokens - min(hit, prompt_tokens - 1)
-        return t - now + (p.prefill_overhead_s + uncached / rate) * slow
+        return t - now, (p.prefill_overhead_s + uncached / rate) * slow
 
     # -- requests --------------------------------------------------------------------------
 
