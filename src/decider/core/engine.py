@@ -369,7 +369,11 @@ class Engine:
             self._scorer.rescore(chosen, now)
         else:
             self._scorer.rescore_load(chosen, now)
-        self._pending[decision_id] = (chosen, request.tenant, tokens, request.prefix_hashes)
+        hashes = request.prefix_hashes
+        if hashes:
+            # The prompt's blocks count for the endpoint at once, as pending (affinity.py).
+            self._index.add_pending(chosen.id, hashes)
+        self._pending[decision_id] = (chosen, request.tenant, tokens, hashes)
         if now < self._bucket_end:
             self._expiry[-1][2] = self._seq
         else:
@@ -659,12 +663,15 @@ class Engine:
         target = self._stats.get(outcome.endpoint_id)
         actual = outcome.input_tokens + outcome.output_tokens
         if pending is not None:
-            chosen, tenant, estimate, _ = pending
+            chosen, tenant, estimate, hashes = pending
             live = self._stats.get(chosen.id) is chosen
             if live and chosen.in_flight > 0:
                 chosen.in_flight -= 1
             if target is None and live:
                 target = chosen
+            if hashes and live and (outcome.result is not Result.SUCCESS or target is not chosen):
+                # Failed, timed out, cancelled or served elsewhere: the pending blocks go.
+                self._index.drop(chosen.id, hashes)
             if self._quotas_on and actual:
                 # Actual tokens replace the estimate charged at decide time.
                 self._ledger.charge_tenant(tenant, requests=0, tokens=actual - estimate, now=now)
@@ -696,7 +703,10 @@ class Engine:
                 self._refresh_group(self._by_model[target.model], now)
             self._record_breaker(target, ok=True, now=now)
             if pending is not None and pending[3]:
-                self._index.record(target.id, pending[3])
+                if target is pending[0]:
+                    self._index.confirm(target.id, pending[3])
+                else:
+                    self._index.record(target.id, pending[3])
         elif result is Result.ERROR or result is Result.TIMEOUT:
             if result is Result.TIMEOUT:
                 # A timeout is a latency sample too; a fast error is not (it would look good).
@@ -806,6 +816,8 @@ class Engine:
                 if self._stats.get(s.id) is s:
                     if s.in_flight > 0:
                         s.in_flight -= 1
+                    if entry[3]:
+                        self._index.drop(s.id, entry[3])
                     self._record_breaker_release(s)
                     self._scorer.rescore_load(s, now)
 
