@@ -326,6 +326,15 @@ def markdown(
         "every endpoint tried, up to the decision's retry attempts. Every attempt is reported "
         "with `record_outcome` (latency, TTFT, tokens). A request cut after its first token "
         "is failed, not retried.",
+        "- **Oracle** (`oracle`, simulator only): no Decide call; for every live endpoint of "
+        "the model with the capabilities it predicts the wait before the request's prefill "
+        "(the prefill running, then the admitted and waiting ones at their own cache hits, and "
+        "a batch slot when the batch is full) and the request's own prefill (its hit counts "
+        "the blocks cached now and those the prefills ahead will cache), and sends the "
+        "request where wait + 2 x own prefill is lowest: the prefill counts once as its own "
+        "wait and once as the wait it puts on later requests. Pure greedy TTFT (the prefill "
+        "counted once) sent a tenant to an idle server with a cold cache rather than wait for "
+        "a warm one and lost to the engine on shared_prefix (2.72 s against 2.22 s at seed 7).",
         "- **Prober**: the schedule and thresholds of src/probe (ProbeSettings defaults): "
         "every endpoint passes a full check before traffic starts, then full checks every "
         "`interval_s` (jittered shorter), liveness checks every `liveness_interval_s` (skipped "
@@ -356,7 +365,13 @@ def markdown(
         "- One Decider sees every request, so its in-flight counts are exact; with several "
         "replicas each would see a share.",
         "- Token counts are given, not tokenized; block hashes are computed by the gateway at "
-        "the servers' block size.\n",
+        "the servers' block size. Prompts are segments (content key, token count) with no "
+        "text, so the simulator does not use the shared prefix-hash definition "
+        "(docs/PREFIX_HASH.md, 64-byte blocks of text): it would have to make up about 24 KB "
+        "of text for a 6000-token prompt and hash 375 blocks instead of 24 (0.7 ms against "
+        "0.15 ms per request here), with an index sixteen times larger, to measure the same "
+        "thing. What the engine relies on holds for both: block hashes are chained, so two "
+        "prompts share their first k hashes exactly when they share their first k blocks.\n",
         "## Running it\n",
         "`make sim` runs the whole sweep (every workload under every strategy listed, on two "
         "processes; a few minutes on two cores) and rewrites this file and "
