@@ -111,17 +111,17 @@ bench: install
 # The unary Decide path in-process, stage by stage (parse, convert, engine, observer, encode,
 # the whole handler) against Health/Check through the same interceptor (seconds).
 bench-decide-path: install
-	$(PY) bench/bench_decide_path.py
+	$(PY) -m bench.bench_decide_path
 
 # gRPC load from ghz against the real server (a few minutes): writes docs/BENCHMARKS.md's
 # "gRPC load" numbers to bench/results/ and the plot to docs/img/. Never part of `make test`.
 bench-grpc: install $(TOOLS)/bin/ghz
-	$(PY) bench/grpc/bench_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.grpc --ghz $(TOOLS)/bin/ghz
 
 # Tracing overhead end to end: Decide throughput with tracing off, a 1% sampler and always_on,
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
-	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.bench_tracing_grpc --ghz $(TOOLS)/bin/ghz
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install
