@@ -69,6 +69,7 @@ pub const Client = struct {
     io: Io,
     opts: Options,
     channel: grpc.Channel,
+    queues: grpc.QueuePool,
     view: View,
     stream: ?*StreamDecider = null,
 
@@ -101,8 +102,11 @@ pub const Client = struct {
             .io = io,
             .opts = opts,
             .channel = try grpc.Channel.open(target_z, opts.credentials),
+            .queues = undefined,
             .view = View.init(gpa, io),
         };
+        self.queues.init();
+        errdefer self.queues.deinit();
         errdefer self.channel.close();
         errdefer self.view.deinit();
         self.opts.watch_model = try gpa.dupe(u8, opts.watch_model);
@@ -127,6 +131,7 @@ pub const Client = struct {
         for (self.queue.items) |p| self.gpa.free(p.buf);
         self.queue.deinit(self.gpa);
         self.view.deinit();
+        self.queues.deinit();
         self.channel.close();
         self.gpa.free(self.opts.watch_model);
         self.gpa.destroy(self);
@@ -182,7 +187,7 @@ pub const Client = struct {
         var arena = std.heap.ArenaAllocator.init(self.gpa);
         defer arena.deinit();
         const payload = try proto.encodeDecide(arena.allocator(), req);
-        var msg = try grpc.unary(self.channel, decide_method, payload, self.opts.decide_timeout_ms, f);
+        var msg = try grpc.unary(self.channel, &self.queues, decide_method, payload, self.opts.decide_timeout_ms, f);
         defer msg.deinit();
         return try proto.decodeDecision(self.gpa, msg.bytes()) orelse {
             f.set(.internal, "DecideResponse did not parse");
@@ -248,7 +253,7 @@ pub const Client = struct {
         var arena = std.heap.ArenaAllocator.init(self.gpa);
         defer arena.deinit();
         const payload = try proto.encodeOutcome(arena.allocator(), o);
-        var msg = grpc.unary(self.channel, report_method, payload, self.opts.report_timeout_ms, f) catch |err| switch (err) {
+        var msg = grpc.unary(self.channel, &self.queues, report_method, payload, self.opts.report_timeout_ms, f) catch |err| switch (err) {
             error.OutOfMemory => return error.OutOfMemory,
             error.Rpc => return status.errorFor(f),
         };

@@ -221,6 +221,50 @@ const Queue = struct {
     }
 };
 
+/// Completion queues kept for unary calls to reuse. A unary call leaves its queue
+/// empty (it plucks its one batch to completion), so the next call can take it
+/// as it is, instead of creating and shutting down a queue every time.
+pub const QueuePool = struct {
+    mu: c.gpr_mu = undefined,
+    free: [32]?*c.grpc_completion_queue = @splat(null),
+    len: usize = 0,
+
+    pub fn init(p: *QueuePool) void {
+        p.* = .{};
+        c.gpr_mu_init(&p.mu);
+    }
+
+    pub fn deinit(p: *QueuePool) void {
+        for (p.free[0..p.len]) |q| (Queue{ .raw = q.? }).destroy();
+        c.gpr_mu_destroy(&p.mu);
+    }
+
+    fn take(p: *QueuePool) error{OutOfMemory}!Queue {
+        c.gpr_mu_lock(&p.mu);
+        if (p.len > 0) {
+            p.len -= 1;
+            const q = p.free[p.len].?;
+            c.gpr_mu_unlock(&p.mu);
+            return .{ .raw = q };
+        }
+        c.gpr_mu_unlock(&p.mu);
+        return Queue.create();
+    }
+
+    /// Keeps the queue for the next call, or destroys it when the pool is full.
+    fn give(p: *QueuePool, q: Queue) void {
+        c.gpr_mu_lock(&p.mu);
+        if (p.len < p.free.len) {
+            p.free[p.len] = q.raw;
+            p.len += 1;
+            c.gpr_mu_unlock(&p.mu);
+            return;
+        }
+        c.gpr_mu_unlock(&p.mu);
+        q.destroy();
+    }
+};
+
 fn createCall(ch: Channel, q: Queue, method: [:0]const u8, deadline: c.gpr_timespec) error{OutOfMemory}!*c.grpc_call {
     return c.grpc_channel_create_call(ch.raw, null, 0, q.raw, c.grpc_slice_from_static_string(method.ptr), null, deadline, null) orelse error.OutOfMemory;
 }
@@ -232,10 +276,10 @@ fn startBatch(call: *c.grpc_call, ops: []const c.grpc_op, tag: *anyopaque) bool 
 
 pub const CallError = error{ OutOfMemory, Rpc };
 
-/// One unary call within `timeout_ms`. On a non-OK status fills `f` and returns error.Rpc.
-pub fn unary(ch: Channel, method: [:0]const u8, request: []const u8, timeout_ms: u64, f: *Failure) CallError!Message {
-    const q = try Queue.create();
-    defer q.destroy();
+/// One unary call within `timeout_ms`, on a queue from `pool`. On a non-OK status fills `f` and returns error.Rpc.
+pub fn unary(ch: Channel, pool: *QueuePool, method: [:0]const u8, request: []const u8, timeout_ms: u64, f: *Failure) CallError!Message {
+    const q = try pool.take();
+    defer pool.give(q);
     const call = try createCall(ch, q, method, deadlineIn(timeout_ms));
     defer c.grpc_call_unref(call);
     const send = try byteBuffer(request);
