@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing bench-idle-connections sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -122,6 +122,11 @@ bench-grpc: install $(TOOLS)/bin/ghz
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
 	$(PY) -m bench.bench_tracing_grpc --ghz $(TOOLS)/bin/ghz
+
+# Server memory, threads and Decide latency with thousands of idle HTTP/2 connections open
+# (about a minute): writes docs/BENCHMARKS.md's "Idle gateway connections". Never part of `make test`.
+bench-idle-connections: install
+	$(PY) bench/bench_idle_connections.py
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys, get_float
 from decider.core.stats import EndpointStats, FactorWeights, ScoreParams
 from decider.core.strategies.base import (
     Choice,
@@ -27,10 +26,9 @@ from decider.core.strategies.base import (
     composite_key,
     load_key,
 )
-from decider.errors import ConfigError
+from decider.core.validation import Problems, allowed, schema
 
 _BASE = attrgetter("base_score")
-_FACTORS = ("load", "latency", "cache", "quota", "health", "cost")
 
 
 # 14 rather than cache_aware's 16, tuned with the simulator over seeds 7, 11, 23, 31, 43, 59 now
@@ -45,15 +43,7 @@ MAX_LOAD_GAP = 14.0
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompositeConfig:
     weights: FactorWeights = field(default_factory=FactorWeights)
-    max_load_gap: float = MAX_LOAD_GAP
-
-
-def parse_weights(options: Mapping[str, Any], path: str, default: FactorWeights) -> FactorWeights:
-    values = {f: get_float(options, f, getattr(default, f), path) for f in _FACTORS}
-    weights = FactorWeights(**values)
-    if weights.total <= 0.0:
-        raise ConfigError(f"{path}: every weight is 0, at least one must be > 0")
-    return weights
+    max_load_gap: float = field(default=MAX_LOAD_GAP, metadata=allowed(ge=0))
 
 
 def cache_credits(
@@ -109,11 +99,17 @@ class Composite:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> CompositeConfig:
-        check_keys(options, {*_FACTORS, "max_load_gap"}, path)
-        return CompositeConfig(
-            weights=parse_weights(options, path, FactorWeights()),
-            max_load_gap=get_float(options, "max_load_gap", MAX_LOAD_GAP, path),
+        # One flat table: the factor weights and max_load_gap side by side.
+        problems = Problems()
+        weights = schema(FactorWeights).validate(options, path, problems, skip=("max_load_gap",))
+        rest = schema(CompositeConfig, exclude=("weights",)).validate(
+            options, path, problems, skip=[k for k in options if k != "max_load_gap"]
         )
+        if weights is not None and FactorWeights(**weights).total <= 0.0:
+            problems.add((), f"{path}: every weight is 0, at least one must be > 0")
+        problems.raise_any()
+        assert weights is not None and rest is not None
+        return CompositeConfig(weights=FactorWeights(**weights), **rest)
 
     def shape_scores(self, params: ScoreParams) -> ScoreParams:
         """The ShapesScores hook: the factor weights are the shared scores' weights."""
