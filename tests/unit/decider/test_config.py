@@ -193,6 +193,80 @@ def test_observability_setting_errors_name_where(tmp_path, text, env, message):
         config.load(_write(tmp_path, text), env=env)
 
 
+def test_every_problem_of_a_file_is_reported_at_once_in_file_order(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+[server]
+max_watchers = -5
+bogus = 1
+
+[[endpoints]]
+id = "gpu-7"
+address = "no-port"
+model = "m"
+weight = -2
+
+[routing]
+max_fallbacks = 2.0
+least_request = { choice_count = 1 }
+
+[breaker]
+open_s = 60
+max_open_s = 30
+
+[probe]
+timeout_s = -1
+""",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    lines = str(err.value).splitlines()
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert [line.removeprefix(f"{path}: ").split(":")[0] for line in lines] == [
+        "server.max_watchers",
+        "server.bogus",
+        "endpoints[0].address",
+        "endpoints[0].weight",
+        "routing.max_fallbacks",
+        "routing.least_request.choice_count",
+        "breaker.max_open_s",
+        "probe.timeout_s",
+    ]
+    # Strict: a float is not an int, even when it is whole.
+    assert f"{path}: routing.max_fallbacks: 2.0, must be an int >= 0" in lines
+
+
+def test_endpoint_problems_name_the_endpoint_id(tmp_path):
+    path = _write(
+        tmp_path,
+        "[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\n"
+        "[[endpoints]]\nid='gpu-7'\naddress='h:2'\nmodel='m'\nmax_in_flight='lots'\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value) == (
+        f"{path}: endpoints[1].max_in_flight: 'lots', must be an integer from 0 to 4294967295"
+        " (endpoint 'gpu-7')"
+    )
+
+
+def test_environment_and_flag_problems_follow_the_file_problems(tmp_path):
+    path = _write(tmp_path, "[server]\nmax_watchers = -5\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(
+            path,
+            env={"DECIDER_GRACE_PERIOD_S": "soon", "DECIDER_LOG_LEVEL": "loud"},
+            flags={"max_concurrent_rpcs": 0},
+        )
+    assert str(err.value).splitlines() == [
+        f"{path}: server.max_watchers: -5, must be an integer from 0 to 1000000",
+        "environment DECIDER_GRACE_PERIOD_S: 'soon', must be a number from 0 to 3600",
+        "environment DECIDER_LOG_LEVEL: 'loud', must be one of DEBUG, INFO, WARNING, ERROR",
+        "flag --max-concurrent-rpcs: 0, must be an integer from 1 to 1000000",
+    ]
+
+
 def test_server_tls_from_the_file_the_environment_and_flags(tmp_path):
     path = tmp_path / "d.toml"
     path.write_text(
