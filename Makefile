@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim fuzz clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -117,6 +117,17 @@ bench-grpc: install $(TOOLS)/bin/ghz
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
 	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
+
+# Coverage-guided fuzzing (atheris) of every RPC's request path and of the config loader,
+# FUZZ_SECONDS each (`make test` runs a few thousand inputs of each). The corpus grows in
+# fuzz/corpus/; a finding stops the run and is written to fuzz/crash-*: copy it into
+# fuzz/regressions/<target>/ (replayed by every test run) and fix it.
+FUZZ_SECONDS ?= 600
+fuzz: install
+	for target in rpc config; do \
+	  $(PY) -m fuzz.run $$target -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	    -artifact_prefix=fuzz/ fuzz/corpus/$$target; \
+	done
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install
