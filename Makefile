@@ -15,11 +15,13 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim fuzz clean
+.PHONY: help install tools env shell run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim fuzz clean
 
 help:
-	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
+	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers (needs python3 only)"
 	@echo "make test   install everything (venv, grpcurl, buf), check generated code, run pytest then go test"
+	@echo "make tools  grpcurl (needs go) and buf (needs npm) into .tools/bin"
+	@echo "make shell  a shell with .venv/bin and .tools/bin on PATH; or: eval \"\$$(make -s env)\""
 	@echo "make lint   ruff, mypy --strict on src, buf lint"
 	@echo "make proto  regenerate src/decider/v1 from protos/"
 
@@ -41,7 +43,17 @@ $(TOOLS)/bin/grpcurl:
 $(TOOLS)/node_modules/.bin/buf:
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
 
-run: install
+# The PATH line for .venv/bin and .tools/bin: eval "$$(make -s env)" in the current shell.
+env:
+	@echo 'export PATH="$(CURDIR)/$(VENV)/bin:$(TOOLS)/bin:$(TOOLS)/node_modules/.bin:$$PATH"'
+
+# A subshell with the checkout's tools on PATH; exit it to return.
+shell:
+	@echo "PATH now has $(CURDIR)/$(VENV)/bin and $(TOOLS)/bin; exit to leave"
+	@PATH="$(CURDIR)/$(VENV)/bin:$(PATH)" exec "$${SHELL:-/bin/bash}"
+
+# Python alone: grpcurl and buf come with `make tools` (or `make test`), when wanted.
+run: $(VENV)/.installed
 	$(VENV)/bin/decider serve --demo
 
 test: install proto-check test-python test-go
@@ -79,8 +91,8 @@ proto-go-check: proto-go
 	echo "proto-go-check: Go stubs are fresh"
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench fuzz
+	$(VENV)/bin/ruff format --check src tests bench fuzz
 	$(VENV)/bin/mypy src
 	cd protos && buf lint
 
