@@ -23,17 +23,17 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from decider import config
-from decider.api.convert import health_event_from_state
 from decider.api.decider_service import DeciderService
 from decider.api.registry_service import RegistryService
+from decider.codec.convert import health_event_from_state
 from decider.core.engine import Engine
 from decider.core.model import Endpoint, HealthEvent
 from decider.errors import ConfigError
-from decider.registry import Registry
+from decider.state.registry import Registry
+from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
-from decider.watch import WatchHub
 
 # Codes a request can legitimately end with; INTERNAL or UNKNOWN means a fault.
 EXPECTED_CODES = frozenset(

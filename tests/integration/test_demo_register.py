@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import running
 from decider_support import grpcurl_binary
 
-from decider import demo
+from decider.runtime import demo
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb

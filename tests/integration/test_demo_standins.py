@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from decider import demo
 from decider.core.model import Endpoint
+from decider.runtime import demo
 
 ROOT = Path(__file__).resolve().parents[2]
 

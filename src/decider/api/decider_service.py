@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 
-from decider.api import convert, validate
 from decider.api.errors import (
     abort,
     encoded_status,
@@ -21,11 +20,12 @@ from decider.api.errors import (
 )
 from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
 from decider.api.wire import DecisionEncoder
+from decider.codec import convert, validate
 from decider.core.model import Decision, Refusal, Result
 from decider.errors import InvalidArgument
-from decider.telemetry import Rpc, Tracing, traced, traced_stream
+from decider.obs.telemetry import Rpc, Tracing, traced, traced_stream
+from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2 as dpb
-from decider.watch import WatchHub
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # The `result` label a Decide refused for a malformed request is counted under.
