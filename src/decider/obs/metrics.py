@@ -58,6 +58,9 @@ class MetricName:
     DECISION_DURATION: Final = "decider_decision_duration_seconds"
     OUTCOMES: Final = "decider_outcomes_total"
     OUTCOMES_UNMATCHED: Final = "decider_outcomes_unmatched_total"
+    ENDPOINT_DECISIONS: Final = "decider_endpoint_decisions_total"
+    ENDPOINT_OUTCOMES: Final = "decider_endpoint_outcomes_total"
+    ENDPOINT_REQUEST_DURATION: Final = "decider_endpoint_request_duration_seconds"
     QUOTA_REJECTIONS: Final = "decider_quota_rejections_total"
     PROBES: Final = "decider_probes_total"
     PROBE_DURATION: Final = "decider_probe_duration_seconds"
@@ -88,6 +91,8 @@ DECISION_BUCKETS_S: Final = (
     0.05,
     0.1,
 )
+# Reported request latency of an LLM call: tens of milliseconds to minutes.
+REQUEST_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 PROBE_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # The `result` label: "ok", "explain", or the refusal kind in lower case.
@@ -248,6 +253,30 @@ class Metrics:
             [],
             registry=r,
         )
+        # Per endpoint, as Envoy keeps per host. Label values are registered endpoints only
+        # (outcomes naming any other id are not counted here), and a deregistered endpoint's
+        # series are dropped, so the series are bounded by the registry.
+        self._endpoint_decisions = PlainCounter(
+            MetricName.ENDPOINT_DECISIONS,
+            "Decisions that chose the endpoint (explain requests excluded).",
+            ["endpoint_id", "model"],
+            registry=r,
+        )
+        self._endpoint_outcomes = PlainCounter(
+            MetricName.ENDPOINT_OUTCOMES,
+            "Outcomes reported for the endpoint, by result.",
+            ["endpoint_id", "model", "result"],
+            registry=r,
+        )
+        self._endpoint_duration = PlainHistogram(
+            MetricName.ENDPOINT_REQUEST_DURATION,
+            "Request latency gateways reported for the endpoint (cancelled requests excluded).",
+            ["endpoint_id", "model"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        # Registered endpoint id -> model, kept by set_endpoints.
+        self._models: dict[str, str] = {}
         self._quota_rejections = PlainCounter(
             MetricName.QUOTA_REJECTIONS,
             "Decide calls refused because the tenant was over quota.",
@@ -298,6 +327,8 @@ class Metrics:
                 return
             self._decisions.inc((request.model, strategy, "ok"))
             self._decision_duration.observe((strategy,), elapsed_s)
+            endpoint = result.endpoint
+            self._endpoint_decisions.inc((endpoint.id, endpoint.model))
             return
         # A model nobody serves is not a label value: clients could mint unbounded series.
         model = "" if result.kind is RefusalKind.MODEL_NOT_FOUND else request.model
@@ -311,10 +342,32 @@ class Metrics:
         """A Decide that failed before the engine answered (e.g. a malformed request)."""
         self._decisions.inc(("", "", result))
 
-    def record_outcome(self, result: Result, *, decision_found: bool) -> None:
-        self._outcomes.inc((_OUTCOME_LABELS[result],))
+    def record_outcome(
+        self,
+        result: Result,
+        *,
+        decision_found: bool,
+        endpoint_id: str = "",
+        latency_s: float = 0.0,
+    ) -> None:
+        name = _OUTCOME_LABELS[result]
+        self._outcomes.inc((name,))
         if not decision_found:
             self._outcomes_unmatched.inc()
+        model = self._models.get(endpoint_id)
+        if model is None:
+            return
+        self._endpoint_outcomes.inc((endpoint_id, model, name))
+        if latency_s > 0.0 and result is not Result.CANCELLED:
+            self._endpoint_duration.observe((endpoint_id, model), latency_s)
+
+    def set_endpoints(self, models: dict[str, str]) -> None:
+        """The registered endpoints (id -> model) whose per-endpoint series may exist; the
+        series of any other id are dropped."""
+        for endpoint_id, model in self._models.items():
+            if models.get(endpoint_id) != model:
+                self._forget_endpoint_series(endpoint_id, model)
+        self._models = dict(models)
 
     # ---------------------------------------------------------------- prober
 
@@ -342,9 +395,18 @@ class Metrics:
             self.record_scrape_error(result.endpoint_id, reason=failure_label(result))
 
     def forget_endpoint(self, endpoint_id: str) -> None:
-        """Drops a deregistered endpoint's prober series, so churn does not grow the output."""
+        """Drops a deregistered endpoint's series, so churn does not grow the output."""
         for counter, labels in self._endpoint_series.pop(endpoint_id, ()):
             counter.remove(*labels)
+        model = self._models.pop(endpoint_id, None)
+        if model is not None:
+            self._forget_endpoint_series(endpoint_id, model)
+
+    def _forget_endpoint_series(self, endpoint_id: str, model: str) -> None:
+        self._endpoint_decisions.remove((endpoint_id, model))
+        self._endpoint_duration.remove((endpoint_id, model))
+        for name in _OUTCOME_LABELS.values():
+            self._endpoint_outcomes.remove((endpoint_id, model, name))
 
     # ---------------------------------------------------------------- exposition
 

@@ -759,4 +759,9 @@ class TelemetryObserver:
         if self._annotate:
             annotate_outcome(trace.get_current_span(), outcome, decision_found=decision_found)
         if self._metrics is not None:
-            self._metrics.record_outcome(outcome.result, decision_found=decision_found)
+            self._metrics.record_outcome(
+                outcome.result,
+                decision_found=decision_found,
+                endpoint_id=outcome.endpoint_id,
+                latency_s=outcome.latency_s,
+            )
