@@ -36,8 +36,11 @@ class RoutingSettings:
     # Envoy's panic mode: when the usable share of a model's endpoints drops below this fraction,
     # route across all of them, ignoring health and breakers. 0 turns it off.
     panic_threshold: float = 0.0
-    # A decision with no outcome stops counting as in flight after this long.
+    # A decision with no outcome stops counting as in flight after this long...
     in_flight_timeout_s: float = 300.0
+    # ... or once this many newer decisions are waiting for theirs: the oldest is forgotten and
+    # its in-flight slot released, so a gateway that never reports cannot grow memory.
+    max_pending_decisions: int = 100_000
     # How long an endpoint that answered RATE_LIMITED gets no new requests.
     rate_limited_cooldown_s: float = 5.0
     # In-flight plus queued requests at which the load score is 0.5.
@@ -88,6 +91,10 @@ class QuotaSettings:
     # Applies to every tenant without its own [quotas.tenants.<name>] table, the "" tenant included.
     default: TenantQuota = TenantQuota()
     tenants: Mapping[str, TenantQuota] = field(default_factory=dict)
+    # Token buckets kept for tenants seen; beyond this the least recently charged are dropped
+    # (a dropped tenant starts again with a full bucket). Buckets that have refilled are
+    # dropped anyway: a full bucket is the same as a new one.
+    max_tenants: int = 100_000
 
     def for_tenant(self, tenant: str) -> TenantQuota:
         return self.tenants.get(tenant, self.default)
@@ -97,8 +104,8 @@ class QuotaSettings:
 class AffinitySettings:
     # Sliding: every request of the session renews it.
     ttl_s: float = 300.0
-    # The least recently used sessions are dropped beyond this.
-    max_sessions: int = 1_000_000
+    # The least recently used sessions are dropped beyond this (the oldest eighth at a time).
+    max_sessions: int = 100_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +117,9 @@ class CacheSettings:
     max_blocks_per_request: int = 1024
     # Endpoints whose cached prefix a decision looks at, deepest matches first.
     max_matches: int = 4
+    # Blocks remembered over all endpoints; beyond it the endpoint holding the most forgets its
+    # older generation. 500,000 blocks are about 45 MB.
+    max_blocks: int = 500_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +145,7 @@ class EngineSettings:
 
 _ROUTING_KEYS = frozenset(
     {
+        "max_pending_decisions",
         "default_strategy",
         "max_fallbacks",
         "panic_threshold",
@@ -184,6 +195,9 @@ def _parse_routing(table: Mapping[str, Any]) -> RoutingSettings:
         panic_threshold=get_float(plain, "panic_threshold", d.panic_threshold, path, maximum=1.0),
         in_flight_timeout_s=get_float(
             plain, "in_flight_timeout_s", d.in_flight_timeout_s, path, exclusive_minimum=True
+        ),
+        max_pending_decisions=get_int(
+            plain, "max_pending_decisions", d.max_pending_decisions, path, minimum=1
         ),
         rate_limited_cooldown_s=get_float(
             plain, "rate_limited_cooldown_s", d.rate_limited_cooldown_s, path
@@ -265,7 +279,7 @@ def _parse_tenant_quota(table: Mapping[str, Any], path: str, default: TenantQuot
 
 def _parse_quotas(table: Mapping[str, Any]) -> QuotaSettings:
     path = "quotas"
-    check_keys(table, _QUOTA_KEYS | {"tenants"}, path)
+    check_keys(table, _QUOTA_KEYS | {"tenants", "max_tenants"}, path)
     default = _parse_tenant_quota(table, path, TenantQuota())
     tenants: dict[str, TenantQuota] = {}
     for name, value in as_table(table.get("tenants", {}), f"{path}.tenants").items():
@@ -274,7 +288,11 @@ def _parse_quotas(table: Mapping[str, Any]) -> QuotaSettings:
         check_keys(tenant_table, _QUOTA_KEYS, tenant_path)
         # A tenant table overrides only the keys it sets.
         tenants[name] = _parse_tenant_quota(tenant_table, tenant_path, default)
-    return QuotaSettings(default=default, tenants=MappingProxyType(tenants))
+    return QuotaSettings(
+        default=default,
+        tenants=MappingProxyType(tenants),
+        max_tenants=get_int(table, "max_tenants", QuotaSettings().max_tenants, path, minimum=1),
+    )
 
 
 def _parse_affinity(table: Mapping[str, Any]) -> AffinitySettings:
@@ -289,7 +307,9 @@ def _parse_affinity(table: Mapping[str, Any]) -> AffinitySettings:
 
 def _parse_cache(table: Mapping[str, Any]) -> CacheSettings:
     path = "cache"
-    check_keys(table, {"blocks_per_endpoint", "max_blocks_per_request", "max_matches"}, path)
+    check_keys(
+        table, {"blocks_per_endpoint", "max_blocks_per_request", "max_matches", "max_blocks"}, path
+    )
     d = CacheSettings()
     return CacheSettings(
         blocks_per_endpoint=get_int(
@@ -299,4 +319,5 @@ def _parse_cache(table: Mapping[str, Any]) -> CacheSettings:
             table, "max_blocks_per_request", d.max_blocks_per_request, path, minimum=1
         ),
         max_matches=get_int(table, "max_matches", d.max_matches, path, minimum=1),
+        max_blocks=get_int(table, "max_blocks", d.max_blocks, path, minimum=2),
     )

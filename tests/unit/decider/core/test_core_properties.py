@@ -44,20 +44,19 @@ TENANT_RPM = 5
 ENDPOINT_RPM = 4
 COOLDOWN_S = 5.0
 
-SETTINGS = EngineSettings.parse(
-    {
-        "routing": {
-            "in_flight_timeout_s": IN_FLIGHT_TIMEOUT_S,
-            "rate_limited_cooldown_s": COOLDOWN_S,
-            "max_fallbacks": 2,
-        },
-        # Breakers that open and half-open within a short sequence.
-        "breaker": {"consecutive_failures": 2, "open_s": 3.0, "max_open_s": 10.0},
-        "quotas": {"tenants": {"t1": {"requests_per_minute": TENANT_RPM}}},
-        "affinity": {"ttl_s": 20.0, "max_sessions": 3},
-        "cache": {"blocks_per_endpoint": 4, "max_blocks_per_request": 4},
-    }
-)
+_DOC: dict = {
+    "routing": {
+        "in_flight_timeout_s": IN_FLIGHT_TIMEOUT_S,
+        "rate_limited_cooldown_s": COOLDOWN_S,
+        "max_fallbacks": 2,
+    },
+    # Breakers that open and half-open within a short sequence.
+    "breaker": {"consecutive_failures": 2, "open_s": 3.0, "max_open_s": 10.0},
+    "quotas": {"tenants": {"t1": {"requests_per_minute": TENANT_RPM}}},
+    "affinity": {"ttl_s": 20.0, "max_sessions": 3},
+    "cache": {"blocks_per_endpoint": 4, "max_blocks_per_request": 4},
+}
+SETTINGS = EngineSettings.parse(_DOC)
 
 
 def _endpoint(eid: str, *, weight: int = 1, **kwargs: object) -> Endpoint:
@@ -94,12 +93,14 @@ class Open:
 
 
 class EngineMachine(RuleBasedStateMachine):
+    settings = SETTINGS
+
     @initialize(seed=st.integers(0, 2**32 - 1))
     def build(self, seed: int) -> None:
         self.now = 1000.0
-        self.engine = Engine(SETTINGS, rng=random.Random(seed))
+        self.engine = Engine(self.settings, rng=random.Random(seed))
         # The twin takes every step except explain requests.
-        self.twin = Engine(SETTINGS, rng=random.Random(seed))
+        self.twin = Engine(self.settings, rng=random.Random(seed))
         self.registered: dict[str, Endpoint] = {}
         self.generation = dict.fromkeys(IDS, 0)
         self.open: list[Open] = []
@@ -186,6 +187,12 @@ class EngineMachine(RuleBasedStateMachine):
             if SPECS[chosen].get("requests_per_minute"):
                 self.endpoint_admitted.setdefault((chosen, generation), []).append(self.now)
 
+    @rule(times=st.integers(2, 8), strategy=st.sampled_from(("round_robin", "composite")))
+    def burst(self, times: int, strategy: str) -> None:
+        """Several decisions in a row with no outcome: what fills the pending decisions."""
+        for _ in range(times):
+            self.decide("m", "", "", strategy, set(), set(), [1, 2, 3], 0, False)
+
     @precondition(lambda self: self.open)
     @rule(
         data=st.data(),
@@ -210,7 +217,7 @@ class EngineMachine(RuleBasedStateMachine):
         found = self.engine.record_outcome(outcome, now=self.now)
         assert self.twin.record_outcome(outcome, now=self.now) == found
         age_s = self.now - item.issued_at
-        if age_s <= IN_FLIGHT_TIMEOUT_S:
+        if age_s <= IN_FLIGHT_TIMEOUT_S and self.settings is SETTINGS:
             assert found, f"{decision.decision_id} forgotten after {age_s:.2f} s"
         elif age_s >= IN_FLIGHT_TIMEOUT_S + EXPIRY_SLACK_S and self.last_tick - item.issued_at >= (
             IN_FLIGHT_TIMEOUT_S + EXPIRY_SLACK_S
@@ -280,7 +287,15 @@ class EngineMachine(RuleBasedStateMachine):
                 if o.decision.endpoint.id == eid and o.generation == self.generation[eid]
             ]
             surely_open = [o for o in mine if self.now - o.issued_at <= IN_FLIGHT_TIMEOUT_S]
-            assert len(surely_open) <= state.in_flight <= len(mine), (eid, state.in_flight)
+            if self.settings is SETTINGS:
+                assert len(surely_open) <= state.in_flight, (eid, state.in_flight)
+            assert state.in_flight <= len(mine), (eid, state.in_flight)
+        limit = self.settings.routing.max_pending_decisions
+        assert sum(s.in_flight for s in states.values()) <= limit
+        usage = self.engine.state_usage()
+        assert usage["pending_decisions"].entries <= limit
+        assert usage["sessions"].entries <= self.settings.affinity.max_sessions
+        assert usage["prefix_blocks"].entries <= self.settings.cache.max_blocks
 
     @invariant()
     def quotas_admit_no_more_than_their_budget(self) -> None:
@@ -387,3 +402,20 @@ EngineMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_engine_invariants = EngineMachine.TestCase
+
+
+class BoundedEngineMachine(EngineMachine):
+    """The same steps with tight size bounds: evicted decisions release their in-flight slots
+    and nothing outgrows its bound."""
+
+    settings = EngineSettings.parse(
+        {
+            **{k: v for k, v in _DOC.items() if k not in ("routing", "cache")},
+            "routing": {**_DOC["routing"], "max_pending_decisions": 4},
+            "cache": {**_DOC["cache"], "max_blocks": 6},
+        }
+    )
+
+
+BoundedEngineMachine.TestCase.settings = EngineMachine.TestCase.settings
+test_bounded_engine_invariants = BoundedEngineMachine.TestCase
