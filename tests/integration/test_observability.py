@@ -291,6 +291,28 @@ async def test_metrics_are_scraped_over_http_from_the_real_server(tmp_path):
     assert any(name == "decider_build_info" for name, _ in samples)
 
 
+async def test_bounded_state_and_its_evictions_are_on_the_metrics(tmp_path):
+    doc = endpoints_doc("m", 2, routing={**ROUND_ROBIN, "max_pending_decisions": 5})
+    settings = make_settings(tmp_path, doc)
+    async with running(settings, metrics_listen="127.0.0.1:0") as srv:
+        assert srv.server.metrics_server is not None
+        url = f"http://127.0.0.1:{srv.server.metrics_server.port}/metrics"
+        for i in range(12):
+            await srv.decider.Decide(dpb.DecideRequest(model="m", session_id=f"s{i}"))
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            samples = _samples((await client.get(url)).text)
+        listing = await srv.registry.ListEndpoints(rpb.ListEndpointsRequest(model="m"))
+    pending = {"state": "pending_decisions"}
+    assert _value(samples, "decider_state_entries", **pending) == 5
+    assert _value(samples, "decider_state_limit", **pending) == 5
+    assert _value(samples, "decider_state_evictions_total", **pending) == 7
+    # The evicted decisions no longer count as in flight.
+    assert sum(s.in_flight for s in listing.statuses.values()) == 5
+    for state in ("sessions", "prefix_blocks", "tenant_buckets", "watch_events"):
+        assert _value(samples, "decider_state_limit", state=state), state
+        assert _value(samples, "decider_state_evictions_total", state=state) == 0
+
+
 async def test_a_deregistered_endpoint_leaves_the_metrics(tmp_path):
     settings = make_settings(tmp_path, PROBED_DOC)
     async with running(settings, metrics_listen="127.0.0.1:0") as srv:

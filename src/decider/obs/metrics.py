@@ -16,7 +16,7 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -24,7 +24,7 @@ from wsgiref.types import StartResponse
 from wsgiref.types import WSGIApplication as WSGIApp
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 
 from decider import __version__
@@ -37,6 +37,7 @@ from decider.core.model import (
     RefusalKind,
     Result,
     RouteRequest,
+    StateUsage,
 )
 from decider.obs.plain_metrics import PlainCounter, PlainHistogram
 
@@ -72,6 +73,9 @@ class MetricName:
     ENDPOINT_QUEUE_DEPTH: Final = "decider_endpoint_queue_depth"
     ENDPOINT_KV_CACHE_UTILIZATION: Final = "decider_endpoint_kv_cache_utilization"
     WATCHERS: Final = "decider_watchers"
+    STATE_ENTRIES: Final = "decider_state_entries"
+    STATE_LIMIT: Final = "decider_state_limit"
+    STATE_EVICTIONS: Final = "decider_state_evictions_total"
     BUILD_INFO: Final = "decider_build_info"
 
 
@@ -138,6 +142,7 @@ def failure_label(result: ProbeResultLike) -> str:
 class _Snapshot:
     endpoints: tuple[EndpointState, ...]
     watchers: int | None
+    state: tuple[tuple[str, StateUsage], ...] = ()
 
 
 class _LiveState:
@@ -146,6 +151,7 @@ class _LiveState:
     def __init__(self) -> None:
         self.endpoint_states: Callable[[], Sequence[EndpointState]] | None = None
         self.watcher_count: Callable[[], int] | None = None
+        self.state_usage: list[Callable[[], Mapping[str, StateUsage]]] = []
         # Set by MetricsServer in the rendering thread's context: the snapshot taken on the loop.
         self.pinned: contextvars.ContextVar[_Snapshot | None] = contextvars.ContextVar(
             "decider_metrics_snapshot", default=None
@@ -154,9 +160,13 @@ class _LiveState:
     def snapshot(self) -> _Snapshot:
         states = self.endpoint_states
         watchers = self.watcher_count
+        usage: dict[str, StateUsage] = {}
+        for source in self.state_usage:
+            usage.update(source())
         return _Snapshot(
             endpoints=tuple(states()) if states is not None else (),
             watchers=watchers() if watchers is not None else None,
+            state=tuple(sorted(usage.items())),
         )
 
     def describe(self) -> Iterable[Metric]:
@@ -215,6 +225,27 @@ class _LiveState:
             watchers = GaugeMetricFamily(MetricName.WATCHERS, "Open WatchHealth streams.")
             watchers.add_metric([], snap.watchers)
             families.append(watchers)
+        entries = GaugeMetricFamily(
+            MetricName.STATE_ENTRIES,
+            "Entries held by state that grows with traffic (pending_decisions, sessions, "
+            "prefix_blocks, tenant_buckets, watch_events, span_queue).",
+            labels=["state"],
+        )
+        limit = GaugeMetricFamily(
+            MetricName.STATE_LIMIT,
+            "The size bound of that state (its config key).",
+            labels=["state"],
+        )
+        evictions = CounterMetricFamily(
+            MetricName.STATE_EVICTIONS,
+            "Entries dropped early because the state was at its bound.",
+            labels=["state"],
+        )
+        for name, usage in snap.state:
+            entries.add_metric([name], usage.entries)
+            limit.add_metric([name], usage.limit)
+            evictions.add_metric([name], usage.evicted)
+        families += [entries, limit, evictions]
         build = GaugeMetricFamily(
             MetricName.BUILD_INFO, "Decider version; always 1.", labels=["version"]
         )
@@ -314,6 +345,10 @@ class Metrics:
 
     def bind_watcher_count(self, source: Callable[[], int]) -> None:
         self._live.watcher_count = source
+
+    def add_state_usage(self, source: Callable[[], Mapping[str, StateUsage]]) -> None:
+        """A source of bounded-state figures, read at scrape time on the event loop thread."""
+        self._live.state_usage.append(source)
 
     # ---------------------------------------------------------------- hot path
 

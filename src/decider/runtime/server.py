@@ -104,6 +104,9 @@ class DeciderServer:
         self._on_membership(self.registry.snapshot())
         self.metrics.bind_endpoint_states(lambda: self.engine.endpoint_states(now=self._clock()))
         self.metrics.bind_watcher_count(lambda: self.hub.watcher_count)
+        self.metrics.add_state_usage(self.engine.state_usage)
+        self.metrics.add_state_usage(lambda: {"watch_events": self.hub.usage()})
+        self.metrics.add_state_usage(self.tracing.state_usage)
 
         self.admission = AdmissionInterceptor(max_concurrent=srv.max_concurrent_rpcs)
         chain: list[grpc.aio.ServerInterceptor] = [self.admission]
