@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools env shell run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim fuzz clean
+.PHONY: help install tools env shell run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing soak sim fuzz clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers (needs python3 only)"
@@ -134,6 +134,16 @@ bench-grpc: install $(TOOLS)/bin/ghz
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
 	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
+
+$(TOOLS)/bin/decider-load: $(wildcard clients/go/cmd/decider-load/*.go)
+	cd clients/go && go build -o $(TOOLS)/bin/decider-load ./cmd/decider-load
+
+# Memory under sustained full-speed load (three scenarios of SOAK_SECONDS each, about ten
+# minutes): RSS sampled over time, written to docs/BENCHMARKS.md with docs/img/soak_rss.png.
+# A benchmark, never part of `make test`.
+SOAK_SECONDS ?= 180
+soak: install $(TOOLS)/bin/decider-load
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) --load $(TOOLS)/bin/decider-load
 
 # Coverage-guided fuzzing (atheris) of every RPC's request path and of the config loader,
 # FUZZ_SECONDS each (`make test` runs a few thousand inputs of each). The corpus grows in

@@ -10,7 +10,8 @@ however fast it asks.
 
 Per open decision: a dict slot keyed by a small int, a 4-tuple, and the request's prefix hashes
 (cut to what the prefix index records); tenant names are interned, so one string serves every
-decision of a tenant. About 200 bytes without prefix hashes (bench/soak).
+decision of a tenant. About 160 bytes, plus about 50 bytes per prefix hash kept (measured with
+tracemalloc: 157 and 549 bytes with 0 and 8 hashes).
 """
 
 from __future__ import annotations
