@@ -123,17 +123,17 @@ bench: install
 # The unary Decide path in-process, stage by stage (parse, convert, engine, observer, encode,
 # the whole handler) against Health/Check through the same interceptor (seconds).
 bench-decide-path: install
-	$(PY) bench/bench_decide_path.py
+	$(PY) -m bench.bench_decide_path
 
 # gRPC load from ghz against the real server (a few minutes): writes docs/BENCHMARKS.md's
 # "gRPC load" numbers to bench/results/ and the plot to docs/img/. Never part of `make test`.
 bench-grpc: install $(TOOLS)/bin/ghz
-	$(PY) bench/grpc/bench_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.grpc --ghz $(TOOLS)/bin/ghz
 
 # Tracing overhead end to end: Decide throughput with tracing off, a 1% sampler and always_on,
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
-	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.bench_tracing_grpc --ghz $(TOOLS)/bin/ghz
 
 $(TOOLS)/bin/decider-load: $(wildcard clients/go/cmd/decider-load/*.go)
 	cd clients/go && go build -o $(TOOLS)/bin/decider-load ./cmd/decider-load
@@ -143,7 +143,7 @@ $(TOOLS)/bin/decider-load: $(wildcard clients/go/cmd/decider-load/*.go)
 # A benchmark, never part of `make test`.
 SOAK_SECONDS ?= 180
 soak: install $(TOOLS)/bin/decider-load
-	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) --load $(TOOLS)/bin/decider-load
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) --load $(TOOLS)/bin/decider-load
 
 # Coverage-guided fuzzing (atheris) of every RPC's request path and of the config loader,
 # FUZZ_SECONDS each (`make test` runs a few thousand inputs of each). The corpus grows in

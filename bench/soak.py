@@ -309,7 +309,7 @@ def main() -> None:
                 flush=True,
             )
             runs.append(run)
-    command = f"make soak   # = .venv/bin/python bench/soak.py --seconds {args.seconds:.0f}"
+    command = f"make soak   # = .venv/bin/python -m bench.soak --seconds {args.seconds:.0f}"
     text = section(runs, command)
     print(text)
     if args.no_doc:
