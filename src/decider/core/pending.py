@@ -11,7 +11,8 @@ however fast it asks.
 Per open decision: a dict slot keyed by a small int, a 4-tuple, and the request's prefix hashes
 (cut to what the prefix index records); tenant names are interned, so one string serves every
 decision of a tenant. About 160 bytes, plus about 50 bytes per prefix hash kept (measured with
-tracemalloc: 157 and 549 bytes with 0 and 8 hashes).
+tracemalloc: 157 and 549 bytes with 0 and 8 hashes); the hashes kept over all open decisions
+are capped at 16 per entry on average, about 45 MB at the default bound.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from decider.core.stats import RECENT_TAU_S, EndpointStats
 # A plain tuple: one is built per decision, and a tuple costs a seventh of a slotted object.
 Pending = tuple[EndpointStats, str, int, tuple[int, ...]]
 
+# Prefix hashes kept per open decision on average, at most (see InMemoryPending._max_hashes).
+HASHES_PER_ENTRY = 16
 # Expiry resolution: a decision expires between the timeout and this much later.
 EXPIRY_BUCKET_S = 0.1
 
@@ -46,7 +49,9 @@ class InMemoryPending:
         "_entries",
         "_evicted_stats",
         "_expiry",
+        "_hashes",
         "_max_entries",
+        "_max_hashes",
         "_prefix",
         "_prefix_len",
         "_seq",
@@ -55,9 +60,14 @@ class InMemoryPending:
         "next_expiry",
     )
 
-    def __init__(self, *, timeout_s: float, rng: random.Random, max_entries: int = 100_000) -> None:
+    def __init__(self, *, timeout_s: float, rng: random.Random, max_entries: int = 50_000) -> None:
         self._timeout_s = timeout_s
         self._max_entries = max_entries
+        # Prefix hashes kept over every open decision, and the most that may be: past it a new
+        # decision keeps none (its blocks are not indexed when it succeeds), so long prompts
+        # cannot multiply the footprint the entry bound allows.
+        self._hashes = 0
+        self._max_hashes = HASHES_PER_ENTRY * max_entries
         # Decisions forgotten early because max_entries were waiting.
         self.evicted = 0
         # Their endpoints, until expire() hands them to the engine.
@@ -88,6 +98,11 @@ class InMemoryPending:
         )
         chosen.recent_at = now
         self._seq = seq = self._seq + 1
+        if hashes:
+            if self._hashes + len(hashes) > self._max_hashes:
+                hashes = ()
+            else:
+                self._hashes += len(hashes)
         entries = self._entries
         entries[seq] = (chosen, sys.intern(tenant) if tenant else "", tokens, hashes)
         if now < self._bucket_end and self._expiry:
@@ -117,6 +132,7 @@ class InMemoryPending:
                 group[1] = seq + 1
             entry = entries.pop(seq, None)
             if entry is not None:
+                self._hashes -= len(entry[3])
                 self.evicted += 1
                 s = entry[0]
                 if s.in_flight > 0:
@@ -130,6 +146,7 @@ class InMemoryPending:
         seq = self._seq_of(decision_id)
         entry = self._entries.pop(seq, None) if seq else None
         if entry is not None:
+            self._hashes -= len(entry[3])
             chosen = entry[0]
             if chosen.in_flight > 0:
                 chosen.in_flight -= 1
@@ -161,6 +178,7 @@ class InMemoryPending:
                 entry = entries.pop(seq, None)
                 if entry is None:
                     continue
+                self._hashes -= len(entry[3])
                 s = entry[0]
                 if s.in_flight > 0:
                     s.in_flight -= 1

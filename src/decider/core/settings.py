@@ -40,7 +40,7 @@ class RoutingSettings:
     in_flight_timeout_s: float = 300.0
     # ... or once this many newer decisions are waiting for theirs: the oldest is forgotten and
     # its in-flight slot released, so a gateway that never reports cannot grow memory.
-    max_pending_decisions: int = 100_000
+    max_pending_decisions: int = 50_000
     # How long an endpoint that answered RATE_LIMITED gets no new requests.
     rate_limited_cooldown_s: float = 5.0
     # In-flight plus queued requests at which the load score is 0.5.
@@ -94,7 +94,7 @@ class QuotaSettings:
     # Token buckets kept for tenants seen; beyond this the least recently charged are dropped
     # (a dropped tenant starts again with a full bucket). Buckets that have refilled are
     # dropped anyway: a full bucket is the same as a new one.
-    max_tenants: int = 100_000
+    max_tenants: int = 20_000
 
     def for_tenant(self, tenant: str) -> TenantQuota:
         return self.tenants.get(tenant, self.default)
@@ -118,8 +118,8 @@ class CacheSettings:
     # Endpoints whose cached prefix a decision looks at, deepest matches first.
     max_matches: int = 4
     # Blocks remembered over all endpoints; beyond it the endpoint holding the most forgets its
-    # older generation. 500,000 blocks are about 45 MB.
-    max_blocks: int = 500_000
+    # older generation. 250,000 blocks are about 23 MB.
+    max_blocks: int = 250_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,9 +7,11 @@ import random
 
 from decider.core.affinity import PrefixIndex, SessionTable
 from decider.core.engine import Engine
-from decider.core.model import Endpoint, Outcome, Result, RouteRequest
+from decider.core.model import Endpoint, HealthStatus, Outcome, Result, RouteRequest
+from decider.core.pending import InMemoryPending
 from decider.core.quota import QuotaLedger
 from decider.core.settings import EngineSettings
+from decider.core.stats import EndpointStats
 
 ENDPOINTS = [Endpoint(id=f"e{i}", address=f"10.0.0.{i}:8000", model="m") for i in range(3)]
 
@@ -54,6 +56,18 @@ def test_pending_decisions_keep_only_the_prefix_blocks_the_index_records():
         now=0.1,
     )
     assert e.state_usage()["prefix_blocks"].entries == 4
+
+
+def test_open_decisions_keep_at_most_16_prefix_hashes_each_on_average():
+    pending = InMemoryPending(timeout_s=300.0, rng=random.Random(1), max_entries=2)
+    stats = EndpointStats(ENDPOINTS[0], health=HealthStatus.HEALTHY)
+    long_prompt = tuple(range(1, 21))
+    first = pending.record(stats, "", 0, long_prompt, 0.0)
+    second = pending.record(stats, "", 0, long_prompt, 0.0)  # 40 > 32: keeps none
+    assert pending.resolve(first)[3] == long_prompt
+    assert pending.resolve(second)[3] == ()
+    # Resolved decisions give their share back.
+    assert pending.resolve(pending.record(stats, "", 0, long_prompt, 1.0))[3] == long_prompt
 
 
 def test_sessions_past_the_bound_drop_the_least_recently_used_eighth():
