@@ -9,8 +9,9 @@ generator `decider-load` (clients/go/cmd/decider-load) for `--seconds`:
   distinct_keys     Decide only, with a new session id and a new tenant on every request
 
 The server's RSS is sampled every second from /proc. Reported per scenario: peak RSS, RSS
-growth over the last third of the run (target < 5%), and what /metrics says the bounded state
-held and evicted at the end. Writes bench/results/soak.json, docs/img/soak_rss.png and the
+growth over the last third of the run (target < 5%: the median of the last tenth's samples
+against the median around two thirds), and what /metrics says the bounded state held and
+evicted at the end. Writes bench/results/soak.json, docs/img/soak_rss.png and the
 "Memory under sustained load" section of docs/BENCHMARKS.md (between its markers).
 """
 
@@ -71,10 +72,17 @@ class Run:
 
     @property
     def growth_last_third(self) -> float:
-        """RSS at the end over RSS at two thirds of the run, minus one."""
+        """RSS over the last tenth of the run against RSS around two thirds of it (medians of
+        the samples in each window, so one sample taken mid-allocation does not decide)."""
         end = self.rss[-1][0]
-        at = min(self.rss, key=lambda s: abs(s[0] - end * 2 / 3))[1]
-        return self.rss[-1][1] / at - 1.0
+
+        def median_between(lo: float, hi: float) -> float:
+            window = sorted(mb for t, mb in self.rss if lo <= t <= hi)
+            return window[len(window) // 2]
+
+        at_two_thirds = median_between(end * 0.62, end * 0.72)
+        at_end = median_between(end * 0.9, end)
+        return at_end / at_two_thirds - 1.0
 
 
 def config(path: Path) -> None:
@@ -295,7 +303,33 @@ def main() -> None:
     parser.add_argument("--load", default=str(ROOT / ".tools" / "bin" / "decider-load"))
     parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
     parser.add_argument("--no-doc", action="store_true", help="print only")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help=f"render the doc section and plot again from {RESULTS.relative_to(ROOT)}",
+    )
     args = parser.parse_args()
+    if args.from_results:
+        saved = json.loads(RESULTS.read_text())
+        runs = [
+            Run(
+                scenario=r["scenario"],
+                description=r["description"],
+                seconds=r["seconds"],
+                load=r["load"],
+                rss=[(t, mb) for t, mb in r["rss"]],
+                state=r["state"],
+            )
+            for r in saved
+        ]
+        text = section(
+            runs, f"make soak   # = .venv/bin/python -m bench.soak --seconds {runs[0].seconds:.0f}"
+        )
+        print(text)
+        if not args.no_doc:
+            plot(runs)
+            write_doc(text)
+        return
     names = args.only or list(SCENARIOS)
     runs = []
     with tempfile.TemporaryDirectory(prefix="decider-soak-") as tmp:
