@@ -527,7 +527,7 @@ const ProtobufCMessageDescriptor decider__v1__load_report__descriptor =
   (ProtobufCMessageInit) decider__v1__load_report__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor decider__v1__endpoint_status__field_descriptors[8] =
+static const ProtobufCFieldDescriptor decider__v1__endpoint_status__field_descriptors[9] =
 {
   {
     "endpoint_id",
@@ -625,8 +625,21 @@ static const ProtobufCFieldDescriptor decider__v1__endpoint_status__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "breaker_reason",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Decider__V1__EndpointStatus, breaker_reason),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned decider__v1__endpoint_status__field_indices_by_name[] = {
+  8,   /* field[8] = breaker_reason */
   2,   /* field[2] = breaker_state */
   0,   /* field[0] = endpoint_id */
   1,   /* field[1] = health */
@@ -639,7 +652,7 @@ static const unsigned decider__v1__endpoint_status__field_indices_by_name[] = {
 static const ProtobufCIntRange decider__v1__endpoint_status__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor decider__v1__endpoint_status__descriptor =
 {
@@ -649,7 +662,7 @@ const ProtobufCMessageDescriptor decider__v1__endpoint_status__descriptor =
   "Decider__V1__EndpointStatus",
   "decider.v1",
   sizeof(Decider__V1__EndpointStatus),
-  8,
+  9,
   decider__v1__endpoint_status__field_descriptors,
   decider__v1__endpoint_status__field_indices_by_name,
   1,  decider__v1__endpoint_status__number_ranges,

@@ -204,10 +204,15 @@ struct  Decider__V1__EndpointStatus
    * Where the endpoint came from: "config" or "registry".
    */
   char *source;
+  /*
+   * Why the circuit breaker is open or half-open (the transition that put it there, e.g.
+   * "breaker open for 30 s: 5 consecutive failures (ejection 1)"); empty while closed.
+   */
+  char *breaker_reason;
 };
 #define DECIDER__V1__ENDPOINT_STATUS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&decider__v1__endpoint_status__descriptor) \
-    , (char *)protobuf_c_empty_string, DECIDER__V1__HEALTH_STATUS__HEALTH_STATUS_UNSPECIFIED, DECIDER__V1__BREAKER_STATE__BREAKER_STATE_UNSPECIFIED, 0, NULL, (char *)protobuf_c_empty_string, NULL, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, DECIDER__V1__HEALTH_STATUS__HEALTH_STATUS_UNSPECIFIED, DECIDER__V1__BREAKER_STATE__BREAKER_STATE_UNSPECIFIED, 0, NULL, (char *)protobuf_c_empty_string, NULL, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
 /* Decider__V1__Endpoint__LabelsEntry methods */
