@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -48,7 +48,7 @@ $(TOOLS)/node_modules/.bin/buf:
 run: install
 	$(VENV)/bin/decider serve --demo
 
-test: install proto-check test-python test-go
+test: install proto-check lint-imports test-python test-go
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test-python: install
@@ -82,7 +82,12 @@ proto-go-check: proto-go
 	  echo "Go stubs are stale: run 'make proto-go' and commit clients/go/gen"; exit 1; fi; \
 	echo "proto-go-check: Go stubs are fresh"
 
-lint: install
+# The import contracts in pyproject.toml: layers point one way, the core stays pure, the prober
+# depends on the core and the public API only. Part of `make test`, so CI enforces them.
+lint-imports: install
+	$(VENV)/bin/lint-imports
+
+lint: install lint-imports
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy src

@@ -38,8 +38,9 @@ import bench_grpc  # noqa: E402
 from grpc_health.v1 import health_pb2_grpc  # noqa: E402
 
 from decider import config  # noqa: E402
-from decider.api import convert, decider_service  # noqa: E402
-from decider.server import DeciderServer  # noqa: E402
+from decider.api import decider_service  # noqa: E402
+from decider.codec import convert  # noqa: E402
+from decider.runtime.server import DeciderServer  # noqa: E402
 from decider.v1 import decider_service_pb2 as dpb  # noqa: E402
 
 DECIDE = "/" + bench_grpc.DECIDE

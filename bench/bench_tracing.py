@@ -27,8 +27,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 from decider.core.model import Decision, Endpoint, RetryAdvice, RouteRequest
-from decider.metrics import Metrics
-from decider.telemetry import Rpc, Tracing, annotate_decision
+from decider.obs.metrics import Metrics
+from decider.obs.telemetry import Rpc, Tracing, annotate_decision
 
 
 class DropExporter(SpanExporter):

@@ -19,7 +19,7 @@ import pytest
 
 from decider import config
 from decider.config import Settings
-from decider.server import DeciderServer
+from decider.runtime.server import DeciderServer
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 

@@ -3,7 +3,7 @@
     python bench/grpc/launch.py --arch aio|uvloop|sync --config FILE --listen HOST:PORT
                                 [--processes N]
 
-- aio:    decider.server.DeciderServer (grpc.aio) on asyncio's own event loop
+- aio:    decider.runtime.server.DeciderServer (grpc.aio) on asyncio's own event loop
           (`[server] event_loop = "asyncio"`).
 - uvloop: the same server on uvloop's event loop, what `decider serve` runs by default.
 - sync:   grpc.server on a thread pool with a synchronous DeciderService over the same engine,
@@ -35,7 +35,8 @@ from typing import Any
 
 import grpc
 
-from decider import config, logs
+from decider import config
+from decider.obs import logs
 
 
 def _aio_server_options(reuseport: bool) -> None:
@@ -53,8 +54,8 @@ def _aio_server_options(reuseport: bool) -> None:
 
 
 async def _serve_aio(settings: config.Settings) -> None:
-    """What `decider serve` runs: decider.server.serve, until SIGTERM or SIGINT."""
-    from decider.server import serve
+    """What `decider serve` runs: decider.runtime.server.serve, until SIGTERM or SIGINT."""
+    from decider.runtime.server import serve
 
     await serve(settings)
 
@@ -90,9 +91,10 @@ def run_aio(
 def run_sync(settings: config.Settings, *, reuseport: bool, threads: int) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from decider.api import convert, decider_service, reflection, validate
+    from decider.api import decider_service, reflection
     from decider.api.errors import status_for_refusal
     from decider.api.wire import DecisionEncoder
+    from decider.codec import convert, validate
     from decider.core.engine import Engine
     from decider.core.model import Refusal
     from decider.v1 import decider_service_pb2 as dpb

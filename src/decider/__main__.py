@@ -2,6 +2,6 @@
 
 import sys
 
-from decider.cli import main
+from decider.cli.main import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from types import MappingProxyType
 import grpc
 import grpc.aio
 
-from decider.api.convert import REDACTED, endpoint_from_proto, load_to_proto, to_duration
+from decider.codec.convert import REDACTED, endpoint_from_proto, load_to_proto, to_duration
 from decider.core.model import Endpoint, HealthStatus, LoadReport
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import decider_service_pb2_grpc as dgrpc

@@ -26,10 +26,10 @@ from decider import config
 from decider.api.extproc.listener import ExtProcListener
 from decider.api.extproc.settings import ExtProcSettings
 from decider.core.model import Decision, Outcome, Refusal, RouteRequest
-from decider.metrics import Metrics
-from decider.server import DeciderServer
-from decider.standin import StandIn
-from decider.telemetry import TelemetryObserver
+from decider.obs.metrics import Metrics
+from decider.obs.telemetry import TelemetryObserver
+from decider.runtime.server import DeciderServer
+from decider.runtime.standin import StandIn
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "envoy"

@@ -30,7 +30,7 @@ import pytest
 from conftest import Running, running
 from decider_support import grpcurl_binary
 
-from decider import demo
+from decider.runtime import demo
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
 

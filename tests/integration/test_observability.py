@@ -22,8 +22,8 @@ from google.protobuf.duration_pb2 import Duration
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from prometheus_client.parser import text_string_to_metric_families
 
-from decider.logs import configure_logging
-from decider.telemetry import Tracing
+from decider.obs.logs import configure_logging
+from decider.obs.telemetry import Tracing
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb

@@ -8,7 +8,7 @@ import sys
 
 import grpc
 
-from decider import cli
+from decider.cli import main as cli
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from decider.cli.probe import main as probe_main
 from decider.core.model import HealthStatus
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
 from probe import ProbeSettings
-from probe.cli import main as probe_main
 from probe.remote import StandaloneProber
 from probe.standin import StandIn
 
@@ -260,7 +260,7 @@ async def test_decider_probe_command_end_to_end(start_server, backends):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "probe.cli",
+            "decider.cli.probe",
             "--decider",
             srv.address,
             "--prober-id",

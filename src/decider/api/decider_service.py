@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 
-from decider.api import convert, validate
 from decider.api.decide_path import INVALID_ARGUMENT, DecidePath
 from decider.api.errors import (
     abort,
@@ -22,11 +21,12 @@ from decider.api.errors import (
 )
 from decider.api.ports import Clock, DecisionEngine, Observer
 from decider.api.wire import DecisionEncoder
+from decider.codec import convert, validate
 from decider.core.model import Decision, Refusal
 from decider.errors import InvalidArgument
-from decider.telemetry import Rpc, Tracing, traced, traced_stream
+from decider.obs.telemetry import Rpc, Tracing, traced, traced_stream
+from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2 as dpb
-from decider.watch import WatchHub
 
 Context = grpc.aio.ServicerContext[Any, Any]
 __all__ = ["INVALID_ARGUMENT", "SERVICE", "DeciderService", "add_to_server"]

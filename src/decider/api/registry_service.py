@@ -8,13 +8,13 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from decider.api import convert, validate
 from decider.api.errors import unary
 from decider.api.ports import Clock, DecisionEngine
-from decider.logs import log_registry_change
-from decider.probe_reports import ProbeReports
-from decider.registry import Registry, validated
-from decider.telemetry import Rpc, Tracing, annotate_endpoint, traced
+from decider.codec import convert, validate
+from decider.obs.logs import log_registry_change
+from decider.obs.telemetry import Rpc, Tracing, annotate_endpoint, traced
+from decider.state.probe_reports import ProbeReports
+from decider.state.registry import Registry, validated
 from decider.v1 import registry_service_pb2 as rpb
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 

@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from decider.api import convert
+from decider.codec import convert
 from decider.core.model import Decision, Endpoint, RetryAdvice
 from decider.v1 import decider_service_pb2 as dpb
 

@@ -67,8 +67,10 @@ def prompt_text(body: Mapping[str, Any]) -> str:
     instructions = body.get("instructions")
     head = f"system: {instructions}\n" if isinstance(instructions, str) and instructions else ""
     value = body.get("input")
-    if isinstance(value, Sequence) and not isinstance(value, str) and any(
-        isinstance(v, Mapping) for v in value
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and any(isinstance(v, Mapping) for v in value)
     ):
         return head + _messages_text(value)
     if head:

@@ -8,7 +8,7 @@ from types import MappingProxyType
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from decider.api import convert, validate
+from decider.codec import convert, validate
 from decider.core.model import (
     Endpoint,
     MetricsKind,

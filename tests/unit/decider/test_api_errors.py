@@ -6,7 +6,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from decider.api import errors, validate
+from decider.api import errors
+from decider.codec import validate
 from decider.core.model import QuotaViolation, Refusal, RefusalKind
 from decider.errors import InvalidArgument, NotFound, Overloaded, Unauthenticated
 from decider.v1 import decider_service_pb2 as dpb

@@ -20,8 +20,8 @@ from decider.core.model import (
     RetryAdvice,
     RouteRequest,
 )
+from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2 as dpb
-from decider.watch import WatchHub
 
 ENDPOINT = Endpoint(id="e", address="h:1", model="m")
 

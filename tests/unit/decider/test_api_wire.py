@@ -7,7 +7,8 @@ from types import MappingProxyType
 
 import pytest
 
-from decider.api import convert, decider_service, wire
+from decider.api import decider_service, wire
+from decider.codec import convert
 from decider.core.model import (
     BreakerState,
     CandidateExplanation,

@@ -6,14 +6,15 @@ import sys
 
 import pytest
 
-from decider import event_loop
+from decider.config import EVENT_LOOPS
+from decider.runtime import event_loop
 
 
 async def _which() -> str:
     return event_loop.current()
 
 
-@pytest.mark.parametrize("name", event_loop.EVENT_LOOPS)
+@pytest.mark.parametrize("name", EVENT_LOOPS)
 def test_runs_on_the_configured_loop(name):
     pytest.importorskip("uvloop")
     assert event_loop.run(_which(), event_loop=name) == name

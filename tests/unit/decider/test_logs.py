@@ -12,7 +12,6 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from decider import logs
 from decider.core.model import (
     BreakerState,
     Decision,
@@ -25,7 +24,8 @@ from decider.core.model import (
     RouteRequest,
 )
 from decider.errors import ConfigError
-from decider.telemetry import Rpc, Tracing
+from decider.obs import logs
+from decider.obs.telemetry import Rpc, Tracing
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SAMPLED = f"00-{TRACE_ID}-00f067aa0ba902b7-01"

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from decider.config.listen import parse_listen
 from decider.core.model import (
     BreakerState,
     Decision,
@@ -24,7 +25,7 @@ from decider.core.model import (
     RouteRequest,
 )
 from decider.errors import ConfigError
-from decider.metrics import Metrics, MetricsServer, parse_listen
+from decider.obs.metrics import Metrics, MetricsServer
 from probe.checks import CheckKind, ProbeResult
 
 RETRY = RetryAdvice(max_attempts=2, initial_backoff_s=0.1, max_backoff_s=1.0, backoff_multiplier=2)

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
-from decider.plain_metrics import PlainCounter, PlainHistogram
+from decider.obs.plain_metrics import PlainCounter, PlainHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 VALUES = (0.0, 0.0005, 0.001, 0.0011, 0.01, 0.5, 1.0, 7.0, 0.001)

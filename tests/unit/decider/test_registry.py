@@ -6,8 +6,8 @@ import pytest
 
 from decider.core.model import Endpoint, MetricsKind
 from decider.errors import InvalidArgument, NotFound
-from decider.probe_reports import ProbeReports
-from decider.registry import EndpointStore, Registry, check_endpoint
+from decider.state.probe_reports import ProbeReports
+from decider.state.registry import EndpointStore, Registry, check_endpoint
 
 
 def _ep(id_: str, **kw) -> Endpoint:

@@ -30,8 +30,8 @@ from decider.core.model import (
     RouteRequest,
 )
 from decider.errors import ConfigError
-from decider.metrics import Metrics
-from decider.telemetry import (
+from decider.obs.metrics import Metrics
+from decider.obs.telemetry import (
     Attr,
     Rpc,
     TelemetryObserver,

@@ -8,7 +8,7 @@ import pytest
 
 from decider.core.model import BreakerState, HealthEvent, HealthStatus
 from decider.errors import Overloaded
-from decider.watch import WatchHub
+from decider.state.watch import WatchHub
 
 
 def _event(id_: str, model: str = "m", status: HealthStatus = HealthStatus.HEALTHY) -> HealthEvent:

@@ -6,7 +6,7 @@ import httpx
 from probe_fakes import FakeClock, FakeConnector, RecordingSink, ScriptedHTTP, endpoint, ok
 
 from decider.core.model import MetricsKind
-from decider.metrics import Metrics
+from decider.obs.metrics import Metrics
 from probe import Prober, ProbeSettings
 from probe.checks import CheckKind
 

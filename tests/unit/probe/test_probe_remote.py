@@ -3,7 +3,7 @@ import random
 
 from probe_fakes import FakeClock, ScriptedHTTP, endpoint, ok
 
-from decider.api.convert import REDACTED, duration_s
+from decider.codec.convert import REDACTED, duration_s
 from decider.core.model import HealthStatus, LoadReport
 from probe import Prober, ProbeSettings
 from probe.remote import ReportingSink, build_report, with_local_headers
@@ -63,7 +63,7 @@ async def test_report_carries_verdicts_latency_load_and_valid_for():
 
 
 def test_cli_config_takes_probe_table_and_endpoint_headers(tmp_path):
-    from probe.cli import load_config
+    from decider.cli.probe import load_config
 
     path = tmp_path / "decider.toml"
     path.write_text(

@@ -17,7 +17,7 @@ from decider.api.decide_path import DecidePath
 from decider.api.extproc.service import SERVICE, ExtProcService, add_to_server
 from decider.api.extproc.settings import ExtProcSettings
 from decider.errors import ConfigError
-from decider.telemetry import Tracing
+from decider.obs.telemetry import Tracing
 
 # Room for a body of max_body_bytes plus the message around it.
 _MESSAGE_SLACK_BYTES = 64 << 10

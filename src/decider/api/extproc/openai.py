@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decider.api.extproc.settings import HeaderNames
-from decider.api.validate import MAX_CAPABILITIES, MAX_STRING_CHARS
+from decider.codec.validate import MAX_CAPABILITIES, MAX_STRING_CHARS
 from decider.core.model import RouteRequest
 from decider.core.prefix import estimate_tokens, prefix_hashes, prompt_text
 

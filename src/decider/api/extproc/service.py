@@ -36,7 +36,7 @@ from decider.api.extproc.settings import (
 )
 from decider.core.model import Decision, Endpoint, Outcome, Refusal, RefusalKind, Result
 from decider.errors import InvalidArgument
-from decider.telemetry import Tracing
+from decider.obs.telemetry import Tracing
 
 log = logging.getLogger("decider.extproc")
 

@@ -15,16 +15,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from decider.config.listen import parse_listen
 from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
 from decider.errors import ConfigError
-from decider.event_loop import EVENT_LOOPS
-from decider.metrics import parse_listen
-from decider.registry import SOURCE_CONFIG, check_endpoint
+from decider.state.registry import SOURCE_CONFIG, check_endpoint
 from probe import ProbeSettings
 
 ENGINE_TABLES = ("routing", "breaker", "quotas", "affinity", "cache")
 ENV_PREFIX = "DECIDER_"
+# [server] event_loop: runtime/event_loop.py runs the server on one of these.
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,17 +12,17 @@ import asyncio
 import contextvars
 import functools
 import os
-import re
 import sys
 import threading
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol, TextIO, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -48,13 +48,13 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
-    TraceState,
 )
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from decider.core.model import Decision, Outcome, Refusal, RouteRequest
 from decider.errors import ConfigError
-from decider.logs import log_decision
-from decider.metrics import Metrics
+from decider.obs.logs import log_decision
+from decider.obs.metrics import Metrics
 
 __all__ = [
     "Attr",
@@ -307,51 +307,37 @@ def _parse_resource_attributes(raw: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- propagation
 
-# W3C Trace Context: version-traceid-parentid-flags, lowercase hex; later versions may append
-# fields after another dash.
-_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _EMPTY_CONTEXT: Final = otel_context.Context()
-_EMPTY_TRACE_STATE: Final = TraceState()
+_W3C: Final = TraceContextTextMapPropagator()
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
-_FLAGS: Final = {"00": _NOT_SAMPLED, "01": TraceFlags(TraceFlags.SAMPLED)}
 
 
-def extract_parent(metadata: Iterable[tuple[str, Any]] | None) -> SpanContext | None:
-    """The caller's span context from W3C `traceparent`/`tracestate` gRPC metadata, or None.
+class _MetadataGetter(Getter[Iterable[tuple[str, Any]]]):
+    """gRPC metadata as a carrier. A repeated traceparent reads as absent: the W3C specification
+    says to start a new trace then, where the propagator alone would take the first."""
 
-    An invalid or repeated traceparent is ignored (the span starts a new trace), as the W3C
-    specification requires.
-    """
+    def get(self, carrier: Iterable[tuple[str, Any]], key: str) -> list[str] | None:
+        values = [v for k, v in carrier if k == key and isinstance(v, str)]
+        if key == "traceparent" and len(values) != 1:
+            return None
+        return values or None
+
+    def keys(self, carrier: Iterable[tuple[str, Any]]) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+_METADATA_GETTER: Final = _MetadataGetter()
+
+
+def extract_parent(metadata: Sequence[tuple[str, Any]] | None) -> SpanContext | None:
+    """The caller's span context from W3C `traceparent`/`tracestate` gRPC metadata, or None
+    (opentelemetry's TraceContextTextMapPropagator reads it). An invalid or repeated traceparent
+    is ignored, so the span starts a new trace."""
     if not metadata:
         return None
-    traceparent: str | None = None
-    tracestate: list[str] = []
-    seen = 0
-    for key, value in metadata:
-        if key == "traceparent":
-            traceparent = value if isinstance(value, str) else None
-            seen += 1
-        elif key == "tracestate" and isinstance(value, str):
-            tracestate.append(value)
-    if traceparent is None or seen != 1:
-        return None
-    match = _TRACEPARENT.fullmatch(traceparent)
-    if match is None:
-        return None
-    version, trace_hex, span_hex, flags, rest = match.groups()
-    if version == "ff" or (version == "00" and rest is not None):
-        return None
-    trace_id = int(trace_hex, 16)
-    span_id = int(span_hex, 16)
-    if trace_id == 0 or span_id == 0:
-        return None
-    return SpanContext(
-        trace_id,
-        span_id,
-        is_remote=True,
-        trace_flags=_FLAGS.get(flags) or TraceFlags(int(flags, 16)),
-        trace_state=TraceState.from_header(tracestate) if tracestate else _EMPTY_TRACE_STATE,
-    )
+    context = _W3C.extract(metadata, _EMPTY_CONTEXT, getter=_METADATA_GETTER)
+    parent = trace.get_current_span(context).get_span_context()
+    return parent if parent.is_valid else None
 
 
 # --------------------------------------------------------------------------- server spans

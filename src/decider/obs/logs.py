@@ -1,7 +1,7 @@
 """Structured logs: one JSON object per line, with the current trace and span ids, for state
 changes (health, breaker, registry, config). Decisions are logged only when asked for.
 
-Loggers: `decider.health` (health and breaker transitions), `decider.registry`,
+Loggers: `decider.health` (health and breaker transitions), `decider.state.registry`,
 `decider.config`, `decider.decisions` (off unless `log_decisions`), plus whatever else logs
 through the root logger (grpc, opentelemetry), which gets the same format.
 """

@@ -24,23 +24,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from decider.api import decider_service, reflection
-from decider.api.convert import health_event_from_state
 from decider.api.decider_service import DeciderService
 from decider.api.interceptors import AdminTokenInterceptor, AdmissionInterceptor
 from decider.api.ports import Clock, Observer
 from decider.api.registry_service import RegistryService
+from decider.codec.convert import health_event_from_state
 from decider.config import Settings
+from decider.config.listen import parse_listen
 from decider.core.engine import Engine
 from decider.core.model import Endpoint, HealthEvent, HealthStatus
 from decider.errors import ConfigError
-from decider.logs import log_health_event
-from decider.metrics import Metrics, MetricsServer, parse_listen
-from decider.probe_reports import ProbeReports
-from decider.registry import EndpointStore, Registry
-from decider.telemetry import TelemetryObserver, Tracing
+from decider.obs.logs import log_health_event
+from decider.obs.metrics import Metrics, MetricsServer
+from decider.obs.telemetry import TelemetryObserver, Tracing
+from decider.state.probe_reports import ProbeReports
+from decider.state.registry import EndpointStore, Registry
+from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2, registry_service_pb2
 from decider.v1 import registry_service_pb2_grpc as rgrpc
-from decider.watch import WatchHub
 from probe import Prober
 
 log = logging.getLogger("decider.server")

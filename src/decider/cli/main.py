@@ -1,5 +1,5 @@
 """`decider serve`, `decider check-config`, and the operator commands `decider endpoints` and
-`decider decide` (decider.tools); `python -m decider` is the same program."""
+`decider decide` (decider.cli.tools); `python -m decider` is the same program."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from decider import __version__, config, event_loop, logs, tools
+from decider import __version__, config
+from decider.cli import tools
 from decider.errors import ConfigError
+from decider.obs import logs
+from decider.runtime import event_loop
 
 EXIT_CONFIG = 2
 
@@ -98,13 +101,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.demo and args.port_file:
         raise ConfigError("flag --port-file: not supported with --demo")
     if args.demo:
-        from decider import demo
+        from decider.runtime import demo
 
         settings = demo.load_settings(path, env=os.environ, flags=flags)
     else:
         settings = config.load(path, env=os.environ, flags=flags)
     # A bad OTEL_* value is a configuration error like any other: exit 2 before serving.
-    from decider.telemetry import Tracing
+    from decider.obs.telemetry import Tracing
 
     tracing = Tracing.from_env(os.environ, install_global=True)
     _setup_logging(settings)
@@ -112,7 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.demo:
         event_loop.run(demo.run(settings, tracing=tracing), event_loop=settings.server.event_loop)
         return 0
-    from decider.server import serve
+    from decider.runtime.server import serve
 
     on_ready = None
     if args.port_file:

@@ -12,10 +12,10 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from decider.config import load
 from decider.errors import ConfigError
-
-from .remote import StandaloneProber, local_headers
-from .settings import ProbeSettings
+from probe.remote import StandaloneProber, local_headers
+from probe.settings import ProbeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +72,6 @@ def load_config(path: str | None) -> tuple[ProbeSettings, dict[str, dict[str, st
     if not path:
         return ProbeSettings(), {}
     # The decider's own loader, so one file serves both processes and errors read the same.
-    from decider.config import load
-
     settings = load(path)
     headers = {k: dict(v) for k, v in local_headers(settings.endpoints).items()}
     for endpoint_id, extra in settings.probe.headers.items():

@@ -10,19 +10,22 @@ thread-safe), and the text is rendered in a worker thread so a large fleet does 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
-import gzip
 import logging
 import re
-import urllib.parse
+import socket
+import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse
+from wsgiref.types import WSGIApplication as WSGIApp
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 
 from decider import __version__
 from decider.core.model import (
@@ -35,8 +38,7 @@ from decider.core.model import (
     Result,
     RouteRequest,
 )
-from decider.errors import ConfigError
-from decider.plain_metrics import PlainCounter, PlainHistogram
+from decider.obs.plain_metrics import PlainCounter, PlainHistogram
 
 __all__ = [
     "MetricName",
@@ -44,7 +46,6 @@ __all__ = [
     "MetricsServer",
     "ProbeResultLike",
     "failure_label",
-    "parse_listen",
 ]
 
 log = logging.getLogger("decider.metrics")
@@ -355,6 +356,14 @@ class Metrics:
         """The Prometheus text format, rendered on the calling thread."""
         return self.render(generate_latest)
 
+    def collect(self, snapshot: _Snapshot) -> Iterable[Metric]:
+        """Every family, with the live gauges read from `snapshot`; safe on any thread."""
+        token = self._live.pinned.set(snapshot)
+        try:
+            yield from self.registry.collect()
+        finally:
+            self._live.pinned.reset(token)
+
     def render(
         self,
         encoder: Callable[[CollectorRegistry], bytes],
@@ -370,59 +379,120 @@ class Metrics:
 
 # --------------------------------------------------------------------------- HTTP server
 
-_LISTEN: Final = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
-_READ_TIMEOUT_S: Final = 10.0
-_MAX_HEAD_BYTES: Final = 16 * 1024
+# How long the HTTP thread waits for the event loop to read the engine before answering 500.
+_SNAPSHOT_TIMEOUT_S: Final = 10.0
 
 
-def parse_listen(value: str, *, name: str = "--metrics-listen") -> tuple[str, int]:
-    """`HOST:PORT`, `[IPv6]:PORT`, or `:PORT` (all interfaces) -> (host, port)."""
-    match = _LISTEN.fullmatch(value.strip())
-    port = int(match["port"]) if match else -1
-    if match is None or port > 65535:
-        raise ConfigError(f"{name}: {value!r}, must be HOST:PORT (e.g. 127.0.0.1:9464)")
-    return (match["v6"] if match["v6"] is not None else match["host"]), port
+class _LoopSnapshotRegistry:
+    """What prometheus_client renders on its HTTP thread: the live engine state is read on the
+    event loop thread (the engine is not thread-safe) and pinned while the text is rendered."""
+
+    def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+        self._metrics = metrics
+        self._loop = loop
+
+    async def _snapshot(self) -> _Snapshot:
+        return self._metrics.snapshot()
+
+    def collect(self) -> Iterable[Metric]:
+        future = asyncio.run_coroutine_threadsafe(self._snapshot(), self._loop)
+        snapshot = future.result(timeout=_SNAPSHOT_TIMEOUT_S)
+        return self._metrics.collect(snapshot)
+
+
+def _metrics_only(app: WSGIApp) -> WSGIApp:
+    """prometheus_client's app answers every path and method; /metrics is GET or HEAD only, and
+    a failed collection is a logged 500 rather than a traceback on stderr."""
+
+    def route(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
+        if path not in ("/metrics", "/metrics/"):
+            return _plain(start_response, "404 Not Found", b"not found: try /metrics\n")
+        if method not in ("GET", "HEAD"):
+            return _plain(
+                start_response,
+                "405 Method Not Allowed",
+                b"method not allowed\n",
+                ("Allow", "GET, HEAD"),
+            )
+        environ["QUERY_STRING"] = ""  # name[] filters are not offered: one snapshot per scrape
+        environ["REQUEST_METHOD"] = "GET"  # HEAD is a GET without the body
+        try:
+            body = b"".join(app(environ, start_response))
+        except Exception:
+            log.exception("collecting metrics failed")
+            return _plain(
+                start_response,
+                "500 Internal Server Error",
+                b"collecting metrics failed\n",
+                exc_info=sys.exc_info(),
+            )
+        return [] if method == "HEAD" else [body]
+
+    return route
+
+
+def _plain(
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
+    *extra: tuple[str, str],
+    exc_info: Any = None,
+) -> list[bytes]:
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    start_response(status, [*headers, *extra], exc_info)
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape on stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 class MetricsServer:
-    """A small asyncio HTTP/1.1 server for GET /metrics.
-
-    Chosen over prometheus_client's threaded server because the engine must be read on the
-    event loop thread; here the snapshot is taken on the loop and only the rendering (the
-    costly part for many endpoints) runs in a worker thread. It binds exactly the host given,
-    supports port 0, gzip and OpenMetrics negotiation, and closes with the server.
-    """
+    """GET /metrics on its own port, served by prometheus_client (its WSGI app: text or
+    OpenMetrics by Accept, gzip by Accept-Encoding) on a threading HTTP server. Binds exactly the
+    host given, supports port 0, and closes with the server."""
 
     def __init__(self, metrics: Metrics, *, host: str, port: int) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0); valid after start()."""
-        if self._server is None or not self._server.sockets:
+        if self._httpd is None:
             raise RuntimeError("metrics server is not started")
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._httpd.server_port)
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(
-            self._on_connection, host=self._host or None, port=self._port, limit=_MAX_HEAD_BYTES
+        registry = _LoopSnapshotRegistry(self._metrics, asyncio.get_running_loop())
+        app = _metrics_only(make_wsgi_app(registry))
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        httpd: WSGIServer = make_server(
+            self._host, self._port, app, server_class=server_class, handler_class=_QuietHandler
         )
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, name="decider-metrics", daemon=True
+        )
+        self._thread.start()
         return self.port
 
     async def stop(self) -> None:
-        if self._server is None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
             return
-        self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
+        # shutdown() waits for serve_forever to notice; the loop must stay free meanwhile, since
+        # a scrape in progress may be waiting on it for a snapshot.
+        await asyncio.to_thread(httpd.shutdown)
+        httpd.server_close()
 
     async def __aenter__(self) -> MetricsServer:
         await self.start()
@@ -430,89 +500,3 @@ class MetricsServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            await self._serve_one(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except Exception:
-            log.exception("metrics request failed")
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
-        except (TimeoutError, asyncio.LimitOverrunError):
-            await _respond(writer, 400, b"bad request\n")
-            return
-        request_line, *header_lines = head.decode("latin-1").split("\r\n")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await _respond(writer, 400, b"bad request\n")
-            return
-        method, target, _ = parts
-        headers: dict[str, str] = {}
-        for line in header_lines:
-            key, sep, value = line.partition(":")
-            if sep:
-                headers[key.strip().lower()] = value.strip()
-        path = urllib.parse.urlsplit(target).path
-        if path not in ("/metrics", "/metrics/"):
-            await _respond(writer, 404, b"not found: try /metrics\n")
-            return
-        if method not in ("GET", "HEAD"):
-            await _respond(writer, 405, b"method not allowed\n", [("Allow", "GET, HEAD")])
-            return
-        encoder, content_type = choose_encoder(headers.get("accept", ""))
-        compress = "gzip" in headers.get("accept-encoding", "").lower()
-        try:
-            snapshot = self._metrics.snapshot()
-            body = await asyncio.to_thread(self._render, encoder, snapshot, compress)
-        except Exception:
-            log.exception("collecting metrics failed")
-            await _respond(writer, 500, b"collecting metrics failed\n")
-            return
-        extra = [("Content-Type", content_type)]
-        if compress:
-            extra.append(("Content-Encoding", "gzip"))
-        await _respond(writer, 200, body, extra, head_only=method == "HEAD")
-
-    def _render(
-        self, encoder: Callable[[CollectorRegistry], bytes], snapshot: _Snapshot, compress: bool
-    ) -> bytes:
-        body = self._metrics.render(encoder, snapshot)
-        return gzip.compress(body, compresslevel=5) if compress else body
-
-
-_REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-
-
-async def _respond(
-    writer: asyncio.StreamWriter,
-    status: int,
-    body: bytes,
-    headers: Sequence[tuple[str, str]] = (),
-    *,
-    head_only: bool = False,
-) -> None:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Internal Server Error')}"]
-    if not any(k == "Content-Type" for k, _ in headers):
-        lines.append("Content-Type: text/plain; charset=utf-8")
-    lines.extend(f"{k}: {v}" for k, v in headers)
-    lines.append(f"Content-Length: {len(body)}")
-    lines.append("Connection: close")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    if not head_only:
-        writer.write(body)
-    await writer.drain()

@@ -19,8 +19,8 @@ from typing import Any
 from decider import config
 from decider.config import Settings
 from decider.core.model import Endpoint
-from decider.server import serve
-from decider.telemetry import Tracing
+from decider.obs.telemetry import Tracing
+from decider.runtime.server import serve
 
 log = logging.getLogger("decider.demo")
 

@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 from google.protobuf.duration_pb2 import Duration
 
-from decider.api import validate
+from decider.codec import validate
 from decider.core.model import (
     CandidateExplanation,
     Decision,

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from decider.api.convert import duration_s
+from decider.codec.convert import duration_s
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import endpoint_pb2 as epb

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 log = logging.getLogger("decider.server")
 
-EVENT_LOOPS = ("uvloop", "asyncio")
 
 _T = TypeVar("_T")
 

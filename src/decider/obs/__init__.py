@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry tracing, Prometheus metrics, JSON logs."""
