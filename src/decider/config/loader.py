@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from decider.config.extproc import ExtProcSettings
 from decider.config.listen import parse_listen
 from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
@@ -63,6 +64,8 @@ class Settings:
     endpoints: tuple[Endpoint, ...]
     engine: EngineSettings
     probe: ProbeSettings
+    # [ext_proc]: Envoy's endpoint-picker protocol on a listener of its own.
+    ext_proc: ExtProcSettings = ExtProcSettings()
     # Where the settings came from, for messages: the file path or "<defaults>".
     source: str = "<defaults>"
 
@@ -126,6 +129,8 @@ def load(
         doc = read_toml(path)
     settings = parse(doc, source=source)
     server = settings.server
+    flags = dict(flags or {})
+    ext_proc = _ext_proc_flags(settings.ext_proc, flags)
     for key, spec in _SERVER_KEYS.items():
         raw = (env or {}).get(ENV_PREFIX + key.upper())
         if raw is not None:
@@ -141,7 +146,18 @@ def load(
         server = replace(server, **{key: _check(value, _SERVER_KEYS[key], where)})
         _check_metrics_listen(server, key, where)
     _check_listen(server.listen, "listen")
-    return replace(settings, server=server)
+    return replace(settings, server=server, ext_proc=ext_proc)
+
+
+def _ext_proc_flags(ext_proc: ExtProcSettings, flags: dict[str, Any]) -> ExtProcSettings:
+    """--ext-proc-listen and --ext-proc-single-endpoint, taken out of `flags`."""
+    listen = flags.pop("ext_proc_listen", None)
+    if listen is not None:
+        parse_listen(listen, name="flag --ext-proc-listen")
+        ext_proc = replace(ext_proc, listen=listen)
+    if flags.pop("ext_proc_single_endpoint", None):
+        ext_proc = replace(ext_proc, fallbacks=False)
+    return ext_proc
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -157,7 +173,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def parse(doc: Mapping[str, Any], *, source: str = "<defaults>") -> Settings:
     """Settings from a parsed TOML document; errors are prefixed with `source`."""
     try:
-        known = {"server", "endpoints", "probe", *ENGINE_TABLES}
+        known = {"server", "endpoints", "probe", "ext_proc", *ENGINE_TABLES}
         for key in doc:
             if key not in known:
                 raise ConfigError(
@@ -167,9 +183,17 @@ def parse(doc: Mapping[str, Any], *, source: str = "<defaults>") -> Settings:
         endpoints = _parse_endpoints(doc.get("endpoints", []))
         engine = EngineSettings.parse({k: doc[k] for k in ENGINE_TABLES if k in doc})
         probe = ProbeSettings.parse(_table(doc.get("probe", {}), "probe"))
+        ext_proc = ExtProcSettings.parse(_table(doc.get("ext_proc", {}), "ext_proc"))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    return Settings(server=server, endpoints=endpoints, engine=engine, probe=probe, source=source)
+    return Settings(
+        server=server,
+        endpoints=endpoints,
+        engine=engine,
+        probe=probe,
+        ext_proc=ext_proc,
+        source=source,
+    )
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:
