@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -65,7 +65,7 @@ class Settings:
     engine: EngineSettings
     probe: ProbeSettings
     # [ext_proc]: Envoy's endpoint-picker protocol on a listener of its own.
-    ext_proc: ExtProcSettings = ExtProcSettings()
+    ext_proc: ExtProcSettings = field(default_factory=ExtProcSettings)
     # Where the settings came from, for messages: the file path or "<defaults>".
     source: str = "<defaults>"
 
