@@ -166,7 +166,13 @@ def decider_doc(stand_ins: list[StandIn], **tables: Any) -> dict[str, Any]:
     """Config with one endpoint per stand-in (probed on /health) and round robin by default."""
     doc: dict[str, Any] = {
         "routing": {"default_strategy": "round_robin", "max_fallbacks": 2},
-        "probe": {"interval_s": 0.5, "timeout_s": 0.5, "unhealthy_interval_s": 0.2},
+        "probe": {
+            "interval_s": 0.5,
+            "timeout_s": 2.0,
+            "unhealthy_interval_s": 0.2,
+            # A loaded test machine answers slowly; only a refused connection counts here.
+            "degraded_latency_s": 10.0,
+        },
         "endpoints": [
             {
                 "id": s.name,
@@ -219,6 +225,8 @@ class Stack:
         )
         self.envoy.wait_ready()
         self.http = httpx.Client(base_url=self.url, timeout=30.0)
+        # Round robin spreads evenly only once the prober has seen every stand-in.
+        self.wait_until(lambda: self.healthy_count() == len(self.stand_ins), what="healthy")
 
     def start_decider(self) -> None:
         settings = replace(
