@@ -217,7 +217,8 @@ def test_a_tenant_over_quota_is_an_immediate_429_with_retry_after(path):
     for _ in range(2):
         exchange = _Exchange(path, ExtProcSettings())
         list(exchange.handle(headers(**{"x-tenant-id": "tight"})))
-        answers.append(list(exchange.handle(body(CHAT, end=True)))[0])
+        [answer] = exchange.handle(body(CHAT, end=True))
+        answers.append(answer)
     refused = answers[1].immediate_response
     assert refused.status.code == 429
     values = set_headers(pb.CommonResponse(header_mutation=refused.headers))
