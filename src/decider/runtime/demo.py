@@ -21,6 +21,7 @@ from decider.config import Settings
 from decider.core.model import Endpoint
 from decider.obs.telemetry import Tracing
 from decider.runtime.server import serve
+from decider.runtime.standin import read_body
 
 log = logging.getLogger("decider.demo")
 
@@ -64,8 +65,8 @@ class StandIn:
                 k.strip().lower(): v.strip()
                 for k, _, v in (line.partition(":") for line in lines[1:] if line)
             }
-            length = min(int(headers.get("content-length", "0") or 0), MAX_BODY_BYTES)
-            body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+            # Chunked too: Envoy streams bodies chunked in ext_proc duplex mode (make run-envoy).
+            body = await asyncio.wait_for(read_body(reader, headers, max_bytes=MAX_BODY_BYTES), 10)
             status, content_type, payload = self._respond(method, target.split("?")[0], body)
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"

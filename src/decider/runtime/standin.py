@@ -14,17 +14,21 @@ import hashlib
 import json
 import socket
 import time
+from collections.abc import Mapping
 from typing import Final
 
 MAX_BODY_BYTES: Final = 64 << 20
 _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests"}
 
 
-class BadRequest(Exception):
+class BadRequest(ValueError):
     pass
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+async def read_body(
+    reader: asyncio.StreamReader, headers: Mapping[str, str], *, max_bytes: int = MAX_BODY_BYTES
+) -> bytes:
+    """An HTTP/1.1 request body, by Content-Length or chunked; BadRequest above `max_bytes`."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = bytearray()
         while True:
@@ -35,12 +39,12 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass
                 return bytes(body)
-            if len(body) + size > MAX_BODY_BYTES:
+            if len(body) + size > max_bytes:
                 raise BadRequest("body too large")
             body += await reader.readexactly(size)
             await reader.readexactly(2)
     length = int(headers.get("content-length", "0") or 0)
-    if length > MAX_BODY_BYTES:
+    if length > max_bytes:
         raise BadRequest("body too large")
     return await reader.readexactly(length) if length else b""
 
@@ -94,7 +98,7 @@ class StandIn:
                     for k, _, v in (line.partition(":") for line in lines[1:] if line)
                 }
                 try:
-                    body = await _read_body(reader, headers)
+                    body = await read_body(reader, headers)
                 except (BadRequest, ValueError):
                     await self._send(writer, 400, b'{"error":"bad body"}', b"")
                     return
