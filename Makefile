@@ -133,6 +133,13 @@ bench-grpc: install $(TOOLS)/bin/ghz
 bench-tracing: install $(TOOLS)/bin/ghz
 	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
 
+# Envoy routing directly vs asking Decider over ext_proc, alternating, serial and concurrent
+# (a few minutes; needs h2load from nghttp2-client): writes docs/BENCHMARKS.md's "Envoy endpoint
+# picker" section and docs/img/envoy_latency.png. Never part of `make test`.
+bench-envoy: install
+	@command -v h2load >/dev/null || { echo "bench-envoy needs h2load: apt-get install nghttp2-client"; exit 2; }
+	$(PY) bench/envoy/bench_envoy.py
+
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install
 	$(PY) -m bench.sim
