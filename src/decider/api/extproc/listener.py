@@ -43,10 +43,14 @@ class ExtProcListener:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.port = 0
 
-    async def start(self, listen: str) -> int:
-        """Binds `listen` (HOST:PORT, port 0 picks one), serves, returns the bound port."""
+    async def start(self, listen: str, *, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Binds `listen` (HOST:PORT, port 0 picks one), with TLS when `credentials` are given
+        (the main listener's `[server.tls]`), serves, returns the bound port."""
         try:
-            self.port = self._server.add_insecure_port(listen)
+            if credentials is not None:
+                self.port = self._server.add_secure_port(listen, credentials)
+            else:
+                self.port = self._server.add_insecure_port(listen)
         except RuntimeError as exc:
             raise ConfigError(f"ext_proc.listen: cannot listen on {listen!r}: {exc}") from exc
         await self._server.start()
