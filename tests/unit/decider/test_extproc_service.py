@@ -7,6 +7,7 @@ import json
 import logging
 import random
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -28,8 +29,14 @@ Mode = processing_mode_pb2.ProcessingMode
 
 
 class FakeContext:
-    def __init__(self) -> None:
+    """The part of grpc.aio's servicer context Process uses: read, write, metadata, code."""
+
+    def __init__(self, messages: list[pb.ProcessingRequest]) -> None:
+        self._messages = list(messages)
         self.written: list[pb.ProcessingResponse] = []
+
+    async def read(self):
+        return self._messages.pop(0) if self._messages else grpc.aio.EOF
 
     def invocation_metadata(self):
         return ()
@@ -41,9 +48,9 @@ class FakeContext:
         self.written.append(message)
 
 
-async def stream(*messages: pb.ProcessingRequest):
-    for message in messages:
-        yield message
+async def no_iterator():
+    raise AssertionError("Process reads with context.read()")
+    yield
 
 
 def header_map(values: dict[str, str]) -> base_pb2.HeaderMap:
@@ -101,10 +108,10 @@ async def test_one_span_per_request_with_decision_and_outcome_and_no_prompt(capl
     handler = logs.configure_logging(level="debug", log_decisions=True)
     try:
         svc, exporter, metrics = service()
-        context = FakeContext()
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": SECRET}]})
+        context = FakeContext(exchange(body.encode()))
         with caplog.at_level(logging.DEBUG):
-            await svc.Process(stream(*exchange(body.encode())), context)
+            await svc.Process(no_iterator(), context)
     finally:
         logging.getLogger().removeHandler(handler)
     [span] = exporter.get_finished_spans()
@@ -129,10 +136,10 @@ async def test_one_span_per_request_with_decision_and_outcome_and_no_prompt(capl
 
 async def test_a_malformed_request_is_answered_without_echoing_its_prompt(caplog):
     svc, exporter, metrics = service()
-    context = FakeContext()
     body = json.dumps({"messages": [{"role": "user", "content": SECRET}]}).encode()
+    context = FakeContext(exchange(body))
     with caplog.at_level(logging.DEBUG):
-        await svc.Process(stream(*exchange(body)), context)
+        await svc.Process(no_iterator(), context)
     answer = context.written[-1].immediate_response
     assert answer.status.code == 400
     assert SECRET.encode() not in answer.body
