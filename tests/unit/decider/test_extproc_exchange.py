@@ -246,3 +246,18 @@ def test_a_body_over_the_limit_is_413(path, recorder):
     list(exchange.handle(headers(mode=Mode.FULL_DUPLEX_STREAMED)))
     [answer] = exchange.handle(body(b"x" * 2000, end=False))
     assert answer.immediate_response.status.code == 413
+
+
+def test_in_duplex_mode_trailers_can_end_the_request_instead_of_the_body(path):
+    exchange = _Exchange(path, ExtProcSettings())
+    list(exchange.handle(headers(mode=Mode.FULL_DUPLEX_STREAMED)))
+    assert list(exchange.handle(body(CHAT, end=False))) == []
+    answers = list(exchange.handle(pb.ProcessingRequest(request_trailers=pb.HttpTrailers())))
+    assert [a.WhichOneof("response") for a in answers] == [
+        "request_headers",
+        "request_body",
+        "request_trailers",
+    ]
+    piece = answers[1].request_body.response.body_mutation.streamed_response
+    assert (piece.body, piece.end_of_stream) == (CHAT, False)
+    assert destination(answers[0])

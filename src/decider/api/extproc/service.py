@@ -184,7 +184,7 @@ class _Exchange:
         if kind == "response_body":
             return self._response_body(message.response_body)
         if kind == "request_trailers":
-            return iter((pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),))
+            return self._request_trailers()
         if kind == "response_trailers":
             self._report(self._path.now())
             return iter((pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),))
@@ -231,29 +231,8 @@ class _Exchange:
             )
             return
         if self._request_mode == _DUPLEX:
-            if not body.end_of_stream:
-                return
-            # Headers first (they carry the pick), then the body Envoy handed over, unchanged.
-            answer = self._decide("request_headers")
-            yield answer
-            if self.done:
-                return
-            data = bytes(self._body)
-            for start in range(0, max(len(data), 1), _CHUNK_BYTES):
-                piece = data[start : start + _CHUNK_BYTES]
-                last = start + _CHUNK_BYTES >= len(data)
-                yield pb.ProcessingResponse(
-                    request_body=pb.BodyResponse(
-                        response=pb.CommonResponse(
-                            body_mutation=pb.BodyMutation(
-                                streamed_response=pb.StreamedBodyResponse(
-                                    body=piece, end_of_stream=last
-                                )
-                            )
-                        )
-                    )
-                )
-            self._body = bytearray()
+            if body.end_of_stream:
+                yield from self._duplex_answers(end_of_stream=True)
             return
         if not body.end_of_stream and self._request_mode == _BUFFERED_PARTIAL:
             self.done = True
@@ -266,6 +245,38 @@ class _Exchange:
             return
         yield self._decide("request_body")
         self._body = bytearray()
+
+    def _duplex_answers(self, *, end_of_stream: bool) -> Iterator[pb.ProcessingResponse]:
+        """Duplex mode, once the body is complete: the header answer (it carries the pick),
+        then the body Envoy handed over, unchanged. `end_of_stream` is false when trailers
+        end the request instead."""
+        yield self._decide("request_headers")
+        if self.done:
+            return
+        data = bytes(self._body)
+        for start in range(0, max(len(data), 1), _CHUNK_BYTES):
+            last = start + _CHUNK_BYTES >= len(data)
+            yield pb.ProcessingResponse(
+                request_body=pb.BodyResponse(
+                    response=pb.CommonResponse(
+                        body_mutation=pb.BodyMutation(
+                            streamed_response=pb.StreamedBodyResponse(
+                                body=data[start : start + _CHUNK_BYTES],
+                                end_of_stream=last and end_of_stream,
+                            )
+                        )
+                    )
+                )
+            )
+        self._body = bytearray()
+
+    def _request_trailers(self) -> Iterator[pb.ProcessingResponse]:
+        if self._request_mode == _DUPLEX and self._decision is None:
+            # Trailers, not the last body chunk, ended this request: the body is complete.
+            yield from self._duplex_answers(end_of_stream=False)
+            if self.done:
+                return
+        yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 
     def _decide(self, field: str) -> pb.ProcessingResponse:
         """Decides and answers on `field` ("request_headers" or "request_body"); what it
