@@ -153,22 +153,32 @@ def test_a_tenant_over_quota_gets_429_with_retry_after(gw):
 
 def test_a_dead_primary_is_retried_on_a_fallback_and_charged_to_the_endpoint_that_served(gw):
     dead = gw.stand_ins[0]
-    gw.bg.run(dead.close())
+    # A session bound to the endpoint about to die makes it the primary of the next request,
+    # sent before the prober can notice the death.
+    affinity = {"x-decider-strategy": "affinity"}
+    session = next(
+        (
+            f"pin-{i}"
+            for i in range(30)
+            if gw.post(gw.chat(), headers={**affinity, "x-session-id": f"pin-{i}"}).headers[
+                "x-served-by"
+            ]
+            == dead.name
+        ),
+        None,
+    )
+    assert session is not None, "no session was bound to model-0"
     retried_before = gw.envoy.stat("cluster.models.upstream_rq_retry_success")
+    gw.bg.run(dead.close())
     try:
-        found = None
-        for _ in range(12):
-            response = gw.post(gw.chat())
-            assert response.status_code == 200, response.text
-            decision = decision_for(gw, response.headers["x-decider-decision-id"])
-            if decision.endpoint.id == dead.name:
-                found = response
-                break
-        assert found is not None, "Decider never picked the dead endpoint first"
-        served = found.headers["x-served-by"]
+        response = gw.post(gw.chat(), headers={**affinity, "x-session-id": session})
+        assert response.status_code == 200, response.text
+        decision = decision_for(gw, response.headers["x-decider-decision-id"])
+        assert decision.endpoint.id == dead.name, "the prober saw the death first"
+        served = response.headers["x-served-by"]
         assert served != dead.name
-        assert found.headers["x-decider-endpoint"] == served
-        outcome = outcome_for(gw, found.headers["x-decider-decision-id"])
+        assert response.headers["x-decider-endpoint"] == served
+        outcome = outcome_for(gw, response.headers["x-decider-decision-id"])
         assert outcome.endpoint_id == served
         assert outcome.result.name == "SUCCESS"
         assert gw.envoy.stat("cluster.models.upstream_rq_retry_success") > retried_before
