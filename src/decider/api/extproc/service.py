@@ -4,7 +4,8 @@ One Process stream is one HTTP request. The request side becomes a RouteRequest 
 through the shared DecidePath (the gRPC Decide's engine, spans, metrics and decision log); the
 decision goes back as the `x-gateway-destination-endpoint` header and `envoy.lb` dynamic
 metadata, a refusal as an immediate OpenAI-style error. The response side becomes the outcome,
-charged to the endpoint that really served. Errors become answers in one place (`_refused`).
+charged to the endpoint that really served. Whatever handling a message raises becomes an
+answer in one place (`_Exchange.refused`).
 """
 
 from __future__ import annotations
@@ -142,7 +143,6 @@ class _Exchange:
         "_decided_at",
         "_decision",
         "_headers",
-        "_metadata",
         "_meter",
         "_path",
         "_reported",
@@ -150,6 +150,7 @@ class _Exchange:
         "_response_mode",
         "_served",
         "_settings",
+        "_subset",
         "done",
     )
 
@@ -159,7 +160,7 @@ class _Exchange:
         self._request_mode: int = _BUFFERED
         self._response_mode: int = _NONE
         self._headers: dict[str, str] = {}
-        self._metadata: list[str] | None = None
+        self._subset: list[str] | None = None
         self._body = bytearray()
         self._decision: Decision | None = None
         self._decided_at = 0.0
@@ -198,7 +199,7 @@ class _Exchange:
         subset = message.metadata_context.filter_metadata.get(SUBSET_NAMESPACE)
         if subset is not None and SUBSET_KEY in subset.fields:
             values = subset.fields[SUBSET_KEY]
-            self._metadata = (
+            self._subset = (
                 [v.string_value for v in values.list_value.values]
                 if values.HasField("list_value")
                 else [a.strip() for a in values.string_value.split(",") if a.strip()]
@@ -282,8 +283,8 @@ class _Exchange:
         """Decides and answers on `field` ("request_headers" or "request_body"); what it
         raises is answered by `refused`."""
         route = parse_request(bytes(self._body), self._headers, self._settings.headers).route
-        if self._metadata is not None:
-            allowed = set(self._metadata)
+        if self._subset is not None:
+            allowed = set(self._subset)
             route = dataclasses.replace(
                 route,
                 exclude_endpoint_ids=frozenset(
