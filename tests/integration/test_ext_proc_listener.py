@@ -79,3 +79,27 @@ async def test_a_bad_ext_proc_listen_flag_exits_2_naming_it():
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert "flag --ext-proc-listen: 'nowhere', must be HOST:PORT" in err.decode()
+
+
+async def test_an_ext_proc_port_already_taken_exits_2_saying_so():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "decider",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "",
+            "--ext-proc-listen",
+            f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert f"address already in use: 127.0.0.1:{port} (ext_proc.listen)" in err.decode()

@@ -181,10 +181,16 @@ class DeciderServer:
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.ext_proc is not None:
-            self.ext_proc_port = await self.ext_proc.start(
-                self.settings.ext_proc.listen,
-                credentials=self.tls.grpc_credentials() if self.tls is not None else None,
-            )
+            ext_proc_listen = self.settings.ext_proc.listen
+            try:
+                self.ext_proc_port = await self.ext_proc.start(
+                    ext_proc_listen,
+                    credentials=self.tls.grpc_credentials() if self.tls is not None else None,
+                )
+            except RuntimeError as exc:
+                raise ConfigError(
+                    _bind_failure(ext_proc_listen, "ext_proc.listen", str(exc))
+                ) from exc
             await self.health.set(EXT_PROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
             log.info("ext_proc endpoint picker on %s", self.settings.ext_proc.listen)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]

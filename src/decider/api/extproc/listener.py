@@ -16,7 +16,6 @@ from grpc_health.v1.health import aio as health_aio
 from decider.api.decide_path import DecidePath
 from decider.api.extproc.service import SERVICE, ExtProcService, add_to_server
 from decider.api.extproc.settings import ExtProcSettings
-from decider.errors import ConfigError
 from decider.obs.telemetry import Tracing
 
 # Room for a body of max_body_bytes plus the message around it.
@@ -46,13 +45,11 @@ class ExtProcListener:
     async def start(self, listen: str, *, credentials: grpc.ServerCredentials | None = None) -> int:
         """Binds `listen` (HOST:PORT, port 0 picks one), with TLS when `credentials` are given
         (the main listener's `[server.tls]`), serves, returns the bound port."""
-        try:
-            if credentials is not None:
-                self.port = self._server.add_secure_port(listen, credentials)
-            else:
-                self.port = self._server.add_insecure_port(listen)
-        except RuntimeError as exc:
-            raise ConfigError(f"ext_proc.listen: cannot listen on {listen!r}: {exc}") from exc
+        # grpc raises RuntimeError("Failed to bind ..."); the runtime says why.
+        if credentials is not None:
+            self.port = self._server.add_secure_port(listen, credentials)
+        else:
+            self.port = self._server.add_insecure_port(listen)
         await self._server.start()
         for service in ("", SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
