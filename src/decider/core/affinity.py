@@ -57,8 +57,8 @@ class SessionTable:
         return len(expired)
 
 
-# The generation of a block only decisions still waiting for their outcome hold (generations
-# proper are 0 to 3): it survives rotations until the outcomes confirm or drop it.
+# The generation of a block only open decisions gave the endpoint (generations proper are 0 to
+# 3): it survives rotations until the outcomes confirm or drop it.
 _PENDING = 4
 
 
@@ -75,7 +75,8 @@ class _Blocks:
         self.current = 0
         # Blocks stamped with the current generation.
         self.fresh = 0
-        # Block -> number of open decisions that sent it here.
+        # Pending block -> open decisions that gave it; exactly the blocks whose generation is
+        # _PENDING (a block served already needs no count: the server holds it).
         self.pending: dict[int, int] = {}
 
 
@@ -97,7 +98,8 @@ class PrefixIndex:
         return sum(len(b.gen) for b in self._blocks.values())
 
     def record(self, endpoint_id: str, hashes: Sequence[int]) -> None:
-        """The endpoint served a prompt with these prefix blocks; it now holds them."""
+        """The endpoint served a prompt with these prefix blocks; it now holds them (pending ones
+        among them become served)."""
         if not hashes:
             return
         blocks = self._blocks.get(endpoint_id)
@@ -105,10 +107,14 @@ class PrefixIndex:
             blocks = self._blocks[endpoint_id] = _Blocks()
         hashes = hashes[: self._max_blocks]
         gen = blocks.gen
+        pending = blocks.pending
         current = blocks.current
         fresh = 0
         for h in hashes:
-            if gen.get(h) != current:
+            g = gen.get(h)
+            if g != current:
+                if g == _PENDING:
+                    del pending[h]
                 gen[h] = current
                 fresh += 1
         blocks.fresh += fresh
@@ -120,7 +126,12 @@ class PrefixIndex:
         """A decision just sent a prompt with these blocks to the endpoint. The server caches
         them when the prefill starts, long before the outcome arrives, so they match from now
         on: the next request with the same prefix follows this one instead of missing the
-        cache elsewhere. `confirm` or `drop` settles them when the outcome comes."""
+        cache elsewhere. `confirm` or `drop` settles them when the outcome comes.
+
+        Blocks the endpoint already holds are left as they are (one lookup each, the common
+        case): only new ones are counted, so a drop forgets exactly what open decisions alone
+        gave. The one approximation: a held block that rotates out while a decision for it is
+        open is forgotten at once, as if that decision had not sent it."""
         if not hashes:
             return
         blocks = self._blocks.get(endpoint_id)
@@ -130,38 +141,35 @@ class PrefixIndex:
         gen = blocks.gen
         pending = blocks.pending
         for h in hashes:
-            pending[h] = pending.get(h, 0) + 1
-            if h not in gen:
+            g = gen.get(h)
+            if g is None:
                 gen[h] = _PENDING
+                pending[h] = 1
+            elif g == _PENDING:
+                pending[h] += 1
         self._anchor(endpoint_id, hashes)
 
     def confirm(self, endpoint_id: str, hashes: Sequence[int]) -> None:
-        """The pending decision succeeded on its endpoint: the blocks are held, as `record`."""
-        self._settle(endpoint_id, hashes)
+        """The pending decision succeeded on its endpoint: the blocks are served, as `record`."""
         self.record(endpoint_id, hashes)
 
     def drop(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         """The pending decision failed, timed out or was cancelled (or went elsewhere): blocks
         no other open decision or served prompt gives the endpoint are forgotten."""
-        self._settle(endpoint_id, hashes)
-
-    def _settle(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         blocks = self._blocks.get(endpoint_id)
-        if blocks is None or not hashes:
+        if blocks is None or not blocks.pending or not hashes:
             return
         gen = blocks.gen
         pending = blocks.pending
         for h in hashes[: self._max_blocks]:
-            count = pending.get(h)
-            if count is None:
-                continue
-            if count > 1:
-                pending[h] = count - 1
-                continue
-            del pending[h]
             if gen.get(h) == _PENDING:
-                del gen[h]
-                self._unanchor(h, endpoint_id)
+                count = pending[h]
+                if count > 1:
+                    pending[h] = count - 1
+                else:
+                    del pending[h]
+                    del gen[h]
+                    self._unanchor(h, endpoint_id)
 
     def _anchor(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         anchors = self._anchors
@@ -186,15 +194,11 @@ class PrefixIndex:
         blocks.fresh = 0
         gen = blocks.gen
         # Blocks older than the generation just closed leave, and their anchors with them;
-        # those an open decision sent here stay, as pending.
-        pending = blocks.pending
+        # pending ones stay until their decisions settle.
         dropped = [h for h, g in gen.items() if g != previous and g != _PENDING]
         for h in dropped:
-            if h in pending:
-                gen[h] = _PENDING
-            else:
-                del gen[h]
-                self._unanchor(h, endpoint_id)
+            del gen[h]
+            self._unanchor(h, endpoint_id)
 
     def _unanchor(self, h: int, endpoint_id: str) -> None:
         anchors = self._anchors
