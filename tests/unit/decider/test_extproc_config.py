@@ -61,3 +61,14 @@ def test_bad_values_name_the_file_key_and_value(table, message):
 def test_a_bad_listen_flag_is_named():
     with pytest.raises(ConfigError, match="flag --ext-proc-listen: 'x'"):
         loader.load(None, flags={"ext_proc_listen": "x"})
+
+
+def test_every_problem_of_the_table_is_listed_at_once():
+    with pytest.raises(ConfigError) as caught:
+        loader.parse(
+            {"ext_proc": {"fallbacks": "yes", "max_body_bytes": 10, "headers": {"tenant": "A"}}},
+            source="d.toml",
+        )
+    text = str(caught.value)
+    for key in ("ext_proc.fallbacks", "ext_proc.max_body_bytes", "ext_proc.headers.tenant"):
+        assert f"d.toml: {key}: " in text
