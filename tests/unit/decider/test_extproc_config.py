@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from decider.config import loader
@@ -72,3 +76,11 @@ def test_every_problem_of_the_table_is_listed_at_once():
     text = str(caught.value)
     for key in ("ext_proc.fallbacks", "ext_proc.max_body_bytes", "ext_proc.headers.tenant"):
         assert f"d.toml: {key}: " in text
+
+
+def test_the_table_docs_envoy_md_shows_is_valid_and_spells_the_defaults():
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "ENVOY.md").read_text()
+    block = re.search(r"```toml\n(\[ext_proc\].*?)```", doc, re.S)
+    assert block is not None
+    settings = loader.parse(tomllib.loads(block[1]), source="docs/ENVOY.md")
+    assert settings.ext_proc == ExtProcSettings(listen="127.0.0.1:50061")
