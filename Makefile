@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing bench-idle-connections sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -111,17 +111,22 @@ bench: install
 # The unary Decide path in-process, stage by stage (parse, convert, engine, observer, encode,
 # the whole handler) against Health/Check through the same interceptor (seconds).
 bench-decide-path: install
-	$(PY) bench/bench_decide_path.py
+	$(PY) -m bench.bench_decide_path
 
 # gRPC load from ghz against the real server (a few minutes): writes docs/BENCHMARKS.md's
 # "gRPC load" numbers to bench/results/ and the plot to docs/img/. Never part of `make test`.
 bench-grpc: install $(TOOLS)/bin/ghz
-	$(PY) bench/grpc/bench_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.grpc --ghz $(TOOLS)/bin/ghz
 
 # Tracing overhead end to end: Decide throughput with tracing off, a 1% sampler and always_on,
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
-	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.bench_tracing_grpc --ghz $(TOOLS)/bin/ghz
+
+# Server memory, threads and Decide latency with thousands of idle HTTP/2 connections open
+# (about a minute): writes docs/BENCHMARKS.md's "Idle gateway connections". Never part of `make test`.
+bench-idle-connections: install
+	$(PY) bench/bench_idle_connections.py
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from decider.config.listen import parse_listen
+from decider.config.tls import TLSSettings
 from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
 from decider.core.validation import ConfigErrors, Problems, allowed, position, schema, show
@@ -37,7 +38,11 @@ class ServerSettings:
 
     listen: str = "127.0.0.1:50051"
     # Empty: RegistryService needs no token. Set one whenever the port is reachable by others.
-    admin_token: str = ""
+    # Never shown: not in repr, logs, spans or errors.
+    admin_token: str = field(default="", repr=False)
+    # A file holding the token (read at start, surrounding whitespace dropped), so it is not
+    # in argv or in the environment of every child process.
+    admin_token_file: str = ""
     # SQLite store for registered endpoints; empty keeps them in memory only.
     data_dir: str = "data"
     # How long in-flight RPCs may take to finish after SIGTERM.
@@ -61,6 +66,46 @@ class ServerSettings:
     log_decisions: bool = False
     # "uvloop" (measured cheaper per RPC; asyncio where uvloop is not installed) or "asyncio".
     event_loop: str = field(default="uvloop", metadata=allowed(choices=EVENT_LOOPS, any_case=True))
+    # HTTP/2 keepalive: the server pings a connection idle this long, calls or not, and drops
+    # it when no answer comes within keepalive_timeout_s, so dead gateways are reaped.
+    keepalive_time_s: float = field(default=60.0, metadata=allowed(ge=1, le=86_400, finite=True))
+    keepalive_timeout_s: float = field(default=20.0, metadata=allowed(ge=1, le=3600, finite=True))
+    # Clients may ping this often (gRPC's default of 5 min makes a gateway with a 10-30 s
+    # keepalive get GOAWAY too_many_pings); faster pingers are disconnected.
+    keepalive_min_client_interval_s: float = field(
+        default=10.0, metadata=allowed(ge=1, le=86_400, finite=True)
+    )
+    # Close connections with no RPC for this long (0 = never: idle gateway connections cost
+    # little and are reaped by keepalive when dead).
+    max_connection_idle_s: float = field(
+        default=0.0, metadata=allowed(ge=0, le=86_400 * 30, finite=True)
+    )
+    # Ask clients to reconnect after this long (0 = never), e.g. to rebalance across replicas
+    # behind a layer-4 load balancer; RPCs in flight get max_connection_age_grace_s to finish.
+    max_connection_age_s: float = field(
+        default=0.0, metadata=allowed(ge=0, le=86_400 * 30, finite=True)
+    )
+    max_connection_age_grace_s: float = field(
+        default=30.0, metadata=allowed(ge=0, le=86_400, finite=True)
+    )
+    # [server.tls]: certificate and key (TLS), client CA (mTLS), admin client names.
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _TlsTable:
+    """`[server.tls]` as written; each key is also DECIDER_TLS_<KEY>, the files --tls-<key>."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    admin_client_names: list[str] = field(
+        default_factory=list, metadata=allowed(what="a list of non-empty strings")
+    )
+
+
+# `tls` is a table of its own, checked by _TlsTable.
+_SERVER_TABLE = {"exclude": ("tls",)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,7 +165,8 @@ def load(
         doc = read_toml(path)
     problems = Problems()
     settings = _collect(doc, source, problems)
-    server_schema = schema(ServerSettings)
+    server_schema = schema(ServerSettings, **_SERVER_TABLE)
+    tls_schema = schema(_TlsTable)
     changes: dict[str, Any] = {}
     # After the file's problems: the environment's, then the flags'.
     after = len(doc) + 1
@@ -137,10 +183,33 @@ def load(
         if value is not dataclasses.MISSING:
             changes[key] = value
             _check_metrics_listen(key, value, where, problems, (after, i))
+    tls_changes: dict[str, Any] = {}
+    for i, key in enumerate(tls_schema.specs):
+        name = f"{ENV_PREFIX}TLS_{key.upper()}"
+        raw = (env or {}).get(name)
+        if raw is None:
+            continue
+        text: Any = _names(raw) if key == "admin_client_names" else raw
+        value = tls_schema.check_value(
+            key,
+            text,
+            f"environment {name}",
+            problems,
+            (after, len(server_schema.specs) + i),
+            shown=repr(raw),
+        )
+        if value is not dataclasses.MISSING:
+            tls_changes[key] = value
     for i, (key, value) in enumerate((flags or {}).items()):
         if value is None:
             continue
         where = f"flag --{key.replace('_', '-')}"
+        tls_key = key.removeprefix("tls_")
+        if key.startswith("tls_") and tls_key in tls_schema.specs:
+            value = tls_schema.check_value(tls_key, value, where, problems, (after + 1, i))
+            if value is not dataclasses.MISSING:
+                tls_changes[tls_key] = value
+            continue
         if key not in server_schema.specs:
             problems.add((after + 1, i), f"{where}: not a server setting")
             continue
@@ -149,10 +218,53 @@ def load(
             changes[key] = value
             _check_metrics_listen(key, value, where, problems, (after + 1, i))
     server = replace(settings.server, **changes)
+    if tls_changes:
+        server = replace(server, tls=_tls(_tls_values(server.tls, tls_changes)))
     if "listen" in changes:
         _check_listen(server.listen, "listen", problems, (after + 2,))
     problems.raise_any()
-    return replace(settings, server=server)
+    # Checked whole once the environment and flags may have completed the table.
+    server.tls.check()
+    return replace(settings, server=_with_token_file(server))
+
+
+def _tls_values(tls: TLSSettings, changes: Mapping[str, Any]) -> dict[str, Any]:
+    values = {f.name: getattr(tls, f.name) for f in dataclasses.fields(TLSSettings)}
+    values.update(changes)
+    return values
+
+
+def _tls(values: Mapping[str, Any]) -> TLSSettings:
+    return TLSSettings(**{**values, "admin_client_names": tuple(values["admin_client_names"])})
+
+
+def _names(raw: str) -> list[str]:
+    return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+def _with_token_file(server: ServerSettings) -> ServerSettings:
+    """Reads admin_token_file into admin_token; the token itself never appears in a message."""
+    path = server.admin_token_file
+    if not path:
+        return server
+    if server.admin_token:
+        raise ConfigError(
+            "server.admin_token and server.admin_token_file are both set; keep one "
+            "(the file keeps the token out of argv and the environment)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"server.admin_token_file: {path}: cannot read: {why}") from None
+    if not token:
+        raise ConfigError(f"server.admin_token_file: {path}: the file is empty")
+    if any(c.isspace() for c in token):
+        raise ConfigError(
+            f"server.admin_token_file: {path}: the token holds whitespace or several lines"
+        )
+    return replace(server, admin_token=token)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -204,9 +316,23 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
 
 
 def _parse_server(value: Any, problems: Problems, order: tuple[int, ...]) -> ServerSettings:
-    values = schema(ServerSettings).validate(value, "server", problems, order)
+    values = schema(ServerSettings, **_SERVER_TABLE).validate(
+        value, "server", problems, order, skip=("tls",)
+    )
     if values is None:
         return ServerSettings()
+    raw_tls = value.get("tls", {})
+    tls = schema(_TlsTable).validate(
+        raw_tls, "server.tls", problems, (*order, position(value, "tls"))
+    )
+    if tls is not None and not all(tls["admin_client_names"]):
+        problems.add(
+            (*order, position(value, "tls")),
+            f"server.tls.admin_client_names: {show(raw_tls['admin_client_names'])}, "
+            "must be a list of non-empty strings",
+        )
+    elif tls is not None:
+        values["tls"] = _tls(tls)
     if "listen" in value:
         _check_listen(
             values["listen"], "server.listen", problems, (*order, position(value, "listen"))

@@ -244,9 +244,11 @@ class Engine:
         chosen = picked[0]
 
         # Accounting, inline: this is the hot path.
-        decision_id = self._pending.record(
-            chosen, request.tenant, tokens, request.prefix_hashes, now
-        )
+        hashes = request.prefix_hashes
+        decision_id = self._pending.record(chosen, request.tenant, tokens, hashes, now)
+        if hashes:
+            # The prompt's blocks count for the endpoint at once, as pending (affinity.py).
+            self._index.add_pending(chosen.id, hashes)
         if self._breakers.half_open and self._breakers.on_pick(chosen.id):
             pools.drop(chosen.model)
         if self._quotas_on:
@@ -295,6 +297,10 @@ class Engine:
             if target is None and live:
                 target = chosen
             self._settlement.settle(pending, target, actual=actual, live=live, now=now)
+            hashes = pending[3]
+            if hashes and live and (outcome.result is not Result.SUCCESS or target is not chosen):
+                # Failed, timed out, cancelled or served elsewhere: the pending blocks go.
+                self._index.drop(chosen.id, hashes)
             if live and target is not chosen:
                 self._rescore(chosen, now)
         if target is None:
@@ -312,7 +318,10 @@ class Engine:
                 self._refresh_group(stats.group(target.model) or [], now)
             self._verdicts.record(target, ok=True, now=now)
             if pending is not None and pending[3]:
-                self._index.record(target.id, pending[3])
+                if target is pending[0]:
+                    self._index.confirm(target.id, pending[3])
+                else:
+                    self._index.record(target.id, pending[3])
         elif result is Result.ERROR or result is Result.TIMEOUT:
             if result is Result.TIMEOUT:
                 # A timeout is a latency sample too; a fast error is not (it would look good).
@@ -373,8 +382,10 @@ class Engine:
 
     def _expire(self, now: float) -> None:
         stats = self._stats
-        for s in self._pending.expire(now):
+        for s, hashes in self._pending.expire(now):
             if stats.is_live(s):
+                if hashes:
+                    self._index.drop(s.id, hashes)
                 self._verdicts.release(s)
                 self._scorer.rescore_load(s, now)
                 self._pools.reorder(s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,3 +265,61 @@ def test_environment_and_flag_problems_follow_the_file_problems(tmp_path):
         "environment DECIDER_LOG_LEVEL: 'loud', must be one of DEBUG, INFO, WARNING, ERROR",
         "flag --max-concurrent-rpcs: 0, must be an integer from 1 to 1000000",
     ]
+
+
+def test_server_tls_from_the_file_the_environment_and_flags(tmp_path):
+    path = tmp_path / "d.toml"
+    path.write_text(
+        '[server.tls]\ncert_file = "c.pem"\nkey_file = "k.pem"\nclient_ca_file = "f.pem"\n'
+        'admin_client_names = ["ops"]\n'
+    )
+    tls = config.load(path).server.tls
+    assert (tls.cert_file, tls.key_file, tls.admin_client_names) == ("c.pem", "k.pem", ("ops",))
+    env = {"DECIDER_TLS_CLIENT_CA_FILE": "ca.pem", "DECIDER_TLS_ADMIN_CLIENT_NAMES": "a, b"}
+    tls = config.load(path, env=env, flags={"tls_cert_file": "flag.pem"}).server.tls
+    assert tls.cert_file == "flag.pem"
+    assert tls.client_ca_file == "ca.pem"
+    assert tls.admin_client_names == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[server.tls]\ncert_file = "c.pem"\n',
+            "server.tls.cert_file is set, so server.tls.key_file",
+        ),
+        ("[server.tls]\ncert = 1\n", "server.tls.cert: unknown key (known: admin_client_names"),
+        ("[server.tls]\nadmin_client_names = [1]\n", "must be a list of non-empty strings"),
+        ("[server]\ntls = 3\n", "server.tls: 3, must be a table"),
+        ("[server]\nkeepalive_time_s = 0\n", "server.keepalive_time_s: 0, must be a number from 1"),
+        (
+            "[server]\nmax_connection_age_s = -1\n",
+            "server.max_connection_age_s: -1, must be a number from 0",
+        ),
+    ],
+)
+def test_bad_tls_and_keepalive_settings_are_named(tmp_path, text, message):
+    path = tmp_path / "d.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(path)
+
+
+def test_the_admin_token_comes_from_a_file_and_never_shows(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("  s3cr3t\n")
+    server = config.load(None, flags={"admin_token_file": str(token)}).server
+    assert server.admin_token == "s3cr3t"
+    assert "s3cr3t" not in repr(server)
+    with pytest.raises(ConfigError, match="both set") as err:
+        config.load(
+            None, env={"DECIDER_ADMIN_TOKEN": "other"}, flags={"admin_token_file": str(token)}
+        )
+    assert "s3cr3t" not in str(err.value) and "other" not in str(err.value)
+    token.write_text("two\nlines\n")
+    with pytest.raises(ConfigError, match="whitespace or several lines"):
+        config.load(None, env={"DECIDER_ADMIN_TOKEN_FILE": str(token)})
+    token.write_text("\n")
+    with pytest.raises(ConfigError, match=f"{token}: the file is empty"):
+        config.load(None, env={"DECIDER_ADMIN_TOKEN_FILE": str(token)})
