@@ -215,13 +215,12 @@ class Schema:
         order: tuple[int, ...] = (),
         *,
         skip: Iterable[str] = (),
-        shown: Callable[[str, Any], str] | None = None,
         suffix: str = "",
         failed: set[str] | None = None,
     ) -> dict[str, Any] | None:
         """The table's values by field name, or None (its problems added) when it is invalid.
-        Keys in `skip` are the caller's to check (and count as known); `shown` words a key's bad
-        value (default: its repr); `suffix` ends every message (an endpoint's id, say). Given a
+        Keys in `skip` are the caller's to check (and count as known); `suffix` ends every
+        message (an endpoint's id, say). Given a
         `failed` set, an invalid table still gives its valid keys' values (defaults for the bad
         ones) and the bad keys go into `failed`, so the caller can go on checking the rest."""
         if not isinstance(table, Mapping):
@@ -240,8 +239,8 @@ class Schema:
                 if key in seen:
                     continue
                 seen.add(key)
-                where = ((*order, position(table, key))) if key else order
-                problems.add(where, self._text(error, table, path, key, skipped, shown) + suffix)
+                where = (*order, position(table, key)) if key else order
+                problems.add(where, self._text(error, table, path, key, skipped) + suffix)
             if failed is None:
                 return None
             try:
@@ -280,7 +279,6 @@ class Schema:
         path: str,
         key: str,
         known: Iterable[str],
-        shown: Callable[[str, Any], str] | None,
     ) -> str:
         if error["type"] == "extra_forbidden":
             names = ", ".join(sorted({*self.specs, *known})) or "none"
@@ -297,8 +295,7 @@ class Schema:
         if error["type"] == "missing":
             return f"{path}.{key}: missing, must be {describe(spec.kind, spec.allowed)}"
         value = table.get(key, spec.default)
-        text = shown(key, value) if shown is not None else show(value)
-        return f"{path}.{key}: {text}, must be {describe(spec.kind, spec.allowed)}"
+        return f"{path}.{key}: {show(value)}, must be {describe(spec.kind, spec.allowed)}"
 
 
 _SCHEMAS: dict[tuple[type, frozenset[str]], Schema] = {}
