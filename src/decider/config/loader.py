@@ -17,6 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from decider.config.extproc import ExtProcSettings
 from decider.config.listen import parse_listen
 from decider.config.tls import TLSSettings
 from decider.core.model import Endpoint, MetricsKind
@@ -114,6 +115,8 @@ class Settings:
     endpoints: tuple[Endpoint, ...]
     engine: EngineSettings
     probe: ProbeSettings
+    # [ext_proc]: Envoy's endpoint-picker protocol on a listener of its own.
+    ext_proc: ExtProcSettings = field(default_factory=ExtProcSettings)
     # Where the settings came from, for messages: the file path or "<defaults>".
     source: str = "<defaults>"
 
@@ -165,6 +168,8 @@ def load(
         doc = read_toml(path)
     problems = Problems()
     settings = _collect(doc, source, problems)
+    flags = dict(flags or {})
+    ext_proc = _ext_proc_flags(settings.ext_proc, flags, problems, (len(doc) + 2,))
     server_schema = schema(ServerSettings, **_SERVER_TABLE)
     tls_schema = schema(_TlsTable)
     changes: dict[str, Any] = {}
@@ -225,7 +230,24 @@ def load(
     problems.raise_any()
     # Checked whole once the environment and flags may have completed the table.
     server.tls.check()
-    return replace(settings, server=_with_token_file(server))
+    return replace(settings, server=_with_token_file(server), ext_proc=ext_proc)
+
+
+def _ext_proc_flags(
+    ext_proc: ExtProcSettings, flags: dict[str, Any], problems: Problems, order: tuple[int, ...]
+) -> ExtProcSettings:
+    """--ext-proc-listen and --ext-proc-single-endpoint, taken out of `flags`."""
+    listen = flags.pop("ext_proc_listen", None)
+    if listen is not None:
+        try:
+            parse_listen(listen, name="flag --ext-proc-listen")
+        except ConfigError as exc:
+            problems.add(order, str(exc))
+        else:
+            ext_proc = replace(ext_proc, listen=listen)
+    if flags.pop("ext_proc_single_endpoint", None):
+        ext_proc = replace(ext_proc, fallbacks=False)
+    return ext_proc
 
 
 def _tls_values(tls: TLSSettings, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -295,7 +317,7 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
     """Settings from a document, its problems added to `problems` (each starting with
     `source`); the result is only meaningful when no problem was added."""
     found = Problems()
-    known = {"server", "endpoints", "probe", *ENGINE_TABLES}
+    known = {"server", "endpoints", "probe", "ext_proc", *ENGINE_TABLES}
     for i, key in enumerate(doc):
         if key not in known:
             found.add((i,), f"{key}: unknown table or key (known: {', '.join(sorted(known))})")
@@ -312,12 +334,29 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
             probe = ProbeSettings.parse(raw_probe)
         except ConfigError as exc:
             found.extend(exc, where)
+    ext_proc = ExtProcSettings()
+    raw_ext_proc = doc.get("ext_proc", {})
+    where = (position(doc, "ext_proc"),)
+    if not isinstance(raw_ext_proc, Mapping):
+        found.add(where, f"ext_proc: {show(raw_ext_proc)}, must be a table")
+    else:
+        try:
+            ext_proc = ExtProcSettings.parse(raw_ext_proc)
+        except ConfigError as exc:
+            found.extend(exc, where)
     if found:
         try:
             found.raise_any()
         except ConfigErrors as exc:
             problems.extend(exc.prefixed(source), ())
-    return Settings(server=server, endpoints=endpoints, engine=engine, probe=probe, source=source)
+    return Settings(
+        server=server,
+        endpoints=endpoints,
+        engine=engine,
+        probe=probe,
+        ext_proc=ext_proc,
+        source=source,
+    )
 
 
 def _parse_server(value: Any, problems: Problems, order: tuple[int, ...]) -> ServerSettings:

@@ -28,6 +28,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from decider.api import decider_service, reflection
 from decider.api.decider_service import DeciderService
+from decider.api.extproc import SERVICE as EXT_PROC_SERVICE
+from decider.api.extproc.listener import ExtProcListener
 from decider.api.interceptors import (
     AdminClientInterceptor,
     AdminTokenInterceptor,
@@ -136,6 +138,12 @@ class DeciderServer:
             tracing=self.tracing,
         )
         decider_service.add_to_server(self._decider, self._server)
+        # [ext_proc] listen: Envoy's endpoint picker, through the same DecidePath as Decide.
+        self.ext_proc = (
+            ExtProcListener(self._decider.path, settings.ext_proc, tracing=self.tracing)
+            if settings.ext_proc.listen
+            else None
+        )
         rgrpc.add_RegistryServiceServicer_to_server(
             RegistryService(
                 self.registry,
@@ -159,6 +167,7 @@ class DeciderServer:
             self._server,
         )
         self.port = 0
+        self.ext_proc_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self._stop_now: asyncio.Future[None] | None = None
@@ -177,6 +186,19 @@ class DeciderServer:
         await self._server.start()
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.ext_proc is not None:
+            ext_proc_listen = self.settings.ext_proc.listen
+            try:
+                self.ext_proc_port = await self.ext_proc.start(
+                    ext_proc_listen,
+                    credentials=self.tls.grpc_credentials() if self.tls is not None else None,
+                )
+            except RuntimeError as exc:
+                raise ConfigError(
+                    _bind_failure(ext_proc_listen, "ext_proc.listen", str(exc))
+                ) from exc
+            await self.health.set(EXT_PROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ext_proc endpoint picker on %s", self.settings.ext_proc.listen)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]
         if self.prober is not None:
             self._tasks.append(asyncio.create_task(self.prober.run(), name="decider-prober"))
@@ -222,7 +244,10 @@ class DeciderServer:
         await self.health.enter_graceful_shutdown()
         self.hub.close()
         self._decider.drain()
-        await self._server.stop(grace)
+        if self.ext_proc is not None:
+            await asyncio.gather(self.ext_proc.stop(grace), self._server.stop(grace))
+        else:
+            await self._server.stop(grace)
         for task in self._tasks:
             task.cancel()
         if self.prober is not None:
