@@ -376,8 +376,9 @@ def markdown(
         "thing. What the engine relies on holds for both: block hashes are chained, so two "
         "prompts share their first k hashes exactly when they share their first k blocks.\n",
         "## Running it\n",
-        "`make sim` runs the whole sweep (every workload under every strategy listed, on two "
-        "processes; a few minutes on two cores) and rewrites this file and "
+        "`make sim` runs the whole sweep (every workload under every strategy listed and every "
+        "seed: 336 runs on two processes, about 1.5 minutes on two idle cores, longer on a "
+        "busy machine) and rewrites this file and "
         "docs/img/sim_*.png. `python -m bench.sim --help` lists the options: `--seed`, "
         "`--scale` (multiplies every arrival window; 0.2 for a quick look), `--workloads`, "
         "`--strategies` (an empty name is the configured default), `--engine-config FILE` "
