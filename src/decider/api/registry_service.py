@@ -13,6 +13,7 @@ from decider.api.ports import Clock, DecisionEngine
 from decider.codec import convert, validate
 from decider.obs.logs import log_registry_change
 from decider.obs.telemetry import Rpc, Tracing, annotate_endpoint, traced
+from decider.state.breaker_reasons import BreakerReasons
 from decider.state.probe_reports import ProbeReports
 from decider.state.registry import Registry, validated
 from decider.v1 import registry_service_pb2 as rpb
@@ -29,12 +30,14 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         *,
         clock: Clock = time.monotonic,
         reports: ProbeReports | None = None,
+        breaker_reasons: BreakerReasons | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self._registry = registry
         self._engine = engine
         self._clock = clock
         self._reports = reports or ProbeReports()
+        self._breaker_reasons = breaker_reasons or BreakerReasons()
         # Read by @traced: one server span per admin call.
         self.tracing = tracing or Tracing.disabled()
 
@@ -72,7 +75,10 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         validate.list_endpoints_request(request)
         annotate_endpoint(trace.get_current_span(), "", model=request.model)
         states = self._engine.endpoint_states(model=request.model, now=self._clock())
-        return convert.list_response(sorted(states, key=lambda s: s.endpoint.id))
+        return convert.list_response(
+            sorted(states, key=lambda s: s.endpoint.id),
+            breaker_reason=self._breaker_reasons.reason,
+        )
 
     @traced(Rpc.REPORT_PROBE_RESULTS)
     @unary

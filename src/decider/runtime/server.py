@@ -47,6 +47,7 @@ from decider.errors import ConfigError
 from decider.obs.logs import log_health_event
 from decider.obs.metrics import Metrics, MetricsServer
 from decider.obs.telemetry import TelemetryObserver, Tracing
+from decider.state.breaker_reasons import BreakerReasons
 from decider.state.probe_reports import ProbeReports
 from decider.state.registry import EndpointStore, Registry
 from decider.state.watch import WatchHub
@@ -92,6 +93,7 @@ class DeciderServer:
         self.tls = CertificateFiles(srv.tls) if srv.tls.enabled else None
         store = EndpointStore(srv.data_dir) if srv.data_dir else None
         self.registry = Registry(settings.endpoints, store=store)
+        self.breaker_reasons = BreakerReasons()
         self.hub = WatchHub(
             self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
         )
@@ -114,6 +116,9 @@ class DeciderServer:
         self._on_membership(self.registry.snapshot())
         self.metrics.bind_endpoint_states(lambda: self.engine.endpoint_states(now=self._clock()))
         self.metrics.bind_watcher_count(lambda: self.hub.watcher_count)
+        self.metrics.add_state_usage(self.engine.state_usage)
+        self.metrics.add_state_usage(lambda: {"watch_events": self.hub.usage()})
+        self.metrics.add_state_usage(self.tracing.state_usage)
 
         self.admission = AdmissionInterceptor(max_concurrent=srv.max_concurrent_rpcs)
         chain: list[grpc.aio.ServerInterceptor] = [self.admission]
@@ -145,6 +150,7 @@ class DeciderServer:
                 self.engine,
                 clock=clock,
                 reports=self.probe_reports,
+                breaker_reasons=self.breaker_reasons,
                 tracing=self.tracing,
             ),
             self._server,
@@ -272,11 +278,13 @@ class DeciderServer:
         members = frozenset(e.id for e in endpoints)
         for gone in self._members - members:
             self.metrics.forget_endpoint(gone)
+        self.metrics.set_endpoints({e.id: e.model for e in endpoints})
         self._members = members
 
     def _on_event(self, event: HealthEvent) -> None:
         # Called by the engine mid-method: only enqueue (watch.py never blocks) and log.
         self.hub.publish(event)
+        self.breaker_reasons.observe(event)
         log_health_event(event)
 
     def _on_scrape_error(self, endpoint_id: str, reason: str) -> None:
