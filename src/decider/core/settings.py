@@ -109,7 +109,7 @@ class AffinitySettings:
     # Sliding: every request of the session renews it.
     ttl_s: float = field(default=300.0, metadata=allowed(gt=0))
     # The least recently used sessions are dropped beyond this (the oldest eighth at a time).
-    max_sessions: int = field(default=100_000, metadata=allowed(ge=1))
+    max_sessions: int = field(default=50_000, metadata=allowed(ge=1))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
