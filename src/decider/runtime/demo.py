@@ -27,6 +27,7 @@ from decider.config import Settings
 from decider.core.model import Endpoint
 from decider.obs.telemetry import Tracing
 from decider.runtime.server import serve
+from decider.runtime.standin import BadRequest, read_body
 
 log = logging.getLogger("decider.demo")
 
@@ -92,7 +93,7 @@ class StandIn:
                 k.strip().lower(): v.strip()
                 for k, _, v in (line.partition(":") for line in lines[1:] if line)
             }
-            body = await asyncio.wait_for(_read_body(reader, headers), 10)
+            body = await asyncio.wait_for(read_body(reader, headers, max_bytes=MAX_BODY_BYTES), 10)
             path = target.split("?")[0]
             if method == "POST" and path == "/v1/chat/completions":
                 await self._complete(body, writer)
@@ -100,7 +101,7 @@ class StandIn:
                 status, content_type, payload = self._respond(method, path)
                 _write_whole(writer, status, content_type, payload)
             await writer.drain()
-        except _BodyTooLarge:
+        except BadRequest:  # the body is over MAX_BODY_BYTES
             _write_whole(
                 writer, "413 Payload Too Large", "application/json", b'{"error":"body too large"}'
             )
@@ -188,32 +189,6 @@ class StandIn:
             writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         finally:
             self.running -= 1
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes:
-    """The request body, sent with Content-Length or chunked (RFC 9112 section 7.1)."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = bytearray()
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                # Trailer fields, if any, end with an empty line.
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass
-                return bytes(body)
-            if len(body) + size > MAX_BODY_BYTES:
-                raise _BodyTooLarge
-            body += await reader.readexactly(size)
-            await reader.readexactly(2)
-    length = int(headers.get("content-length", "0") or 0)
-    if length > MAX_BODY_BYTES:
-        raise _BodyTooLarge
-    return await reader.readexactly(length) if length else b""
 
 
 def _write_whole(
