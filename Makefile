@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools redis-server run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -44,10 +44,16 @@ $(TOOLS)/node_modules/.bin/buf:
 run: install
 	$(VENV)/bin/decider serve --demo
 
-test: install proto-check lint-imports test-python test-go
+test: install redis-server proto-check lint-imports test-python test-go
+
+# The shared-state tests start their own redis-server (Debian's package) on a free loopback port.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends redis-server; }
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
-test-python: install
+test-python: install redis-server
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The Go client's tests start the real decider from $(VENV) (skipped, saying so, only without it).
