@@ -5,7 +5,8 @@
      ├── InvalidArgument   a request field is malformed or out of range (names each field)
      ├── NotFound          a named thing does not exist (e.g. deregistering an unknown endpoint)
      ├── Unauthenticated   an admin call without the configured bearer token
-     └── Overloaded        a server limit (concurrent RPCs, watchers) is reached
+     ├── Overloaded        a server limit (concurrent RPCs, watchers) is reached
+     └── Unavailable       a change could not be stored: the shared state (Redis) is down
 
 The gRPC adapters map these to status codes in one place (api/errors.py).
 """
@@ -50,3 +51,7 @@ class Unauthenticated(DeciderError):
 
 class Overloaded(DeciderError):
     """The server is at a configured limit (concurrent RPCs, watchers) or shutting down."""
+
+
+class Unavailable(DeciderError):
+    """A write that needs the shared state store failed; nothing was applied. Names the cause."""

@@ -4,6 +4,7 @@ InvalidArgument            -> INVALID_ARGUMENT   + BadRequest (one violation per
 NotFound                   -> NOT_FOUND          + ErrorInfo
 Unauthenticated            -> UNAUTHENTICATED    + ErrorInfo
 Overloaded                 -> RESOURCE_EXHAUSTED + ErrorInfo + RetryInfo
+Unavailable                -> UNAVAILABLE        + ErrorInfo(SHARED_STATE_UNAVAILABLE) + RetryInfo
 Refusal MODEL_NOT_FOUND    -> NOT_FOUND          + ErrorInfo(MODEL_NOT_FOUND)
 Refusal NO_HEALTHY_ENDPOINT-> UNAVAILABLE        + ErrorInfo(NO_HEALTHY_ENDPOINT)
 Refusal QUOTA_EXHAUSTED    -> RESOURCE_EXHAUSTED + ErrorInfo + RetryInfo + QuotaFailure
@@ -33,6 +34,7 @@ from decider.errors import (
     NotFound,
     Overloaded,
     Unauthenticated,
+    Unavailable,
 )
 
 log = logging.getLogger("decider.api")
@@ -70,6 +72,13 @@ def status_for_error(exc: BaseException) -> grpc.Status:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             str(exc),
             _info("SERVER_OVERLOADED"),
+            _retry(OVERLOADED_RETRY_S),
+        )
+    if isinstance(exc, Unavailable):
+        return rich_status(
+            grpc.StatusCode.UNAVAILABLE,
+            str(exc),
+            _info("SHARED_STATE_UNAVAILABLE"),
             _retry(OVERLOADED_RETRY_S),
         )
     if isinstance(exc, ConfigError):

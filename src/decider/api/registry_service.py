@@ -14,7 +14,7 @@ from decider.codec import convert, validate
 from decider.obs.logs import log_registry_change
 from decider.obs.telemetry import Rpc, Tracing, annotate_endpoint, traced
 from decider.state.probe_reports import ProbeReports
-from decider.state.registry import Registry, validated
+from decider.state.registry import LocalMembership, Membership, Registry, validated
 from decider.v1 import registry_service_pb2 as rpb
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 
@@ -30,8 +30,11 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         clock: Clock = time.monotonic,
         reports: ProbeReports | None = None,
         tracing: Tracing | None = None,
+        membership: Membership | None = None,
     ) -> None:
+        """`membership` takes the writes (default: `registry` itself, in this process)."""
         self._registry = registry
+        self._membership = membership or LocalMembership(registry)
         self._engine = engine
         self._clock = clock
         self._reports = reports or ProbeReports()
@@ -46,7 +49,7 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         validate.register_endpoint_request(request)
         endpoint = validated(convert.endpoint_from_proto(request.endpoint), prefix="endpoint.")
         annotate_endpoint(trace.get_current_span(), endpoint.id, model=endpoint.model)
-        created = self._registry.register(endpoint)
+        created = await self._membership.register(endpoint)
         stored = self._registry.get(endpoint.id) or endpoint
         log_registry_change("registered" if created else "updated", stored)
         return rpb.RegisterEndpointResponse(
@@ -60,7 +63,7 @@ class RegistryService(rgrpc.RegistryServiceServicer):
     ) -> rpb.DeregisterEndpointResponse:
         validate.deregister_endpoint_request(request)
         annotate_endpoint(trace.get_current_span(), request.endpoint_id)
-        self._registry.deregister(request.endpoint_id)
+        await self._membership.deregister(request.endpoint_id)
         log_registry_change("deregistered", request.endpoint_id)
         return rpb.DeregisterEndpointResponse()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -20,6 +20,7 @@ from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
 from decider.errors import ConfigError
 from decider.state.registry import SOURCE_CONFIG, check_endpoint
+from decider.state.settings import StateSettings
 from probe import ProbeSettings
 
 ENGINE_TABLES = ("routing", "breaker", "quotas", "affinity", "cache")
@@ -63,6 +64,8 @@ class Settings:
     endpoints: tuple[Endpoint, ...]
     engine: EngineSettings
     probe: ProbeSettings
+    # [state]: in this process ("memory") or shared through Redis.
+    state: StateSettings = field(default_factory=StateSettings)
     # Where the settings came from, for messages: the file path or "<defaults>".
     source: str = "<defaults>"
 
@@ -141,7 +144,7 @@ def load(
         server = replace(server, **{key: _check(value, _SERVER_KEYS[key], where)})
         _check_metrics_listen(server, key, where)
     _check_listen(server.listen, "listen")
-    return replace(settings, server=server)
+    return replace(settings, server=server, state=settings.state.with_env(env or {}))
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -157,7 +160,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def parse(doc: Mapping[str, Any], *, source: str = "<defaults>") -> Settings:
     """Settings from a parsed TOML document; errors are prefixed with `source`."""
     try:
-        known = {"server", "endpoints", "probe", *ENGINE_TABLES}
+        known = {"server", "endpoints", "probe", "state", *ENGINE_TABLES}
         for key in doc:
             if key not in known:
                 raise ConfigError(
@@ -167,9 +170,12 @@ def parse(doc: Mapping[str, Any], *, source: str = "<defaults>") -> Settings:
         endpoints = _parse_endpoints(doc.get("endpoints", []))
         engine = EngineSettings.parse({k: doc[k] for k in ENGINE_TABLES if k in doc})
         probe = ProbeSettings.parse(_table(doc.get("probe", {}), "probe"))
+        state = StateSettings.parse(_table(doc.get("state", {}), "state"))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    return Settings(server=server, endpoints=endpoints, engine=engine, probe=probe, source=source)
+    return Settings(
+        server=server, endpoints=endpoints, engine=engine, probe=probe, state=state, source=source
+    )
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:

@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -36,9 +38,12 @@ from decider.core.model import Endpoint, HealthEvent, HealthStatus
 from decider.errors import ConfigError
 from decider.obs.logs import log_health_event
 from decider.obs.metrics import Metrics, MetricsServer
+from decider.obs.shared_metrics import SharedStateCollector
 from decider.obs.telemetry import TelemetryObserver, Tracing
 from decider.state.probe_reports import ProbeReports
-from decider.state.registry import EndpointStore, Registry
+from decider.state.redis_link import LINK_ERRORS, RedisLink
+from decider.state.registry import EndpointStore, Membership, Registry
+from decider.state.shared_registry import SharedRegistry
 from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2, registry_service_pb2
 from decider.v1 import registry_service_pb2_grpc as rgrpc
@@ -78,8 +83,18 @@ class DeciderServer:
         listen_metrics = srv.metrics_listen if metrics_listen is None else metrics_listen
         self._metrics_address = parse_listen(listen_metrics) if listen_metrics else None
         self.metrics_server: MetricsServer | None = None
-        store = EndpointStore(srv.data_dir) if srv.data_dir else None
-        self.registry = Registry(settings.endpoints, store=store)
+        # [state] backend = "redis": registered endpoints live in Redis, shared by every
+        # replica; otherwise in this process (SQLite under data_dir, or memory).
+        self.link: RedisLink | None = None
+        membership: Membership | None = None
+        if settings.state.shared:
+            self.link = RedisLink(settings.state, replica_id=replica_id())
+            self.registry = Registry(settings.endpoints)
+            membership = SharedRegistry(self.registry, self.link)
+            self.metrics.registry.register(SharedStateCollector(self.link))
+        else:
+            store = EndpointStore(srv.data_dir) if srv.data_dir else None
+            self.registry = Registry(settings.endpoints, store=store)
         self.hub = WatchHub(
             self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
         )
@@ -134,6 +149,7 @@ class DeciderServer:
                 clock=clock,
                 reports=self.probe_reports,
                 tracing=self.tracing,
+                membership=membership,
             ),
             self._server,
         )
@@ -160,12 +176,19 @@ class DeciderServer:
             self.port = self._server.add_insecure_port(listen)
         except RuntimeError as exc:
             raise ConfigError(f"server.listen: cannot listen on {listen!r}: {exc}") from exc
+        if self.link is not None:
+            # The fleet's registry before the first decision; if Redis is down, start from
+            # the config endpoints and catch up when it answers (run() keeps trying).
+            with contextlib.suppress(*LINK_ERRORS):
+                await self.link.reconcile()
         await self._server.start()
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]
         if self.prober is not None:
             self._tasks.append(asyncio.create_task(self.prober.run(), name="decider-prober"))
+        if self.link is not None:
+            self._tasks.append(asyncio.create_task(self.link.run(), name="decider-shared-state"))
         if self._metrics_address is not None:
             host, port = self._metrics_address
             self.metrics_server = MetricsServer(self.metrics, host=host, port=port)
@@ -201,6 +224,8 @@ class DeciderServer:
                 await task
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        if self.link is not None:
+            await self.link.aclose()
         self.registry.close()
         # Flushes spans still queued; the exporter blocks, so off the event loop.
         await asyncio.to_thread(self.tracing.shutdown)
@@ -249,6 +274,11 @@ class DeciderServer:
                     )
             except Exception:
                 log.exception("engine tick failed")
+
+
+def replica_id() -> str:
+    """This process's name in the shared state: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def serve(
