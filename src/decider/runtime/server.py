@@ -70,11 +70,13 @@ class DeciderServer:
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
         metrics_listen: str | None = None,
+        reuse_port: bool = False,
     ) -> None:
         """`observer` and `interceptors` are the telemetry seams: the observer sees every
         decision and outcome (default: spans, metrics and the decision log); the interceptors
         run after admission and the admin token. `tracing` is shut down by stop();
-        `metrics_listen` (default `[server] metrics_listen`) serves `metrics` on /metrics."""
+        `metrics_listen` (default `[server] metrics_listen`) serves `metrics` on /metrics.
+        `reuse_port`: one of `decider serve --workers N`, sharing the port with the others."""
         self.settings = settings
         self._clock = clock
         srv = settings.server
@@ -128,8 +130,8 @@ class DeciderServer:
             options=[
                 ("grpc.max_receive_message_length", srv.max_message_bytes),
                 ("grpc.max_send_message_length", srv.max_message_bytes),
-                # Two servers must never share a port by accident.
-                ("grpc.so_reuseport", 0),
+                # Two servers must never share a port by accident; workers share one on purpose.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         self._decider = DeciderService(
@@ -289,9 +291,16 @@ async def serve(
     observer: Observer | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tracing: Tracing | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serves until `shutdown_trigger` returns; without one, until SIGTERM or SIGINT."""
-    server = DeciderServer(settings, observer=observer, interceptors=interceptors, tracing=tracing)
+    server = DeciderServer(
+        settings,
+        observer=observer,
+        interceptors=interceptors,
+        tracing=tracing,
+        reuse_port=reuse_port,
+    )
     try:
         await server.start()
     except BaseException:
