@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools redis-server run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing sim clean
+.PHONY: help install tools redis-server run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing bench-scale sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -128,6 +128,12 @@ bench-grpc: install $(TOOLS)/bin/ghz
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
 	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
+
+# Scale-out: Decide throughput with the memory and Redis backends and with 2 workers (ghz),
+# registry sync delay and probing-lease takeover between replicas (a few minutes). Writes
+# bench/results/scale.json and the bench-scale tables of docs/BENCHMARKS.md and docs/SCALING.md.
+bench-scale: install redis-server $(TOOLS)/bin/ghz
+	$(PY) bench/scale/bench_scale.py --ghz $(TOOLS)/bin/ghz
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install

@@ -61,15 +61,12 @@ class Replica:
         self.port_file = self.directory / "port"
         self.log = self.directory / "decider.log"
         self.port = 0
+        # The latest process's pid, kept after it is stopped or killed.
+        self.pid = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: grpc.aio.Channel | None = None
         self.decider: dgrpc.DeciderServiceAsyncStub
         self.registry: rgrpc.RegistryServiceAsyncStub
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
 
     def _spawn(self, extra: tuple[str, ...]) -> subprocess.Popen[bytes]:
         with open(self.log, "ab") as log:
@@ -90,6 +87,7 @@ class Replica:
     async def start(self, *extra: str) -> Replica:
         self.port_file.unlink(missing_ok=True)
         self._process = self._spawn(extra)
+        self.pid = self._process.pid
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.port_file.exists():
             if self._process.poll() is not None or time.monotonic() > deadline:

@@ -113,6 +113,13 @@ async def test_redis_down_fails_writes_and_keeps_deciding(
     )
     assert "shared state unreachable" in a.logs()
 
+    async def reasons(replica: Replica) -> str:
+        listed = await replica.registry.ListEndpoints(rpb.ListEndpointsRequest())
+        return " | ".join(s.health_reason for s in listed.statuses.values())
+
+    await eventually(lambda: _contains(reasons(b), "shared state unreachable"))
+    assert "decides from its local state" in await reasons(b)
+
     redis_server.start()
     await eventually(
         lambda: 'decider_shared_state_up{backend="redis"} 1.0' in _scrape(metrics_port)
@@ -122,6 +129,11 @@ async def test_redis_down_fails_writes_and_keeps_deciding(
     # What was acknowledged before Redis went down is still there.
     listed = await a.registry.ListEndpoints(rpb.ListEndpointsRequest())
     assert {e.id for e in listed.endpoints} == {"cfg-0", "dyn-1", "dyn-2"}
+    assert "shared state" not in listed.statuses["dyn-1"].health_reason
+
+
+async def _contains(value: Any, part: str) -> bool:
+    return part in await value
 
 
 async def _is(value: Any, expected: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -31,10 +32,14 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         reports: ProbeReports | None = None,
         tracing: Tracing | None = None,
         membership: Membership | None = None,
+        health_note: Callable[[], str] | None = None,
     ) -> None:
-        """`membership` takes the writes (default: `registry` itself, in this process)."""
+        """`membership` takes the writes (default: `registry` itself, in this process);
+        `health_note()`, when not empty, is added to every health reason ListEndpoints shows
+        (the shared state being unreachable, say)."""
         self._registry = registry
         self._membership = membership or LocalMembership(registry)
+        self._health_note = health_note
         self._engine = engine
         self._clock = clock
         self._reports = reports or ProbeReports()
@@ -75,7 +80,12 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         validate.list_endpoints_request(request)
         annotate_endpoint(trace.get_current_span(), "", model=request.model)
         states = self._engine.endpoint_states(model=request.model, now=self._clock())
-        return convert.list_response(sorted(states, key=lambda s: s.endpoint.id))
+        response = convert.list_response(sorted(states, key=lambda s: s.endpoint.id))
+        note = self._health_note() if self._health_note is not None else ""
+        if note:
+            for status in response.statuses.values():
+                status.health_reason = f"{status.health_reason}; {note}".lstrip("; ")
+        return response
 
     @traced(Rpc.REPORT_PROBE_RESULTS)
     @unary

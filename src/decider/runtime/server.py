@@ -40,6 +40,7 @@ from decider.obs.logs import log_health_event
 from decider.obs.metrics import Metrics, MetricsServer
 from decider.obs.shared_metrics import SharedStateCollector
 from decider.obs.telemetry import TelemetryObserver, Tracing
+from decider.state.fleet_probing import FleetProbing
 from decider.state.probe_reports import ProbeReports
 from decider.state.redis_link import LINK_ERRORS, RedisLink
 from decider.state.registry import EndpointStore, Membership, Registry
@@ -47,7 +48,7 @@ from decider.state.shared_registry import SharedRegistry
 from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2, registry_service_pb2
 from decider.v1 import registry_service_pb2_grpc as rgrpc
-from probe import Prober
+from probe import HealthSink, Prober
 
 log = logging.getLogger("decider.server")
 
@@ -101,18 +102,14 @@ class DeciderServer:
             self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
         )
         self.engine = Engine(settings.engine, rng=rng or random.Random(), on_event=self._on_event)
-        # [probe] embedded = false: a standalone decider-probe reports instead.
-        self.prober = (
-            Prober(
-                settings.probe,
-                self.engine,
-                clock=clock,
-                on_result=self.metrics.record_probe_result,
-                on_scrape_error=self._on_scrape_error,
-            )
-            if settings.probe.embedded
-            else None
-        )
+        # [probe] embedded = false: a standalone decider-probe reports instead. With a shared
+        # state, one replica of the fleet probes (FleetProbing holds its prober).
+        self.prober: Prober | None = None
+        self.fleet_probing: FleetProbing | None = None
+        if settings.probe.embedded and self.link is not None:
+            self.fleet_probing = FleetProbing(self.link, self.engine, self._new_prober, clock=clock)
+        elif settings.probe.embedded:
+            self.prober = self._new_prober(self.engine)
         self.probe_reports = ProbeReports()
         self._members: frozenset[str] = frozenset()
         self.registry.subscribe(self._on_membership)
@@ -138,7 +135,7 @@ class DeciderServer:
             self.engine,
             self.hub,
             clock=clock,
-            on_failure=self.prober.probe_soon if self.prober is not None else None,
+            on_failure=self._probe_soon_callback(),
             observer=observer
             or TelemetryObserver(self.metrics, annotate_spans=self.tracing.enabled),
             tracing=self.tracing,
@@ -152,6 +149,7 @@ class DeciderServer:
                 reports=self.probe_reports,
                 tracing=self.tracing,
                 membership=membership,
+                health_note=self.link.health_note if self.link is not None else None,
             ),
             self._server,
         )
@@ -191,6 +189,8 @@ class DeciderServer:
             self._tasks.append(asyncio.create_task(self.prober.run(), name="decider-prober"))
         if self.link is not None:
             self._tasks.append(asyncio.create_task(self.link.run(), name="decider-shared-state"))
+        if self.fleet_probing is not None:
+            self._tasks.append(asyncio.create_task(self.fleet_probing.run(), name="decider-fleet"))
         if self._metrics_address is not None:
             host, port = self._metrics_address
             self.metrics_server = MetricsServer(self.metrics, host=host, port=port)
@@ -216,6 +216,9 @@ class DeciderServer:
         await self.health.enter_graceful_shutdown()
         self.hub.close()
         self._decider.drain()
+        if self.fleet_probing is not None:
+            # Hand the probing over now rather than when the lease runs out.
+            await self.fleet_probing.release()
         await self._server.stop(grace)
         for task in self._tasks:
             task.cancel()
@@ -241,10 +244,26 @@ class DeciderServer:
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
+    def _new_prober(self, sink: HealthSink) -> Prober:
+        return Prober(
+            self.settings.probe,
+            sink,
+            clock=self._clock,
+            on_result=self.metrics.record_probe_result,
+            on_scrape_error=self._on_scrape_error,
+        )
+
+    def _probe_soon_callback(self) -> Callable[[str], None] | None:
+        if self.fleet_probing is not None:
+            return self.fleet_probing.probe_soon
+        return self.prober.probe_soon if self.prober is not None else None
+
     def _on_membership(self, endpoints: Sequence[Endpoint]) -> None:
         self.engine.set_endpoints(endpoints, now=self._clock())
         if self.prober is not None:
             self.prober.set_endpoints(endpoints)
+        if self.fleet_probing is not None:
+            self.fleet_probing.set_endpoints(endpoints)
         self.probe_reports.retain({e.id for e in endpoints})
         members = frozenset(e.id for e in endpoints)
         for gone in self._members - members:

@@ -97,6 +97,12 @@ class RedisLink:
         for listener in self._listeners:
             listener(False, cause)
 
+    def health_note(self) -> str:
+        """What health reasons say while Redis is down; empty while it answers."""
+        if self.up:
+            return ""
+        return f"shared state unreachable ({self.cause}): this replica decides from its local state"
+
     def unavailable(self, exc: BaseException, *, doing: str) -> Unavailable:
         """The error for a write that failed: marks the link down and names the cause."""
         self.mark_down(exc)
