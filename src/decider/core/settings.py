@@ -1,88 +1,28 @@
 """The engine's validated configuration: [routing], [routing.<strategy>], [breaker], [quotas],
-[affinity] and [cache], parsed once with `EngineSettings.parse`.
+[affinity] and [cache], parsed once with `EngineSettings.parse`. Each `[routing.<strategy>]` table
+is parsed by its strategy's `parse_config` into that strategy's typed config, kept here and handed
+to the strategy's factory; nothing parses it again.
 
 Every error is a ConfigError naming the key path and the bad value; config.py adds the file name.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from decider.core.readers import as_table, check_keys, get_bool, get_float, get_int, get_str
+from decider.core.strategies import STRATEGIES, StrategyConfig
 from decider.errors import ConfigError
 
-# -- small typed readers, shared with the strategies' own config parsers ------------------------
 
-
-def check_keys(table: Mapping[str, Any], allowed: frozenset[str] | set[str], path: str) -> None:
-    """Raise ConfigError for the first key of `table` that is not in `allowed`."""
-    for key in table:
-        if key not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise ConfigError(f"{path}.{key}: unknown key (known keys: {known})")
-
-
-def as_table(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{path}: {value!r}, must be a table")
-    return value
-
-
-def get_int(
-    table: Mapping[str, Any], key: str, default: int, path: str, *, minimum: int = 0
-) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{path}.{key}: {value!r}, must be an int >= {minimum}")
-    return value
-
-
-def get_float(
-    table: Mapping[str, Any],
-    key: str,
-    default: float,
-    path: str,
-    *,
-    minimum: float = 0.0,
-    maximum: float = math.inf,
-    exclusive_minimum: bool = False,
-) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{path}.{key}: {value!r}, must be a number")
-    number = float(value)
-    too_low = number <= minimum if exclusive_minimum else number < minimum
-    if math.isnan(number) or too_low or number > maximum:
-        low = f"> {minimum:g}" if exclusive_minimum else f">= {minimum:g}"
-        high = "" if maximum == math.inf else f" and <= {maximum:g}"
-        raise ConfigError(f"{path}.{key}: {value!r}, must be a number {low}{high}")
-    return number
-
-
-def get_bool(table: Mapping[str, Any], key: str, default: bool, path: str) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}.{key}: {value!r}, must be true or false")
-    return value
-
-
-def get_str(
-    table: Mapping[str, Any],
-    key: str,
-    default: str,
-    path: str,
-    *,
-    choices: frozenset[str] | None = None,
-) -> str:
-    value = table.get(key, default)
-    if not isinstance(value, str):
-        raise ConfigError(f"{path}.{key}: {value!r}, must be a string")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{path}.{key}: {value!r}, must be one of {', '.join(sorted(choices))}")
-    return value
+def default_strategy_configs() -> Mapping[str, StrategyConfig]:
+    """Every strategy's config with no options set."""
+    return MappingProxyType(
+        {name: factory.parse_config({}, f"routing.{name}") for name, factory in STRATEGIES.items()}
+    )
 
 
 # -- the tables ---------------------------------------------------------------------------------
@@ -110,14 +50,12 @@ class RoutingSettings:
     retry_initial_backoff_s: float = 0.1
     retry_max_backoff_s: float = 2.0
     retry_backoff_multiplier: float = 2.0
-    # Raw [routing.<strategy>] tables, each validated by its strategy in EngineSettings.parse.
-    strategies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Every strategy's typed config (from its [routing.<strategy>] table, else its defaults).
+    strategies: Mapping[str, StrategyConfig] = field(default_factory=default_strategy_configs)
 
-    def options(self, strategy: str) -> Mapping[str, Any]:
-        return self.strategies.get(strategy, _EMPTY_TABLE)
-
-
-_EMPTY_TABLE: Mapping[str, Any] = MappingProxyType({})
+    def config(self, strategy: str) -> StrategyConfig:
+        """The typed config the strategy's factory receives."""
+        return self.strategies[strategy]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,20 +152,18 @@ _ROUTING_KEYS = frozenset(
 
 
 def _parse_routing(table: Mapping[str, Any]) -> RoutingSettings:
-    # Imported here: strategies import this module for the readers above.
-    from decider.core.strategies import STRATEGIES
-
     path = "routing"
-    strategies: dict[str, Mapping[str, Any]] = {}
+    strategies: dict[str, StrategyConfig] = {}
     plain: dict[str, Any] = {}
     for key, value in table.items():
         if key in STRATEGIES:
             options = as_table(value, f"{path}.{key}")
-            # Build once to validate; the engine builds its own with its rng.
-            STRATEGIES[key].parse_config(options, f"{path}.{key}")
-            strategies[key] = MappingProxyType(dict(options))
+            strategies[key] = STRATEGIES[key].parse_config(options, f"{path}.{key}")
         else:
             plain[key] = value
+    for name, factory in STRATEGIES.items():
+        if name not in strategies:
+            strategies[name] = factory.parse_config({}, f"{path}.{name}")
     check_keys(plain, _ROUTING_KEYS | set(STRATEGIES), path)
     d = RoutingSettings()
     default_strategy = get_str(
@@ -269,7 +205,7 @@ def _parse_routing(table: Mapping[str, Any]) -> RoutingSettings:
         retry_backoff_multiplier=get_float(
             plain, "retry_backoff_multiplier", d.retry_backoff_multiplier, path, minimum=1.0
         ),
-        strategies=MappingProxyType(strategies),
+        strategies=MappingProxyType({name: strategies[name] for name in STRATEGIES}),
     )
 
 

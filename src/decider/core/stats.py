@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,6 @@ class EndpointStats:
         "health",
         "health_reason",
         "health_score",
-        "heaps",
         "id",
         "in_flight",
         "latency_at",
@@ -126,8 +125,6 @@ class EndpointStats:
         self.base_score = 0.0
         # -base_score, so that rank heaps (smallest first) read it with a C-level attrgetter.
         self.base_rank = 0.0
-        # Rank heaps of live pools this endpoint is in; each gets a fresh entry on every rescore.
-        self.heaps: list[RankHeap] = []
 
     def replace_endpoint(self, endpoint: Endpoint) -> None:
         """A re-registration with the same id keeps the live stats."""
@@ -168,6 +165,15 @@ class FactorWeights:
         return self.load + self.latency + self.cache + self.quota + self.health + self.cost
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreParams:
+    """What the strategies' options set in the shared scores (see strategies.base.ShapesScores)."""
+
+    weights: FactorWeights = FactorWeights()
+    # Share of time to first token in the latency metric where an endpoint reports it.
+    ttft_weight: float = 1.0
+
+
 def peak_ewma(previous_s: float, sample_s: float, *, elapsed_s: float, decay_s: float) -> float:
     """Finagle's peak EWMA: jump up to a worse sample at once, decay towards better ones with a
     weight that depends on the time since the last sample."""
@@ -180,7 +186,9 @@ def peak_ewma(previous_s: float, sample_s: float, *, elapsed_s: float, decay_s: 
 class Scorer:
     """Recomputes one endpoint's factor scores after a change to it: `rescore` for everything,
     `rescore_load` (the hot path: a decision or an outcome without a latency sample) for the
-    terms that depend on its outstanding requests."""
+    terms that depend on its outstanding requests. It changes only the derived scores; the rank
+    heaps that order endpoints by them are updated by their owner (pool.Pools.reorder), which the
+    caller asks next."""
 
     __slots__ = (
         "_decay_s",
@@ -249,8 +257,6 @@ class Scorer:
         s.latency_cost = s.latency_metric * (s.in_flight + 1)
         s.base_score = base = self._share_load * score + s.static_score
         s.base_rank = -base
-        if s.heaps:
-            push_all(s)
 
     def factor_scores(self, s: EndpointStats, cache: float) -> dict[str, float]:
         return {
@@ -289,10 +295,11 @@ def median(values: list[float]) -> float:
 
 class RankHeap:
     """The usable endpoints of one pool ordered by one key (smallest first), kept current
-    incrementally: every rescore of a member pushes a fresh entry, and entries that are not their
-    member's latest are dropped lazily when they reach the top. A decision then costs O(log n)
-    instead of a pass over every candidate. Among equal keys the member changed least recently
-    comes first, which rotates ties instead of always answering with the same endpoint."""
+    incrementally: after every rescore of a member its owner pushes a fresh entry, and entries
+    that are not their member's latest are dropped lazily when they reach the top. A decision
+    then costs O(log n) instead of a pass over every candidate. Among equal keys the member
+    changed least recently comes first, which rotates ties instead of always answering with the
+    same endpoint."""
 
     __slots__ = ("_heap", "_key", "_latest", "_limit", "_members", "_seq", "alive")
 
@@ -309,8 +316,6 @@ class RankHeap:
         self._seq = 0
         self._heap: list[tuple[Any, int, EndpointStats]] = []
         self._rebuild()
-        for s in members:
-            s.heaps.append(self)
 
     def _rebuild(self) -> None:
         key = self._key
@@ -372,12 +377,93 @@ class RankHeap:
         self._heap = []
 
 
-def push_all(s: EndpointStats) -> None:
-    dead = False
-    for h in s.heaps:
-        if h.alive:
-            h.push(s)
-        else:
-            dead = True
-    if dead:
-        s.heaps = [h for h in s.heaps if h.alive]
+# -- the owner -----------------------------------------------------------------------------------
+
+
+class EndpointTable:
+    """The LoadStats owner (core/state.py) of one engine: the live `EndpointStats` of every
+    registered endpoint, by id and by model. Apart from the decision counts (in flight and recent:
+    pending.py's) and the derived scores (Scorer's), every change to an endpoint's stats goes
+    through it."""
+
+    __slots__ = ("_by_model", "_decay_s", "_stats")
+
+    def __init__(self, *, decay_s: float) -> None:
+        self._decay_s = decay_s
+        self._stats: dict[str, EndpointStats] = {}
+        self._by_model: dict[str, list[EndpointStats]] = {}
+
+    def get(self, endpoint_id: str) -> EndpointStats | None:
+        return self._stats.get(endpoint_id)
+
+    def group(self, model: str) -> list[EndpointStats] | None:
+        return self._by_model.get(model)
+
+    def groups(self) -> Iterable[list[EndpointStats]]:
+        return self._by_model.values()
+
+    def models(self) -> list[str]:
+        return [model for model, group in self._by_model.items() if group]
+
+    def values(self) -> Iterable[EndpointStats]:
+        return self._stats.values()
+
+    def is_live(self, s: EndpointStats) -> bool:
+        return self._stats.get(s.id) is s
+
+    def replace(
+        self, endpoints: Sequence[Endpoint]
+    ) -> tuple[list[EndpointStats], list[EndpointStats]]:
+        old = self._stats
+        new: dict[str, EndpointStats] = {}
+        added: list[EndpointStats] = []
+        for endpoint in endpoints:
+            s = old.get(endpoint.id)
+            if s is None:
+                health = HealthStatus.UNKNOWN if endpoint.health_url else HealthStatus.HEALTHY
+                s = EndpointStats(endpoint, health=health)
+                s.health_reason = (
+                    "not probed yet" if endpoint.health_url else "no health_url: assumed healthy"
+                )
+                added.append(s)
+            elif s.endpoint != endpoint:
+                s.replace_endpoint(endpoint)
+            new[endpoint.id] = s
+        removed = [s for endpoint_id, s in old.items() if endpoint_id not in new]
+        self._stats = new
+        by_model: dict[str, list[EndpointStats]] = {}
+        for s in new.values():
+            by_model.setdefault(s.model, []).append(s)
+        self._by_model = by_model
+        return added, removed
+
+    def record_latency(
+        self, s: EndpointStats, *, latency_s: float, ttft_s: float, now: float
+    ) -> None:
+        record_latency(s, latency_s=latency_s, ttft_s=ttft_s, now=now, decay_s=self._decay_s)
+
+    def record_load(self, s: EndpointStats, load: LoadReport, now: float) -> None:
+        s.load_report = load
+        s.load_at = now
+
+    def set_health(self, s: EndpointStats, status: HealthStatus, reason: str) -> bool:
+        s.health_reason = reason
+        if s.health is status:
+            return False
+        s.health = status
+        return True
+
+    def cool_down(self, s: EndpointStats, until: float) -> None:
+        s.cooldown_until = until
+
+    def set_quota_score(self, s: EndpointStats, headroom: float) -> None:
+        s.quota_score = headroom
+
+    def refresh_references(self, group: Sequence[EndpointStats], *, ttft_weight: float) -> None:
+        known = [s.latency_metric_s(ttft_weight) for s in group if s.latency_ewma_s > 0.0]
+        ref = median(known)
+        costs = [s.cost for s in group if s.cost > 0.0]
+        cost_ref = min(costs) if costs else 0.0
+        for s in group:
+            s.latency_ref_s = ref
+            s.cost_ref = cost_ref

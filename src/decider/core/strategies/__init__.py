@@ -1,4 +1,7 @@
-"""Every routing strategy, by wire name. A strategy exists only if it is listed here."""
+"""Every routing strategy, by wire name. A strategy exists only if it is listed here.
+
+A leaf of the core's imports: the strategies import base, stats, model and readers, never the
+settings or the engine, so settings.py and engine.py import this table at the top."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections.abc import Mapping
 
 from decider.core.strategies.ab_split import AbSplit
 from decider.core.strategies.affinity import Affinity
-from decider.core.strategies.base import Strategy, StrategyFactory
+from decider.core.strategies.base import Strategy, StrategyConfig, StrategyFactory
 from decider.core.strategies.cache_aware import CacheAware
 from decider.core.strategies.composite import Composite
 from decider.core.strategies.cost import Cost
@@ -33,4 +36,4 @@ STRATEGIES: Mapping[str, StrategyFactory] = {
     Composite.name: Composite,
 }
 
-__all__ = ["STRATEGIES", "Strategy", "StrategyFactory"]
+__all__ = ["STRATEGIES", "Strategy", "StrategyConfig", "StrategyFactory"]

@@ -23,9 +23,9 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from decider.core.model import RouteRequest
-from decider.core.settings import as_table, check_keys, get_int, get_str
+from decider.core.readers import as_table, check_keys, get_int, get_str
 from decider.core.stats import label_tags
-from decider.core.strategies.base import Choice, PickContext, Ranked
+from decider.core.strategies.base import Choice, PickContext, Ranked, Route
 from decider.errors import ConfigError
 
 _WITHIN = frozenset(
@@ -60,15 +60,6 @@ class AbSplitConfig:
     within: str = "least_request"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ArmRoute:
-    """Where the engine routes the request for one arm."""
-
-    model: str
-    capabilities: frozenset[str]
-    note: str
-
-
 def _parse_arm(value: Any, path: str) -> Arm:
     table = as_table(value, path)
     check_keys(table, {"name", "weight", "model", "labels"}, path)
@@ -96,8 +87,8 @@ def session_point(key: str) -> float:
 class AbSplit:
     name: ClassVar[str] = "ab_split"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: AbSplitConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
         total = sum(a.weight for a in self._config.arms)
         bounds = []
@@ -123,7 +114,7 @@ class AbSplit:
         ]
         self._no_arms = "ab_split: no arms configured; "
         # Routes per (first arm, model, capabilities): built once, not per decision.
-        self._routes: dict[tuple[int, str, frozenset[str]], list[ArmRoute]] = {}
+        self._routes: dict[tuple[int, str, frozenset[str]], list[Route]] = {}
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> AbSplitConfig:
@@ -145,12 +136,12 @@ class AbSplit:
     def within(self) -> str:
         return self._config.within
 
-    def routes(self, request: RouteRequest) -> Sequence[ArmRoute]:
-        """The arms to try, the session's own first."""
+    def routes(self, request: RouteRequest) -> Sequence[Route]:
+        """The arms to try, the session's own first (the Splitter hook)."""
         arms = self._config.arms
         caps = request.required_capabilities
         if not arms:
-            return [ArmRoute(model=request.model, capabilities=caps, note=self._no_arms)]
+            return [Route(model=request.model, capabilities=caps, note=self._no_arms)]
         session = request.session_id or request.request_id
         if session:
             point = session_point(session)
@@ -166,7 +157,7 @@ class AbSplit:
             for i in self._orders[first]:
                 tags = self._tags[i]
                 routes.append(
-                    ArmRoute(
+                    Route(
                         model=arms[i].model or request.model,
                         capabilities=caps | tags if tags else caps,
                         note=self._notes[first][i],
@@ -177,7 +168,8 @@ class AbSplit:
             self._routes[route_key] = routes
         return routes
 
-    # The engine routes ab_split itself (per arm, with `within`); these keep the Strategy shape.
+    # The engine routes a Splitter itself (per route, with `within`); these keep the Strategy
+    # shape.
     def choose(self, ctx: PickContext) -> Choice:
         return ctx.strategies[self._config.within].choose(ctx)
 

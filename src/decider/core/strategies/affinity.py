@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys, get_str
+from decider.core.readers import check_keys, get_str
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Picker, Ranked
 
@@ -35,8 +35,8 @@ def session_key(model: str, session_id: str) -> str:
 class Affinity:
     name: ClassVar[str] = "affinity"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: AffinityConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
         self._fallback: Picker | None = None
 

@@ -1,9 +1,16 @@
-"""What a strategy sees and returns.
+"""What a strategy is, sees and returns.
 
 A strategy ranks the usable candidates of one request: `choose` returns the chosen endpoint and up
 to `count - 1` ordered fallbacks, `rank` returns every candidate with its scores for explain mode.
 Neither reads the clock (the engine passes `now`) nor draws randomness except from the `rng` it was
 built with; with `ctx.commit` False (explain mode) neither changes any state.
+
+A strategy plugs in as grpc-go's balancers do: its class is listed in the STRATEGIES table
+(strategies/__init__.py), `parse_config` turns its `[routing.<name>]` table into its typed config
+once, at load time (core/settings.py keeps it), and the class is called with that config to build
+it. What the engine needs from a strategy beyond picking, it asks through a hook Protocol found
+once when the engine is built: `Splitter` (route over several targets, as ab_split's arms do) and
+`ShapesScores` (set parameters of the shared endpoint scores, as composite's weights do).
 
 Candidates are the engine's long-lived `EndpointStats` objects, not per-decision copies: picking
 reads their attributes and builds nothing per candidate.
@@ -19,97 +26,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from decider.core.model import RouteRequest
-from decider.core.stats import EndpointStats, RankHeap, Scorer
+from decider.core.stats import EndpointStats, ScoreParams, Scorer
 
 if TYPE_CHECKING:
-    from decider.core.affinity import PrefixIndex, SessionTable
-    from decider.core.quota import QuotaLedger
+    from decider.core.pool import Pool
+    from decider.core.state import PrefixCache, Sessions
 
 NO_SCORES: Mapping[str, float] = MappingProxyType({})
-
-
-class Pool:
-    """The usable endpoints of one (model, required capabilities) pair, rebuilt only when health,
-    breakers or membership change. Strategies may cache structures derived from `items` in
-    `scratch` (keyed by their name); a rebuild starts with an empty one."""
-
-    __slots__ = (
-        "candidates",
-        "has_limits",
-        "items",
-        "key",
-        "members",
-        "model",
-        "panic",
-        "registered",
-        "scratch",
-        "skipped",
-        "standby",
-        "summary",
-        "valid_until",
-    )
-
-    def __init__(
-        self,
-        *,
-        key: tuple[str, frozenset[str]],
-        items: list[EndpointStats],
-        standby: list[EndpointStats],
-        registered: int,
-        candidates: list[EndpointStats],
-        skipped: dict[str, int],
-        valid_until: float,
-        panic: bool,
-        has_limits: bool,
-        summary: str = "",
-    ) -> None:
-        self.key = key
-        # The filters' part of a reason, e.g. "3 of 5 candidates, 1 unhealthy, 1 breaker open".
-        self.summary = summary
-        self.model = key[0]
-        # Usable now, best health tier only (HEALTHY, else UNKNOWN, else DEGRADED).
-        self.items = items
-        # The items by endpoint id.
-        self.members: dict[str, EndpointStats] = {s.id: s for s in items}
-        # Usable but in a worse health tier: only ever fallbacks.
-        self.standby = standby
-        # Endpoints serving the model, and those of them with the required capabilities.
-        self.registered = registered
-        self.candidates = candidates
-        # Candidates left out before picking, by reason wire name (standby tiers included).
-        self.skipped = skipped
-        # The pool must be rebuilt at this time (a cooldown or open breaker ends).
-        self.valid_until = valid_until
-        self.panic = panic
-        # Some item has a max_in_flight, requests_per_minute or tokens_per_minute limit.
-        self.has_limits = has_limits
-        self.scratch: dict[str, Any] = {}
-
-    def close(self) -> None:
-        for value in self.scratch.values():
-            if isinstance(value, RankHeap):
-                value.close()
-
-    def heap(self, name: str, key: Callable[[EndpointStats], Any]) -> RankHeap:
-        """The pool's items ranked by `key` (smallest first), built on first use and kept
-        current as their stats change; shared by strategies through `name`."""
-        heap: RankHeap | None = self.scratch.get(name)
-        if heap is None:
-            heap = self.scratch[name] = RankHeap(self.items, key)
-        return heap
-
-
-_EMPTY_POOL = Pool(
-    key=("", frozenset()),
-    items=[],
-    standby=[],
-    registered=0,
-    candidates=[],
-    skipped={},
-    valid_until=0.0,
-    panic=False,
-    has_limits=False,
-)
 
 
 class PickContext:
@@ -122,7 +45,6 @@ class PickContext:
         "filtered",
         "index",
         "items",
-        "ledger",
         "now",
         "pool",
         "request",
@@ -135,12 +57,11 @@ class PickContext:
         self,
         *,
         scorer: Scorer,
-        index: PrefixIndex,
-        sessions: SessionTable,
-        ledger: QuotaLedger,
+        index: PrefixCache,
+        sessions: Sessions,
         strategies: Mapping[str, Strategy],
+        pool: Pool,
         request: RouteRequest | None = None,
-        pool: Pool | None = None,
         items: Sequence[EndpointStats] = (),
         count: int = 1,
         commit: bool = True,
@@ -150,11 +71,10 @@ class PickContext:
         self.scorer = scorer
         self.index = index
         self.sessions = sessions
-        self.ledger = ledger
         self.strategies = strategies
         # Per decision: the engine sets these before each pick.
         self.request: RouteRequest = request if request is not None else RouteRequest(model="")
-        self.pool: Pool = pool if pool is not None else _EMPTY_POOL
+        self.pool = pool
         # Non-empty. pool.items itself unless this request filtered some out (then `filtered`).
         self.items = items
         self.filtered = items is not self.pool.items
@@ -200,6 +120,43 @@ class Strategy(Protocol):
     def rank(self, ctx: PickContext) -> list[Ranked]: ...
 
 
+class StrategyConfig(Protocol):
+    """A strategy's parsed options: a frozen value of the strategy's own config class (for example
+    `LeastRequestConfig`), built once by its `parse_config`. Nothing beyond that is required."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """One target a `Splitter` sends the request to: the model and required capabilities whose
+    pool the engine picks from, and the words the reason starts with."""
+
+    model: str
+    capabilities: frozenset[str]
+    note: str
+
+
+@runtime_checkable
+class Splitter(Protocol):
+    """Hook: a strategy that routes a request over several targets in turn (ab_split's arms).
+
+    The engine tries the routes in order, picking inside each with the strategy named `within`,
+    and answers with the first decision (or quota refusal); otherwise with the first refusal."""
+
+    @property
+    def within(self) -> str: ...
+
+    def routes(self, request: RouteRequest) -> Sequence[Route]: ...
+
+
+@runtime_checkable
+class ShapesScores(Protocol):
+    """Hook: a strategy whose options set parameters of the per-endpoint scores every strategy
+    reads (composite's factor weights, latency's TTFT share). The engine asks each such strategy,
+    in table order, once when it is built, and builds its one Scorer from the result."""
+
+    def shape_scores(self, params: ScoreParams) -> ScoreParams: ...
+
+
 @runtime_checkable
 class Picker(Strategy, Protocol):
     """A strategy that can pick without explaining itself (affinity's fallbacks)."""
@@ -208,10 +165,19 @@ class Picker(Strategy, Protocol):
 
 
 class StrategyFactory(Protocol):
-    def __call__(self, config: Mapping[str, Any], rng: random.Random) -> Strategy: ...
+    """A strategy class as the STRATEGIES table lists it (its `name` is the wire name)."""
+
+    @property
+    def name(self) -> str: ...
+
+    # `config` is what this class's own parse_config returned (typed per strategy, hence Any).
+    def __call__(self, config: Any, rng: random.Random) -> Strategy: ...
 
     @staticmethod
-    def parse_config(options: Mapping[str, Any], path: str) -> object: ...
+    def parse_config(options: Mapping[str, Any], path: str) -> StrategyConfig:
+        """Validate a `[routing.<name>]` table (path is its key path, for messages): the typed
+        config, or ConfigError naming the key, the value and what is allowed."""
+        ...
 
 
 # -- helpers shared by strategies ---------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys, get_float
+from decider.core.readers import check_keys, get_float
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, load_key
 from decider.core.strategies.composite import best_with_credit, cache_credits
 from decider.errors import ConfigError
@@ -28,8 +28,8 @@ class CacheAwareConfig:
 class CacheAware:
     name: ClassVar[str] = "cache_aware"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: CacheAwareConfig, rng: random.Random) -> None:
+        self._config = config
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> CacheAwareConfig:

@@ -10,14 +10,15 @@ gets no cache credit, so a hot prefix cannot pile onto one endpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys, get_float
-from decider.core.stats import EndpointStats, FactorWeights
+from decider.core.readers import check_keys, get_float
+from decider.core.stats import EndpointStats, FactorWeights, ScoreParams
 from decider.core.strategies.base import (
     Choice,
     PickContext,
@@ -94,8 +95,8 @@ def best_with_credit(
 class Composite:
     name: ClassVar[str] = "composite"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: CompositeConfig, rng: random.Random) -> None:
+        self._config = config
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> CompositeConfig:
@@ -104,6 +105,10 @@ class Composite:
             weights=parse_weights(options, path, FactorWeights()),
             max_load_gap=get_float(options, "max_load_gap", 16.0, path),
         )
+
+    def shape_scores(self, params: ScoreParams) -> ScoreParams:
+        """The ShapesScores hook: the factor weights are the shared scores' weights."""
+        return dataclasses.replace(params, weights=self._config.weights)
 
     def choose(self, ctx: PickContext) -> Choice:
         share = ctx.scorer.cache_share

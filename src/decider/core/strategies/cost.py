@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys
+from decider.core.readers import check_keys
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, cost_key
 
 
@@ -20,8 +20,8 @@ class CostConfig:
 class Cost:
     name: ClassVar[str] = "cost"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: CostConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
 
     @staticmethod

@@ -10,13 +10,14 @@ endpoint that looked fastest a few seconds ago."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys, get_bool, get_float, get_int
-from decider.core.stats import EndpointStats
+from decider.core.readers import check_keys, get_bool, get_float, get_int
+from decider.core.stats import EndpointStats, ScoreParams
 from decider.core.strategies.base import (
     Choice,
     PickContext,
@@ -40,8 +41,8 @@ class LatencyConfig:
 class Latency:
     name: ClassVar[str] = "latency"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: LatencyConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
 
     @staticmethod
@@ -52,6 +53,10 @@ class Latency:
             choice_count=get_int(options, "choice_count", 2, path, minimum=2),
             full_scan=get_bool(options, "full_scan", False, path),
         )
+
+    def shape_scores(self, params: ScoreParams) -> ScoreParams:
+        """The ShapesScores hook: every endpoint's latency metric blends TTFT by ttft_weight."""
+        return dataclasses.replace(params, ttft_weight=self._config.ttft_weight)
 
     def choose(self, ctx: PickContext) -> Choice:
         items = ctx.items

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys, get_bool, get_int
+from decider.core.readers import check_keys, get_bool, get_int
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import (
     Choice,
@@ -44,8 +44,8 @@ def describe(picked: Sequence[EndpointStats], *, sampled: int, total: int) -> st
 class LeastRequest:
     name: ClassVar[str] = "least_request"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: LeastRequestConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
 
     @staticmethod

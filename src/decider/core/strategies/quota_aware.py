@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys
+from decider.core.readers import check_keys
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, quota_key
 
 
@@ -21,8 +21,8 @@ class QuotaAwareConfig:
 class QuotaAware:
     name: ClassVar[str] = "quota_aware"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: QuotaAwareConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
 
     @staticmethod

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys
+from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import (
     Choice,
@@ -26,8 +26,8 @@ class RandomConfig:
 class Random:
     name: ClassVar[str] = "random"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: RandomConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
 
     @staticmethod

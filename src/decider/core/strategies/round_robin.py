@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys
+from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked, plain_ranking, rotated
 
@@ -20,8 +20,8 @@ class RoundRobinConfig:
 class RoundRobin:
     name: ClassVar[str] = "round_robin"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: RoundRobinConfig, rng: random.Random) -> None:
+        self._config = config
         # Cursor per (model, capabilities), kept across pool rebuilds.
         self._next: dict[tuple[str, frozenset[str]], int] = {}
         self._rng = rng

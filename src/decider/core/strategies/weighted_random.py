@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys
+from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked
 
@@ -23,8 +23,8 @@ class WeightedRandomConfig:
 class WeightedRandom:
     name: ClassVar[str] = "weighted_random"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: WeightedRandomConfig, rng: random.Random) -> None:
+        self._config = config
         self._rng = rng
 
     @staticmethod
@@ -35,10 +35,10 @@ class WeightedRandom:
     def _cumulative(self, ctx: PickContext) -> list[int]:
         if ctx.filtered:
             return list(itertools.accumulate(s.weight for s in ctx.items))
-        cumulative: list[int] | None = ctx.pool.scratch.get(self.name)
+        cumulative = ctx.pool.cumulative_weights
         if cumulative is None:
             cumulative = list(itertools.accumulate(s.weight for s in ctx.items))
-            ctx.pool.scratch[self.name] = cumulative
+            ctx.pool.cumulative_weights = cumulative
         return cumulative
 
     def pick(self, ctx: PickContext) -> list[EndpointStats]:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.settings import check_keys
+from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked
 
@@ -23,7 +23,9 @@ class WeightedRoundRobinConfig:
     pass
 
 
-class _Schedule:
+class Schedule:
+    """The rotation over one pool's items (kept in the pool's `schedule` slot)."""
+
     __slots__ = ("heap", "total")
 
     def __init__(self, items: list[EndpointStats] | tuple[EndpointStats, ...]) -> None:
@@ -39,29 +41,29 @@ class _Schedule:
 class WeightedRoundRobin:
     name: ClassVar[str] = "weighted_round_robin"
 
-    def __init__(self, config: Mapping[str, Any], rng: random.Random) -> None:
-        self._config = self.parse_config(config, f"routing.{self.name}")
+    def __init__(self, config: WeightedRoundRobinConfig, rng: random.Random) -> None:
+        self._config = config
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> WeightedRoundRobinConfig:
         check_keys(options, set(), path)
         return WeightedRoundRobinConfig()
 
-    def _schedule(self, ctx: PickContext) -> _Schedule:
-        schedule: _Schedule | None = ctx.pool.scratch.get(self.name)
+    def _schedule(self, ctx: PickContext) -> Schedule:
+        schedule = ctx.pool.schedule
         if schedule is None:
-            schedule = ctx.pool.scratch[self.name] = _Schedule(ctx.pool.items)
+            schedule = ctx.pool.schedule = Schedule(ctx.pool.items)
         return schedule
 
     def pick(self, ctx: PickContext) -> list[EndpointStats]:
         return self._pick(ctx)[0]
 
-    def _pick(self, ctx: PickContext) -> tuple[list[EndpointStats], _Schedule]:
+    def _pick(self, ctx: PickContext) -> tuple[list[EndpointStats], Schedule]:
         schedule = self._schedule(ctx)
         allowed = set(ctx.items) if ctx.filtered else None
         if allowed is not None and allowed.isdisjoint(ctx.pool.items):
             # The request fell to a worse health tier: a one-off schedule over it.
-            schedule, allowed = _Schedule(list(ctx.items)), None
+            schedule, allowed = Schedule(list(ctx.items)), None
         heap = schedule.heap if ctx.commit else list(schedule.heap)
         skipped: list[_Entry] = []
         entry = heapq.heappop(heap)

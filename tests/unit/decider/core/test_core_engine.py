@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
 import pytest
 from fakes import EventLog, FakeClock, endpoint, endpoints, request
 
-from decider.core.engine import Engine
+from decider.core.affinity import SessionTable
+from decider.core.engine import Engine, EngineState
 from decider.core.model import (
     BreakerState,
     Decision,
@@ -269,12 +271,10 @@ def test_retry_advice_comes_from_the_routing_table():
 
 
 def test_the_fast_decision_constructor_builds_the_same_frozen_value():
-    import dataclasses
-
-    from decider.core import engine as engine_module
+    from decider.core import model as model_module
     from decider.core.model import RetryAdvice
 
-    assert engine_module.FAST_DECISIONS
+    assert model_module.FAST_DECISIONS
     retry = RetryAdvice(
         max_attempts=3, initial_backoff_s=0.1, max_backoff_s=2.0, backoff_multiplier=2.0
     )
@@ -290,7 +290,7 @@ def test_the_fast_decision_constructor_builds_the_same_frozen_value():
         3,
         {"unhealthy": 1},
     )
-    fast = engine_module._make_decision(*args)
+    fast = model_module.make_decision(*args)
     slow = Decision(
         decision_id="id-1",
         endpoint=args[1],
@@ -307,3 +307,22 @@ def test_the_fast_decision_constructor_builds_the_same_frozen_value():
     assert fast.candidates == ()
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.reason = "changed"  # type: ignore[misc]
+
+
+def test_state_owners_slot_in_through_engine_state():
+    # Another owner of one piece of state (here: sessions kept for one binding only) is used
+    # as is; the engine reaches state only through the owners it was given.
+    settings = EngineSettings()
+    rng = random.Random(7)
+    state = dataclasses.replace(
+        EngineState.in_memory(settings, rng=rng),
+        sessions=SessionTable(ttl_s=60.0, max_sessions=1),
+    )
+    engine = Engine(settings, rng=rng, state=state)
+    clock = FakeClock()
+    engine.set_endpoints(endpoints(("a", "b")), now=clock.now)
+    for session in ("s1", "s2", "s3"):
+        decided(engine.decide(request(strategy="affinity", session_id=session), now=clock.now))
+    assert engine.session_count == len(state.sessions) == 1
+    assert engine.pending_decisions == len(state.pending) == 3
+    assert sum(s.in_flight for s in state.stats.values()) == 3

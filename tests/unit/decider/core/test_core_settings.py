@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from decider.core.settings import EngineSettings, TenantQuota
+from decider.core.strategies.least_request import LeastRequestConfig
+from decider.core.strategies.round_robin import RoundRobinConfig
 from decider.errors import ConfigError
 
 
@@ -53,7 +55,8 @@ def test_every_table_parses():
     )
     assert settings.routing.default_strategy == "least_request"
     assert settings.routing.max_fallbacks == 3
-    assert settings.routing.options("least_request") == {"choice_count": 3}
+    assert settings.routing.config("least_request") == LeastRequestConfig(choice_count=3)
+    assert settings.routing.config("round_robin") == RoundRobinConfig()
     assert settings.breaker.consecutive_failures == 3
     assert settings.quotas.for_tenant("acme") == TenantQuota(
         requests_per_minute=60, tokens_per_minute=1000

@@ -7,7 +7,11 @@ import random
 import pytest
 from fakes import endpoint
 
+from decider.core.breaker import CircuitBreakers
 from decider.core.model import HealthStatus, LoadReport
+from decider.core.pool import Pools
+from decider.core.quota import QuotaLedger
+from decider.core.settings import BreakerSettings, QuotaSettings
 from decider.core.stats import EndpointStats, FactorWeights, RankHeap, Scorer
 
 
@@ -30,6 +34,7 @@ def test_rank_heap_follows_every_rescore():
         s = rng.choice(members)
         s.in_flight = max(0, s.in_flight + rng.choice((-1, 1, 1)))
         sc.rescore(s, float(step))
+        heap.push(s)  # what Pools.reorder does for every live heap ranking s
         expected = sorted(s.load for s in members)[:3]
         assert [s.load for s in heap.best(3)] == expected
         assert heap.first().load == expected[0]
@@ -46,6 +51,7 @@ def test_rank_heap_best_is_exactly_the_sorted_live_entries(n):
         s = rng.choice(members)
         s.in_flight = max(0, min(4, s.in_flight + rng.choice((-1, 1))))
         sc.rescore(s, float(step))
+        heap.push(s)
         ranked = sorted(members, key=lambda m: (m.load, heap._latest[m]))
         count = rng.randint(1, n + 1)
         assert heap.best(count) == ranked[:count]
@@ -61,18 +67,47 @@ def test_rank_heap_breaks_ties_by_least_recently_changed():
         order.append(s.id)
         s.in_flight += 1
         sc.rescore(s, 0.0)
+        heap.push(s)
         s.in_flight -= 1
         sc.rescore(s, 0.0)  # back to the same load, but changed last: behind the others
+        heap.push(s)
     assert order == ["e0", "e1", "e2", "e0", "e1", "e2"]
+
+
+def pools():
+    return Pools(
+        breakers=CircuitBreakers(BreakerSettings()),
+        budgets=QuotaLedger(QuotaSettings()),
+        panic_threshold=0.0,
+    )
+
+
+def test_reorder_pushes_into_every_live_heap_of_the_endpoint():
+    members = stats(3)
+    sc = scorer()
+    table = pools()
+    pool = table.get("m", frozenset(), members, 0.0)
+    by_load = pool.heap("load", lambda s: s.load)
+    by_id = pool.heap("id", lambda s: s.id)
+    assert table.heaps_of(members[0]) == [by_load, by_id]
+    assert by_load.first() is members[0]
+    members[0].in_flight = 3
+    sc.rescore(members[0], 0.0)
+    assert by_load.first() is members[0]  # rescoring alone reorders nothing
+    table.reorder(members[0])
+    assert by_load.first() is members[1]
 
 
 def test_closed_heaps_stop_receiving_entries():
     members = stats(2)
     sc = scorer()
-    heap = RankHeap(members, lambda s: s.load)
-    heap.close()
+    table = pools()
+    heap = table.get("m", frozenset(), members, 0.0).heap("load", lambda s: s.load)
+    table.drop("m")
+    assert not heap.alive
     sc.rescore(members[0], 0.0)
-    assert members[0].heaps == []
+    table.reorder(members[0])
+    assert table.heaps_of(members[0]) == []
 
 
 def test_load_score_counts_reported_queue_and_recent_picks():

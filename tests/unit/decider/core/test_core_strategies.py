@@ -15,8 +15,9 @@ import decider.core.strategies as strategies_pkg
 from decider.core.engine import Engine
 from decider.core.model import Decision, LoadReport, Outcome, Result
 from decider.core.settings import EngineSettings
-from decider.core.stats import peak_ewma
+from decider.core.stats import FactorWeights, ScoreParams, peak_ewma
 from decider.core.strategies import STRATEGIES
+from decider.core.strategies.base import ShapesScores, Splitter
 from decider.errors import ConfigError
 
 
@@ -75,6 +76,23 @@ def test_each_strategy_parses_empty_options_and_rejects_unknown_keys(name):
     EngineSettings.parse({"routing": {name: {}}})
     with pytest.raises(ConfigError, match=rf"routing\.{name}\.bogus: unknown key"):
         EngineSettings.parse({"routing": {name: {"bogus": 1}}})
+
+
+def test_each_strategy_is_built_from_its_typed_config_and_declares_its_hooks():
+    settings = EngineSettings.parse(
+        {"routing": {"composite": {"cache": 0.5}, "latency": {"ttft_weight": 0.25}}}
+    )
+    rng = random.Random(1)
+    built = {
+        name: factory(settings.routing.config(name), rng) for name, factory in STRATEGIES.items()
+    }
+    assert {n for n, s in built.items() if isinstance(s, Splitter)} == {"ab_split"}
+    assert {n for n, s in built.items() if isinstance(s, ShapesScores)} == {"composite", "latency"}
+    params = ScoreParams()
+    for strategy in built.values():
+        if isinstance(strategy, ShapesScores):
+            params = strategy.shape_scores(params)
+    assert params == ScoreParams(weights=FactorWeights(cache=0.5), ttft_weight=0.25)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
