@@ -35,6 +35,7 @@ from decider.config import Settings
 from decider.config.listen import parse_listen
 from decider.core.engine import Engine
 from decider.core.model import Endpoint, HealthEvent, HealthStatus
+from decider.core.state import EngineState
 from decider.errors import ConfigError
 from decider.obs.logs import log_health_event
 from decider.obs.metrics import Metrics, MetricsServer
@@ -44,6 +45,7 @@ from decider.state.fleet_probing import FleetProbing
 from decider.state.probe_reports import ProbeReports
 from decider.state.redis_link import LINK_ERRORS, RedisLink
 from decider.state.registry import EndpointStore, Membership, Registry
+from decider.state.shared_engine import StateSync, shared_state
 from decider.state.shared_registry import SharedRegistry
 from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2, registry_service_pb2
@@ -101,7 +103,20 @@ class DeciderServer:
         self.hub = WatchHub(
             self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
         )
-        self.engine = Engine(settings.engine, rng=rng or random.Random(), on_event=self._on_event)
+        rng = rng or random.Random()
+        # With a shared state, breakers, sessions, the prefix index and budgets are synced
+        # with the other replicas in the background (StateSync); Decide reads local copies.
+        self.sync: StateSync | None = None
+        state: EngineState | None = None
+        if self.link is not None:
+            self.sync = StateSync(self.link, clock=clock)
+            state = shared_state(
+                EngineState.in_memory(settings.engine, rng=rng),
+                self.sync,
+                clock=clock,
+                ttl_s=settings.engine.affinity.ttl_s,
+            )
+        self.engine = Engine(settings.engine, rng=rng, on_event=self._on_event, state=state)
         # [probe] embedded = false: a standalone decider-probe reports instead. With a shared
         # state, one replica of the fleet probes (FleetProbing holds its prober).
         self.prober: Prober | None = None
@@ -191,6 +206,8 @@ class DeciderServer:
             self._tasks.append(asyncio.create_task(self.link.run(), name="decider-shared-state"))
         if self.fleet_probing is not None:
             self._tasks.append(asyncio.create_task(self.fleet_probing.run(), name="decider-fleet"))
+        if self.sync is not None:
+            self._tasks.append(asyncio.create_task(self.sync.run(), name="decider-state-sync"))
         if self._metrics_address is not None:
             host, port = self._metrics_address
             self.metrics_server = MetricsServer(self.metrics, host=host, port=port)
