@@ -4,9 +4,10 @@
      ├── ConfigError       a config file, environment variable or flag is wrong (names key, value)
      ├── InvalidArgument   a request field is malformed or out of range (names each field)
      ├── NotFound          a named thing does not exist (e.g. deregistering an unknown endpoint)
-     ├── Unauthenticated   an admin call without the configured bearer token
+     ├── Unauthenticated   an admin call without the configured bearer token or client certificate
+     ├── PermissionDenied  an admin call from a client certificate not on the admin list
      ├── Overloaded        a server limit (concurrent RPCs, watchers) is reached
-     └── Unavailable       a change could not be stored: the shared state (Redis) is down
+     └── StorageUnavailable  the registry store cannot be written (disk full, read-only, ...)
 
 The gRPC adapters map these to status codes in one place (api/errors.py).
 """
@@ -49,9 +50,14 @@ class Unauthenticated(DeciderError):
     pass
 
 
+class PermissionDenied(DeciderError):
+    pass
+
+
+class StorageUnavailable(DeciderError):
+    """A change could not be made durable; nothing was changed. The message names the file
+    and the cause."""
+
+
 class Overloaded(DeciderError):
     """The server is at a configured limit (concurrent RPCs, watchers) or shutting down."""
-
-
-class Unavailable(DeciderError):
-    """A write that needs the shared state store failed; nothing was applied. Names the cause."""

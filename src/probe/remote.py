@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -119,9 +120,15 @@ class StandaloneProber:
         prober_id: str,
         admin_token: str = "",
         local: Mapping[str, Mapping[str, str]] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """`credentials` (and `channel_options`, such as a TLS server name) say how to reach
+        the decider; without them the channel is plaintext."""
         self._settings = settings
         self._target = target
+        self._credentials = credentials
+        self._channel_options = list(channel_options)
         self._prober_id = prober_id
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self._local = local or {}
@@ -134,7 +141,12 @@ class StandaloneProber:
         self.listed = asyncio.Event()
 
     async def run(self) -> None:
-        async with grpc.aio.insecure_channel(self._target) as channel:
+        channel = (
+            grpc.aio.secure_channel(self._target, self._credentials, self._channel_options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(self._target, self._channel_options)
+        )
+        async with channel:
             registry = rgrpc.RegistryServiceStub(channel)
             decider = dgrpc.DeciderServiceStub(channel)
             try:

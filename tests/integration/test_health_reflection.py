@@ -36,6 +36,7 @@ async def test_reflection_lists_every_service(start_server):
             "decider.v1.DeciderService",
             "decider.v1.RegistryService",
             "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
         } <= names
 
@@ -113,3 +114,102 @@ async def test_grpcurl_lists_describes_and_decides_through_reflection(start_serv
         assert (
             "rpc Decide ( .decider.v1.DecideRequest ) returns ( .decider.v1.DecideResponse )" in out
         )
+
+
+class MethodRecorder(grpc.aio.ServerInterceptor):
+    """Records the full method name of every call the server receives."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self.methods.append(handler_call_details.method)
+        return await continuation(handler_call_details)
+
+
+V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+V1ALPHA = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+def buf_binary() -> str:
+    path = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+    if not path.is_file():
+        pytest.fail("buf not found in .tools/node_modules/.bin: run `make tools`")
+    return str(path)
+
+
+async def test_reflection_v1_answers_method_names_like_v1alpha(start_server):
+    """The v1 service, called with v1 bytes, resolves what v1alpha resolves."""
+    async with start_server() as srv:
+        call = srv.channel.stream_stream(V1)(
+            iter(
+                [
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="decider.v1.DeciderService.Decide"
+                    ).SerializeToString(),
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="decider.v1.DeciderService.NoSuchMethod"
+                    ).SerializeToString(),
+                ]
+            ),
+            timeout=5,
+        )
+        replies = [reflection_pb2.ServerReflectionResponse.FromString(raw) async for raw in call]
+        files = replies[0].file_descriptor_response.file_descriptor_proto
+        assert descriptor_pb2.FileDescriptorProto.FromString(files[0]).name == (
+            "decider/v1/decider_service.proto"
+        )
+        assert replies[1].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+async def test_grpcurl_speaks_reflection_v1_and_describes_it(start_server):
+    grpcurl = grpcurl_binary()
+    recorder = MethodRecorder()
+    async with start_server(interceptors=[recorder]) as srv:
+        code, out, err = await _run(grpcurl, "-plaintext", srv.address, "list")
+        assert code == 0, err
+        assert {
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= set(out.split())
+        code, out, err = await _run(
+            grpcurl, "-plaintext", srv.address, "describe", "grpc.reflection.v1.ServerReflection"
+        )
+        assert code == 0, err
+        assert "stream .grpc.reflection.v1.ServerReflectionRequest" in out
+        code, out, err = await _run(
+            grpcurl, "-plaintext", srv.address, "describe", "decider.v1.DeciderService.Decide"
+        )
+        assert code == 0, err
+        assert "rpc Decide ( .decider.v1.DecideRequest )" in out
+    # grpcurl asks v1 first and falls back to v1alpha only on UNIMPLEMENTED.
+    assert V1 in recorder.methods
+    assert V1ALPHA not in recorder.methods
+
+
+@pytest.mark.parametrize(("protocol", "method"), [("grpc-v1", V1), ("grpc-v1alpha", V1ALPHA)])
+async def test_buf_curl_lists_services_and_calls_over_each_reflection_protocol(
+    start_server, protocol, method
+):
+    buf = buf_binary()
+    recorder = MethodRecorder()
+    doc = endpoints_doc("llama", 1)
+    async with start_server(doc, interceptors=[recorder]) as srv:
+        base = [buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+        code, out, err = await _run(
+            *base, "--reflect-protocol", protocol, "--list-services", f"http://{srv.address}"
+        )
+        assert code == 0, err
+        assert "decider.v1.DeciderService" in out.split()
+        code, out, err = await _run(
+            *base,
+            "--reflect-protocol",
+            protocol,
+            "--data",
+            json.dumps({"model": "llama"}),
+            f"http://{srv.address}/decider.v1.DeciderService/Decide",
+        )
+        assert code == 0, err
+        assert json.loads(out)["endpoint"]["id"] == "llama-0"
+    used = {m for m in recorder.methods if m.startswith("/grpc.reflection.")}
+    assert used == {method}

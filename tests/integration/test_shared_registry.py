@@ -104,7 +104,7 @@ async def test_redis_down_fails_writes_and_keeps_deciding(
     assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
     assert f"shared state at {redis_server.url} is unavailable" in str(exc.value.details())
     assert "registering 'dyn-2' was not applied" in str(exc.value.details())
-    assert detail(exc.value, ErrorInfo).reason == "SHARED_STATE_UNAVAILABLE"
+    assert detail(exc.value, ErrorInfo).reason == "STORAGE_UNAVAILABLE"
     # Fail open: both replicas go on deciding from what they hold.
     assert await routed(a, "dyn") == "dyn-1"
     assert await routed(b, "dyn") == "dyn-1"

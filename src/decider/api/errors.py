@@ -3,8 +3,9 @@
 InvalidArgument            -> INVALID_ARGUMENT   + BadRequest (one violation per field)
 NotFound                   -> NOT_FOUND          + ErrorInfo
 Unauthenticated            -> UNAUTHENTICATED    + ErrorInfo
+PermissionDenied           -> PERMISSION_DENIED  + ErrorInfo
+StorageUnavailable         -> UNAVAILABLE        + ErrorInfo(STORAGE_UNAVAILABLE) + RetryInfo
 Overloaded                 -> RESOURCE_EXHAUSTED + ErrorInfo + RetryInfo
-Unavailable                -> UNAVAILABLE        + ErrorInfo(SHARED_STATE_UNAVAILABLE) + RetryInfo
 Refusal MODEL_NOT_FOUND    -> NOT_FOUND          + ErrorInfo(MODEL_NOT_FOUND)
 Refusal NO_HEALTHY_ENDPOINT-> UNAVAILABLE        + ErrorInfo(NO_HEALTHY_ENDPOINT)
 Refusal QUOTA_EXHAUSTED    -> RESOURCE_EXHAUSTED + ErrorInfo + RetryInfo + QuotaFailure
@@ -33,8 +34,9 @@ from decider.errors import (
     InvalidArgument,
     NotFound,
     Overloaded,
+    PermissionDenied,
+    StorageUnavailable,
     Unauthenticated,
-    Unavailable,
 )
 
 log = logging.getLogger("decider.api")
@@ -43,6 +45,8 @@ DOMAIN = "decider.v1"
 # Status messages travel in a header; keep them well under common header limits.
 MAX_MESSAGE_CHARS = 4000
 OVERLOADED_RETRY_S = 1.0
+# A full or read-only disk is fixed by an operator, not by the next attempt.
+STORAGE_RETRY_S = 30.0
 
 _FieldViolation = error_details_pb2.BadRequest.FieldViolation
 _QuotaViolation = error_details_pb2.QuotaFailure.Violation
@@ -67,18 +71,20 @@ def status_for_error(exc: BaseException) -> grpc.Status:
         return rich_status(grpc.StatusCode.NOT_FOUND, str(exc), _info("NOT_FOUND"))
     if isinstance(exc, Unauthenticated):
         return rich_status(grpc.StatusCode.UNAUTHENTICATED, str(exc), _info("UNAUTHENTICATED"))
+    if isinstance(exc, PermissionDenied):
+        return rich_status(grpc.StatusCode.PERMISSION_DENIED, str(exc), _info("PERMISSION_DENIED"))
+    if isinstance(exc, StorageUnavailable):
+        return rich_status(
+            grpc.StatusCode.UNAVAILABLE,
+            str(exc),
+            _info("STORAGE_UNAVAILABLE"),
+            _retry(STORAGE_RETRY_S),
+        )
     if isinstance(exc, Overloaded):
         return rich_status(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             str(exc),
             _info("SERVER_OVERLOADED"),
-            _retry(OVERLOADED_RETRY_S),
-        )
-    if isinstance(exc, Unavailable):
-        return rich_status(
-            grpc.StatusCode.UNAVAILABLE,
-            str(exc),
-            _info("SHARED_STATE_UNAVAILABLE"),
             _retry(OVERLOADED_RETRY_S),
         )
     if isinstance(exc, ConfigError):

@@ -1,15 +1,17 @@
-"""Server interceptors: admission (shutdown and the concurrent-RPC limit) and the admin token."""
+"""Server interceptors: admission (shutdown and the concurrent-RPC limit), the admin token and
+the admin client-certificate list."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeAlias, cast
 
 import grpc
 
 from decider.api.errors import abort, shutting_down_status, status_for_error
-from decider.errors import InvalidArgument, Overloaded, Unauthenticated
+from decider.config.tls import peer_identities
+from decider.errors import InvalidArgument, Overloaded, PermissionDenied, Unauthenticated
 
 # Quoted: grpc.RpcMethodHandler is generic only in the type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -210,3 +212,69 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
             f"{REGISTRY_SERVICE} needs 'authorization: Bearer <admin token>' metadata ({why})"
         )
         return _deny(handler, status_for_error(error))
+
+
+class AdminClientInterceptor(grpc.aio.ServerInterceptor):
+    """Under mTLS, RegistryService calls need a client certificate whose subject, common name
+    or a SAN is in `allowed`: none is UNAUTHENTICATED, one not on the list PERMISSION_DENIED.
+
+    The peer's certificate is only in the call's auth context, which interceptors do not see,
+    so the check runs in a wrapper around the handler, before the servicer.
+    """
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self._allowed = frozenset(allowed)
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(f"/{REGISTRY_SERVICE}/"):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        if handler.request_streaming or handler.response_streaming:
+            # Every RegistryService method is unary; a streaming one must not slip through.
+            wrapped = _deny(handler, status_for_error(PermissionDenied(f"{method}: not allowed")))
+        else:
+            wrapped = self._checked(handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def refusal(self, auth_context: Mapping[str, Iterable[bytes]]) -> grpc.Status | None:
+        """None when the peer may call; else the status to end the call with."""
+        names = peer_identities(auth_context)
+        if not names:
+            return status_for_error(
+                Unauthenticated(
+                    f"{REGISTRY_SERVICE} needs a client certificate on the admin list "
+                    "(server.tls.admin_client_names); the call presented none"
+                )
+            )
+        if names & self._allowed:
+            return None
+        shown = ", ".join(sorted(names))[:300]
+        return status_for_error(
+            PermissionDenied(
+                f"{REGISTRY_SERVICE}: the client certificate ({shown}) is not on the admin "
+                "list (server.tls.admin_client_names)"
+            )
+        )
+
+    def _checked(self, handler: Handler) -> Handler:
+        behavior = cast(UnaryBehavior, handler.unary_unary)
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            refusal = self.refusal(context.auth_context())
+            if refusal is not None:
+                await abort(context, refusal)
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -11,6 +11,7 @@ from typing import Any
 
 from decider import __version__, config
 from decider.cli import tools, workers
+from decider.config.tls import CertificateFiles
 from decider.errors import ConfigError
 from decider.obs import logs
 from decider.runtime import event_loop
@@ -28,7 +29,22 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve DeciderService and RegistryService")
     serve.add_argument("--config", help="TOML config file (default: $DECIDER_CONFIG, or none)")
     serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
-    serve.add_argument("--admin-token", help="bearer token RegistryService calls must present")
+    serve.add_argument(
+        "--admin-token",
+        help="bearer token RegistryService calls must present (prefer --admin-token-file)",
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        help="file holding the admin token, so it is not in argv or the environment",
+    )
+    serve.add_argument("--tls-cert-file", metavar="PATH", help="server certificate (PEM): TLS on")
+    serve.add_argument("--tls-key-file", metavar="PATH", help="private key of --tls-cert-file")
+    serve.add_argument(
+        "--tls-client-ca-file",
+        metavar="PATH",
+        help="CA bundle (PEM) client certificates must chain to: mTLS on",
+    )
     serve.add_argument("--data-dir", help="directory for the registry store ('' = in memory)")
     serve.add_argument("--grace-period-s", type=float, help="drain time after SIGTERM")
     serve.add_argument(
@@ -88,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_config(path: str) -> int:
     settings = config.load(path)
+    if settings.server.tls.enabled:
+        CertificateFiles(settings.server.tls)  # reads and checks the files, as serve does
     print(
         f"{path}: ok ({len(settings.endpoints)} endpoints, "
         f"listen {settings.server.listen}, "
@@ -100,6 +118,10 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     flags: dict[str, Any] = {
         "listen": args.listen,
         "admin_token": args.admin_token,
+        "admin_token_file": args.admin_token_file,
+        "tls_cert_file": args.tls_cert_file,
+        "tls_key_file": args.tls_key_file,
+        "tls_client_ca_file": args.tls_client_ca_file,
         "data_dir": args.data_dir,
         "grace_period_s": args.grace_period_s,
         "metrics_listen": args.metrics_listen,
@@ -165,5 +187,8 @@ def _setup_logging(settings: config.Settings) -> None:
             "metrics_listen": srv.metrics_listen,
             "log_decisions": srv.log_decisions,
             "admin_token_set": bool(srv.admin_token),
+            "admin_token_file": srv.admin_token_file,
+            "tls": bool(srv.tls.enabled),
+            "mtls": bool(srv.tls.mutual),
         },
     )

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from decider.config import load
+from decider.config.tls import ClientTLS, add_client_arguments
 from decider.errors import ConfigError
 from probe.remote import StandaloneProber, local_headers
 from probe.settings import ProbeSettings
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of this prober in the decider's health reasons (default: host:pid)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    add_client_arguments(parser, os.environ)
     return parser
 
 
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings, headers = load_config(args.config)
+        tls = ClientTLS.from_args(args)
+        credentials = tls.channel_credentials() if tls.active else None
     except ConfigError as exc:
         print(f"decider-probe: {exc}", file=sys.stderr)
         return 2
@@ -62,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prober_id=args.prober_id,
         admin_token=args.admin_token,
         local=headers,
+        credentials=credentials,
+        channel_options=tls.channel_options(),
     )
     asyncio.run(_serve(standalone))
     return 0

@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from decider.codec.convert import duration_s
+from decider.config.tls import ClientTLS, add_client_arguments
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import endpoint_pb2 as epb
@@ -70,12 +71,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of the call")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
+    add_client_arguments(parser, os.environ)
 
 
 def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
-        with grpc.insecure_channel(args.target) as channel:
+        with ClientTLS.from_args(args).channel(args.target) as channel:
             if args.command == "endpoints":
                 return _endpoints(channel, args, out)
             return _decide(channel, args, out)

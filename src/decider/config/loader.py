@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from decider.config.listen import parse_listen
+from decider.config.tls import TLSSettings
 from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
 from decider.errors import ConfigError
@@ -35,7 +36,11 @@ class ServerSettings:
 
     listen: str = "127.0.0.1:50051"
     # Empty: RegistryService needs no token. Set one whenever the port is reachable by others.
-    admin_token: str = ""
+    # Never shown: not in repr, logs, spans or errors.
+    admin_token: str = field(default="", repr=False)
+    # A file holding the token (read at start, surrounding whitespace dropped), so it is not
+    # in argv or in the environment of every child process.
+    admin_token_file: str = ""
     # SQLite store for registered endpoints; empty keeps them in memory only.
     data_dir: str = "data"
     # How long in-flight RPCs may take to finish after SIGTERM.
@@ -56,6 +61,22 @@ class ServerSettings:
     log_decisions: bool = False
     # "uvloop" (measured cheaper per RPC; asyncio where uvloop is not installed) or "asyncio".
     event_loop: str = "uvloop"
+    # HTTP/2 keepalive: the server pings a connection idle this long, calls or not, and drops
+    # it when no answer comes within keepalive_timeout_s, so dead gateways are reaped.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Clients may ping this often (gRPC's default of 5 min makes a gateway with a 10-30 s
+    # keepalive get GOAWAY too_many_pings); faster pingers are disconnected.
+    keepalive_min_client_interval_s: float = 10.0
+    # Close connections with no RPC for this long (0 = never: idle gateway connections cost
+    # little and are reaped by keepalive when dead).
+    max_connection_idle_s: float = 0.0
+    # Ask clients to reconnect after this long (0 = never), e.g. to rebalance across replicas
+    # behind a layer-4 load balancer; RPCs in flight get max_connection_age_grace_s to finish.
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 30.0
+    # [server.tls]: certificate and key (TLS), client CA (mTLS), admin client names.
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +102,7 @@ class _Key:
 _SERVER_KEYS: Mapping[str, _Key] = {
     "listen": _Key(str),
     "admin_token": _Key(str),
+    "admin_token_file": _Key(str),
     "data_dir": _Key(str),
     "grace_period_s": _Key(float, 0, 3600),
     "max_message_bytes": _Key(int, 1024, 1 << 30),
@@ -92,8 +114,23 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "metrics_listen": _Key(str),
     "log_decisions": _Key(bool),
     "event_loop": _Key(str, choices=EVENT_LOOPS),
+    "keepalive_time_s": _Key(float, 1, 86_400),
+    "keepalive_timeout_s": _Key(float, 1, 3600),
+    "keepalive_min_client_interval_s": _Key(float, 1, 86_400),
+    "max_connection_idle_s": _Key(float, 0, 86_400 * 30),
+    "max_connection_age_s": _Key(float, 0, 86_400 * 30),
+    "max_connection_age_grace_s": _Key(float, 0, 86_400),
 }
-assert set(_SERVER_KEYS) == {f.name for f in fields(ServerSettings)}
+assert set(_SERVER_KEYS) == {f.name for f in fields(ServerSettings)} - {"tls"}
+
+# [server.tls]; each key is also DECIDER_TLS_<KEY>, and the files are flags --tls-<key>.
+_TLS_KEYS: Mapping[str, _Key] = {
+    "cert_file": _Key(str),
+    "key_file": _Key(str),
+    "client_ca_file": _Key(str),
+    "admin_client_names": _Key(list),
+}
+assert set(_TLS_KEYS) == {f.name for f in fields(TLSSettings)}
 
 _ENDPOINT_KEYS = frozenset(
     {
@@ -135,8 +172,25 @@ def load(
             where = f"environment {ENV_PREFIX}{key.upper()}"
             server = replace(server, **{key: _coerce_text(raw, spec, where)})
             _check_metrics_listen(server, key, where)
+    tls = server.tls
+    for key, spec in _TLS_KEYS.items():
+        raw = (env or {}).get(f"{ENV_PREFIX}TLS_{key.upper()}")
+        if raw is not None:
+            where = f"environment {ENV_PREFIX}TLS_{key.upper()}"
+            value: Any = _names(raw) if spec.kind is list else _coerce_text(raw, spec, where)
+            tls = replace(tls, **{key: value})
     for key, value in (flags or {}).items():
-        if value is None:
+        if value is None or not key.startswith("tls_"):
+            continue
+        name = key.removeprefix("tls_")
+        if name not in _TLS_KEYS or _TLS_KEYS[name].kind is list:
+            raise ConfigError(f"flag --{key.replace('_', '-')}: not a TLS setting")
+        tls = replace(
+            tls, **{name: _check(value, _TLS_KEYS[name], f"flag --{key.replace('_', '-')}")}
+        )
+    server = replace(server, tls=tls)
+    for key, value in (flags or {}).items():
+        if value is None or key.startswith("tls_"):
             continue
         if key not in _SERVER_KEYS:
             raise ConfigError(f"flag --{key.replace('_', '-')}: not a server setting")
@@ -144,7 +198,38 @@ def load(
         server = replace(server, **{key: _check(value, _SERVER_KEYS[key], where)})
         _check_metrics_listen(server, key, where)
     _check_listen(server.listen, "listen")
+    server.tls.check()
+    server = _with_token_file(server)
     return replace(settings, server=server, state=settings.state.with_env(env or {}))
+
+
+def _with_token_file(server: ServerSettings) -> ServerSettings:
+    """Reads admin_token_file into admin_token; the token itself never appears in a message."""
+    path = server.admin_token_file
+    if not path:
+        return server
+    if server.admin_token:
+        raise ConfigError(
+            "server.admin_token and server.admin_token_file are both set; keep one "
+            "(the file keeps the token out of argv and the environment)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"server.admin_token_file: {path}: cannot read: {why}") from None
+    if not token:
+        raise ConfigError(f"server.admin_token_file: {path}: the file is empty")
+    if any(c.isspace() for c in token):
+        raise ConfigError(
+            f"server.admin_token_file: {path}: the token holds whitespace or several lines"
+        )
+    return replace(server, admin_token=token)
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -188,10 +273,13 @@ def _parse_server(value: Any) -> ServerSettings:
     table = _table(value, "server")
     out: dict[str, Any] = {}
     for key, raw in table.items():
+        if key == "tls":
+            out["tls"] = _parse_tls(raw)
+            continue
         spec = _SERVER_KEYS.get(key)
         if spec is None:
             raise ConfigError(
-                f"server.{key}: unknown key (known: {', '.join(sorted(_SERVER_KEYS))})"
+                f"server.{key}: unknown key (known: {', '.join(sorted([*_SERVER_KEYS, 'tls']))})"
             )
         out[key] = _check(raw, spec, f"server.{key}")
     if "listen" in out:
@@ -199,6 +287,24 @@ def _parse_server(value: Any) -> ServerSettings:
     if out.get("metrics_listen"):
         parse_listen(out["metrics_listen"], name="server.metrics_listen")
     return ServerSettings(**out)
+
+
+def _parse_tls(value: Any) -> TLSSettings:
+    table = _table(value, "server.tls")
+    out: dict[str, Any] = {}
+    for key, raw in table.items():
+        spec = _TLS_KEYS.get(key)
+        where = f"server.tls.{key}"
+        if spec is None:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(_TLS_KEYS))})")
+        if spec.kind is list:
+            if not isinstance(raw, list) or not all(isinstance(n, str) and n for n in raw):
+                raise ConfigError(f"{where}: {_show(raw)}, must be a list of non-empty strings")
+            out[key] = tuple(raw)
+        else:
+            out[key] = _check(raw, spec, where)
+    # Checked whole in load(), once variables and flags may have completed the table.
+    return TLSSettings(**out)
 
 
 def _check_metrics_listen(server: ServerSettings, key: str, where: str) -> None:

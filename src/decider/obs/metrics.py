@@ -14,6 +14,7 @@ import contextvars
 import logging
 import re
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -451,15 +452,73 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+# A connection that sends nothing (or completes no TLS handshake) for this long is closed.
+METRICS_CONNECTION_TIMEOUT_S: Final = 10.0
+# Connections served at once (one thread each); more are closed at accept, so clients that
+# hold the port open cannot pile up threads. Prometheus scrapes with one connection.
+METRICS_MAX_CONNECTIONS: Final = 64
+
+
+class _MetricsHTTPServer(ThreadingWSGIServer):
+    """One thread per connection, at most `max_connections` of them, each with a read timeout;
+    TLS, when on, is negotiated in the connection's thread (wrapping the listening socket
+    would run every handshake in the accepting thread, where one silent client stalls all)."""
+
+    ssl_context: ssl.SSLContext | None = None
+    max_connections = METRICS_MAX_CONNECTIONS
+    connection_timeout_s = METRICS_CONNECTION_TIMEOUT_S
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self.refused = 0
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        self.refused += 1
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(self.connection_timeout_s)
+            if self.ssl_context is not None:
+                request = self.ssl_context.wrap_socket(
+                    request, server_side=True, do_handshake_on_connect=False
+                )
+                try:
+                    request.do_handshake()
+                except OSError:  # ssl.SSLError included: no certificate, wrong CA, plaintext
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went quiet or away mid-request is not an error worth a traceback.
+        if not isinstance(sys.exc_info()[1], OSError):
+            log.exception("metrics connection from %s failed", client_address)
+
+
 class MetricsServer:
     """GET /metrics on its own port, served by prometheus_client (its WSGI app: text or
     OpenMetrics by Accept, gzip by Accept-Encoding) on a threading HTTP server. Binds exactly the
-    host given, supports port 0, and closes with the server."""
+    host given, supports port 0, serves TLS with `ssl_context`, bounds its connections, and
+    closes with the server."""
 
-    def __init__(self, metrics: Metrics, *, host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
+        self._ssl_context = ssl_context
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -474,7 +533,11 @@ class MetricsServer:
         registry = _LoopSnapshotRegistry(self._metrics, asyncio.get_running_loop())
         app = _metrics_only(make_wsgi_app(registry))
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        server_class = type(
+            "MetricsHTTPServer",
+            (_MetricsHTTPServer,),
+            {"address_family": family, "ssl_context": self._ssl_context},
+        )
         httpd: WSGIServer = make_server(
             self._host, self._port, app, server_class=server_class, handler_class=_QuietHandler
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -20,6 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,12 +29,17 @@ from grpc_health.v1.health import aio as health_aio
 
 from decider.api import decider_service, reflection
 from decider.api.decider_service import DeciderService
-from decider.api.interceptors import AdminTokenInterceptor, AdmissionInterceptor
+from decider.api.interceptors import (
+    AdminClientInterceptor,
+    AdminTokenInterceptor,
+    AdmissionInterceptor,
+)
 from decider.api.ports import Clock, Observer
 from decider.api.registry_service import RegistryService
 from decider.codec.convert import health_event_from_state
-from decider.config import Settings
+from decider.config import ServerSettings, Settings
 from decider.config.listen import parse_listen
+from decider.config.tls import CertificateFiles
 from decider.core.engine import Engine
 from decider.core.model import Endpoint, HealthEvent, HealthStatus
 from decider.core.state import EngineState
@@ -88,6 +95,8 @@ class DeciderServer:
         listen_metrics = srv.metrics_listen if metrics_listen is None else metrics_listen
         self._metrics_address = parse_listen(listen_metrics) if listen_metrics else None
         self.metrics_server: MetricsServer | None = None
+        # Read (and checked) before anything else starts: a bad file is a start-up error.
+        self.tls = CertificateFiles(srv.tls) if srv.tls.enabled else None
         # [state] backend = "redis": registered endpoints live in Redis, shared by every
         # replica; otherwise in this process (SQLite under data_dir, or memory).
         self.link: RedisLink | None = None
@@ -136,15 +145,11 @@ class DeciderServer:
         chain: list[grpc.aio.ServerInterceptor] = [self.admission]
         if srv.admin_token:
             chain.append(AdminTokenInterceptor(srv.admin_token))
+        if srv.tls.admin_client_names:
+            chain.append(AdminClientInterceptor(srv.tls.admin_client_names))
         chain.extend(interceptors)
         self._server = grpc.aio.server(
-            interceptors=chain,
-            options=[
-                ("grpc.max_receive_message_length", srv.max_message_bytes),
-                ("grpc.max_send_message_length", srv.max_message_bytes),
-                # Two servers must never share a port by accident; workers share one on purpose.
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ],
+            interceptors=chain, options=grpc_options(srv, reuse_port=reuse_port)
         )
         self._decider = DeciderService(
             self.engine,
@@ -188,9 +193,13 @@ class DeciderServer:
         """Binds, starts serving and returns the bound port (useful with port 0)."""
         listen = self.settings.server.listen
         try:
-            self.port = self._server.add_insecure_port(listen)
+            if self.tls is not None:
+                self.port = self._server.add_secure_port(listen, self.tls.grpc_credentials())
+            else:
+                self.port = self._server.add_insecure_port(listen)
         except RuntimeError as exc:
-            raise ConfigError(f"server.listen: cannot listen on {listen!r}: {exc}") from exc
+            # grpc says only "Failed to bind"; binding once more ourselves says why.
+            raise ConfigError(_bind_failure(listen, "server.listen", str(exc))) from exc
         if self.link is not None:
             # The fleet's registry before the first decision; if Redis is down, start from
             # the config endpoints and catch up when it answers (run() keeps trying).
@@ -210,15 +219,32 @@ class DeciderServer:
             self._tasks.append(asyncio.create_task(self.sync.run(), name="decider-state-sync"))
         if self._metrics_address is not None:
             host, port = self._metrics_address
-            self.metrics_server = MetricsServer(self.metrics, host=host, port=port)
+            self.metrics_server = MetricsServer(
+                self.metrics,
+                host=host,
+                port=port,
+                ssl_context=self.tls.ssl_context() if self.tls is not None else None,
+            )
             try:
                 bound = await self.metrics_server.start()
             except OSError as exc:
                 self.metrics_server = None
-                raise ConfigError(
-                    f"metrics_listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
-                ) from exc
-            log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
+                if exc.errno == errno.EADDRINUSE:
+                    message = f"address already in use: {host}:{port} (server.metrics_listen)"
+                else:
+                    message = (
+                        f"metrics_listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
+                    )
+                raise ConfigError(message) from exc
+            scheme = "https" if self.tls is not None else "http"
+            log.info("metrics on %s://%s:%d/metrics", scheme, host or "0.0.0.0", bound)
+        if self.tls is not None:
+            tls = self.settings.server.tls
+            log.info(
+                "TLS on: certificate %s%s",
+                tls.cert_file,
+                f", client certificates required (CA {tls.client_ca_file})" if tls.mutual else "",
+            )
         log.info("decider serving on %s (port %d)", listen, self.port)
         return self.port
 
@@ -319,6 +345,58 @@ def replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def grpc_options(srv: ServerSettings, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """Channel arguments of the gRPC server: message limits, keepalive and connection age.
+    `reuse_port`: one of `decider serve --workers N`, sharing the port with the others."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", srv.max_message_bytes),
+        ("grpc.max_send_message_length", srv.max_message_bytes),
+        # Two servers must never share a port by accident; workers share one on purpose.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.keepalive_time_ms", _ms(srv.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(srv.keepalive_timeout_s)),
+        # The timeout chttp2 puts on the ping it sends (60 s by default, whatever the keepalive
+        # timeout says, in grpc 1.85): without it a dead peer is dropped a minute late.
+        ("grpc.http2.ping_timeout_ms", _ms(srv.keepalive_timeout_s)),
+        # Ping idle connections too: an idle gateway that died is found and its connection freed.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # No cap on the server's own pings between data frames (the default, 2, stops them).
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(srv.keepalive_min_client_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if srv.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", _ms(srv.max_connection_idle_s)))
+    if srv.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", _ms(srv.max_connection_age_s)))
+        options.append(("grpc.max_connection_age_grace_ms", _ms(srv.max_connection_age_grace_s)))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _bind_failure(listen: str, key: str, grpc_message: str) -> str:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        return f"{key}: cannot listen on {listen!r}: {exc}"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (
+                        f"address already in use: {listen} ({key}); another process listens there"
+                    )
+                return f"{key}: cannot listen on {listen!r}: {exc.strerror or exc}"
+    return f"{key}: cannot listen on {listen!r}: {grpc_message}"
+
+
 async def serve(
     settings: Settings,
     *,
@@ -349,6 +427,7 @@ async def serve(
     if on_ready is not None:
         on_ready(server)
     signals: tuple[signal.Signals, ...] = ()
+    reload_signals: tuple[signal.Signals, ...] = ()
     loop = asyncio.get_running_loop()
     if shutdown_trigger is None:
         stop = asyncio.Event()
@@ -356,6 +435,11 @@ async def serve(
         for signum in signals:
             loop.add_signal_handler(signum, stop.set)
         shutdown_trigger = stop.wait
+        if server.tls is not None:
+            # Certificate rotators (cert-manager sidecars, Vault agent) can send SIGHUP after
+            # writing new files; a changed file is also noticed at the next connection.
+            loop.add_signal_handler(signal.SIGHUP, server.tls.request_reload)
+            reload_signals = (signal.SIGHUP,)
     try:
         await shutdown_trigger()
     finally:
@@ -363,5 +447,5 @@ async def serve(
         for signum in signals:
             loop.add_signal_handler(signum, server.stop_now)
         await server.stop()
-        for signum in signals:
+        for signum in (*signals, *reload_signals):
             loop.remove_signal_handler(signum)

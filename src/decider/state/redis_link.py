@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from decider.errors import Unavailable
+from decider.errors import StorageUnavailable
 from decider.state.settings import StateSettings
 
 log = logging.getLogger("decider.state")
@@ -103,10 +103,10 @@ class RedisLink:
             return ""
         return f"shared state unreachable ({self.cause}): this replica decides from its local state"
 
-    def unavailable(self, exc: BaseException, *, doing: str) -> Unavailable:
+    def unavailable(self, exc: BaseException, *, doing: str) -> StorageUnavailable:
         """The error for a write that failed: marks the link down and names the cause."""
         self.mark_down(exc)
-        return Unavailable(
+        return StorageUnavailable(
             f"shared state at {self.settings.redacted_url()} is unavailable ({describe(exc)}); "
             f"{doing} was not applied, retry when it is back"
         )

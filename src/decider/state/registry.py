@@ -9,15 +9,26 @@ committed with synchronous=FULL before the call returns: an acknowledged change 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sqlite3
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from decider.core.model import Endpoint, MetricsKind
-from decider.errors import FieldViolation, InvalidArgument, NotFound
+from decider.errors import (
+    ConfigError,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    StorageUnavailable,
+)
+
+log = logging.getLogger("decider.registry")
 
 SOURCE_CONFIG = "config"
 SOURCE_REGISTRY = "registry"
@@ -229,35 +240,117 @@ class EndpointStore:
     FILENAME = "registry.sqlite3"
 
     def __init__(self, data_dir: str | Path) -> None:
+        """Opens (creating) the store; a directory or file that cannot be used is a
+        ConfigError naming the path and the cause, as a bad config value is."""
         directory = Path(data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / self.FILENAME
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY, body TEXT NOT NULL)"
-        )
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"server.data_dir: {directory}: exists and is not a directory")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"server.data_dir: {directory}: cannot create the directory: {exc.strerror or exc}"
+            ) from None
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigError(_open_failure(directory, self.path, exc)) from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY, body TEXT NOT NULL)"
+            )
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if _corrupt(exc):
+                raise ConfigError(_corrupt_message(self.path, exc)) from None
+            raise ConfigError(_open_failure(directory, self.path, exc)) from None
 
     def load(self) -> list[Endpoint]:
-        rows = self._db.execute("SELECT body FROM endpoints ORDER BY id").fetchall()
-        return [endpoint_from_json(json.loads(body)) for (body,) in rows]
+        try:
+            rows = self._db.execute("SELECT id, body FROM endpoints ORDER BY id").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(_corrupt_message(self.path, exc)) from None
+        out = []
+        for endpoint_id, body in rows:
+            try:
+                out.append(endpoint_from_json(json.loads(body)))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    _corrupt_message(self.path, f"the row of endpoint {endpoint_id!r}: {exc!r}")
+                ) from None
+        return out
 
     def put(self, endpoint: Endpoint) -> None:
+        """Raises StorageUnavailable (nothing written) when the row cannot be made durable."""
         body = json.dumps(endpoint_to_json(endpoint), sort_keys=True)
-        with self._db:
-            self._db.execute(
-                "INSERT INTO endpoints (id, body) VALUES (?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET body = excluded.body",
-                (endpoint.id, body),
-            )
+        try:
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO endpoints (id, body) VALUES (?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                    (endpoint.id, body),
+                )
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(
+                self._write_failure(f"register {endpoint.id!r}", exc)
+            ) from None
 
     def delete(self, endpoint_id: str) -> None:
-        with self._db:
-            self._db.execute("DELETE FROM endpoints WHERE id = ?", (endpoint_id,))
+        try:
+            with self._db:
+                self._db.execute("DELETE FROM endpoints WHERE id = ?", (endpoint_id,))
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(
+                self._write_failure(f"deregister {endpoint_id!r}", exc)
+            ) from None
+
+    def _write_failure(self, what: str, exc: sqlite3.Error) -> str:
+        cause = str(exc)
+        try:
+            # sqlite reports a read-only file system as "disk I/O error"; the OS says which.
+            with tempfile.TemporaryFile(dir=self.path.parent) as probe:
+                probe.write(b"\0" * 4096)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as probe_error:
+            cause = f"{exc}: {probe_error.strerror or probe_error}"
+        log.error("registry store %s: cannot %s: %s", self.path, what, cause)
+        return (
+            f"cannot {what}: the registry store {self.path} cannot be written ({cause}); "
+            "nothing was changed"
+        )
 
     def close(self) -> None:
         self._db.close()
+
+
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    return "not a database" in str(exc) or "malformed" in str(exc)
+
+
+def _corrupt_message(path: Path, cause: object) -> str:
+    return (
+        f"server.data_dir: {path}: the registry store is unreadable or corrupted ({cause}). "
+        "To start without the endpoints registered at run time, move the file aside (config "
+        "endpoints are unaffected); gateways or operators then register them again"
+    )
+
+
+def _open_failure(directory: Path, path: Path, exc: sqlite3.Error) -> str:
+    why = str(exc)
+    try:
+        # sqlite says only "unable to open database file"; writing a file here says why.
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as probe:
+        why = f"the directory is not writable: {probe.strerror or probe}"
+    else:
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            why = "the file is not readable and writable"
+    return f"server.data_dir: {path}: cannot open the registry store: {why}"
 
 
 def endpoint_to_json(endpoint: Endpoint) -> dict[str, Any]:

@@ -7,7 +7,7 @@ them to its local Registry, which the decide path reads. After each (re)connect 
 reads the whole hash, so a change published while it was away is not missed.
 
 A write is acknowledged only once Redis has it; while Redis is down writes fail with
-Unavailable and nothing changes. Config endpoints stay per replica (each reads its own file);
+StorageUnavailable and nothing changes. Config endpoints stay per replica (each reads its own file);
 deregistering one removes it on every replica until their next start, as on one replica.
 """
 

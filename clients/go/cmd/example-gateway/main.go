@@ -4,6 +4,9 @@
 //
 //	example-gateway -listen 127.0.0.1:8080 -decider 127.0.0.1:50051 -fail-open
 //
+// Over mTLS: -tls-ca-file ca.pem -tls-cert-file gw.pem -tls-key-file gw-key.pem
+// (or DECIDER_CLIENT_TLS_CA_FILE, _CERT_FILE, _KEY_FILE, _SERVER_NAME).
+//
 // The session comes from the X-Session-Id header (or the body's "user"), the
 // tenant from X-Tenant. Responses carry X-Decider-Endpoint and X-Decider-Attempts.
 package main
@@ -42,10 +45,20 @@ func run(args []string) error {
 	refresh := fs.Duration("refresh", 30*time.Second, "how often to list the registry for fail-open (0 = never)")
 	adminToken := fs.String("admin-token", os.Getenv("DECIDER_ADMIN_TOKEN"), "bearer token for RegistryService.ListEndpoints")
 	stream := fs.Bool("stream", false, "send every Decide over one shared DecideStream (for high request rates)")
+	useTLS := fs.Bool("tls", false, "reach Decider over TLS with the system's trusted CAs (implied by any -tls-* flag)")
+	tlsFiles := decider.TLSFiles{}
+	fs.StringVar(&tlsFiles.CAFile, "tls-ca-file", os.Getenv("DECIDER_CLIENT_TLS_CA_FILE"), "PEM CA bundle to verify Decider with")
+	fs.StringVar(&tlsFiles.CertFile, "tls-cert-file", os.Getenv("DECIDER_CLIENT_TLS_CERT_FILE"), "client certificate (PEM) for mTLS")
+	fs.StringVar(&tlsFiles.KeyFile, "tls-key-file", os.Getenv("DECIDER_CLIENT_TLS_KEY_FILE"), "client private key (PEM) for mTLS")
+	fs.StringVar(&tlsFiles.ServerName, "tls-server-name", os.Getenv("DECIDER_CLIENT_TLS_SERVER_NAME"), "name Decider's certificate must carry")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	var tlsOpt *decider.TLSFiles
+	if *useTLS || tlsFiles != (decider.TLSFiles{}) {
+		tlsOpt = &tlsFiles
+	}
 
 	client, err := decider.Dial(*target, decider.Options{
 		DecideTimeout:   *decideTimeout,
@@ -55,6 +68,7 @@ func run(args []string) error {
 		AdminToken:      *adminToken,
 		Logger:          log,
 		Stream:          *stream,
+		TLS:             tlsOpt,
 	})
 	if err != nil {
 		return err

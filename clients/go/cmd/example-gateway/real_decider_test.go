@@ -68,3 +68,27 @@ func TestGatewayWithRealDecider(t *testing.T) {
 		}
 	})
 }
+
+// The gateway over mTLS to the real Decider: the same flow, the flags that set it up, and
+// a bad file refused before the gateway listens.
+func TestGatewayWithRealDeciderOverMTLS(t *testing.T) {
+	pki := decidertest.NewPKI(t, "Test CA")
+	server, gwCert := pki.Server("decider"), pki.Client("gateway-1")
+	b := decidertest.StartBackend(t, "a")
+	cfg := fmt.Sprintf("[server.tls]\ncert_file = %q\nkey_file = %q\nclient_ca_file = %q\n\n"+
+		"[[endpoints]]\nid = \"a\"\naddress = %q\nmodel = \"m\"\n",
+		server.CertFile, server.KeyFile, pki.CAFile, b.Addr)
+	srv := decidertest.Start(t, cfg)
+
+	gw, _ := startGateway(t, srv.Addr, decider.Options{TLS: &decider.TLSFiles{
+		CAFile: pki.CAFile, CertFile: gwCert.CertFile, KeyFile: gwCert.KeyFile}})
+	if r := chat(t, gw, hello); r.status != http.StatusOK || r.backend != "a" || r.endpoint != "a" {
+		t.Fatalf("reply %+v", r)
+	}
+
+	missing := t.TempDir() + "/nope.pem"
+	err := run([]string{"-listen", "127.0.0.1:0", "-decider", srv.Addr, "-tls-ca-file", missing})
+	if err == nil || !strings.Contains(err.Error(), missing) {
+		t.Fatalf("run with a missing CA file: %v", err)
+	}
+}
