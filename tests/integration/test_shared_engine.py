@@ -151,3 +151,23 @@ async def _chosen(reply: Any) -> str:
 
 async def _eq(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def in_flight(replica: Replica, endpoint_id: str) -> int:
+    listed = await replica.registry.ListEndpoints(rpb.ListEndpointsRequest(model="m"), timeout=5)
+    return int(listed.statuses[endpoint_id].in_flight)
+
+
+async def test_in_flight_load_is_fleet_wide(pair) -> None:
+    a, b = await pair(routing={"default_strategy": "least_request"})
+    open_on_a = [await decide(a, exclude_endpoint_ids=["e1", "e2"]) for _ in range(4)]
+    assert await in_flight(a, "e0") == 4
+    await eventually(lambda: _eq(in_flight(b, "e0"), 4))
+    # least_request on b sees a's open requests on e0: it keeps to e1 while they are open.
+    for _ in range(3):
+        reply = await decide(b, exclude_endpoint_ids=["e2"])
+        assert reply.endpoint.id == "e1"
+        await report(b, reply, dpb.RESULT_SUCCESS)
+    for reply in open_on_a:
+        await report(a, reply, dpb.RESULT_SUCCESS)
+    await eventually(lambda: _eq(in_flight(b, "e0"), 0))

@@ -52,7 +52,7 @@ from decider.state.fleet_probing import FleetProbing
 from decider.state.probe_reports import ProbeReports
 from decider.state.redis_link import LINK_ERRORS, RedisLink
 from decider.state.registry import EndpointStore, Membership, Registry
-from decider.state.shared_engine import StateSync, shared_state
+from decider.state.shared_engine import SharedLoad, StateSync, shared_state
 from decider.state.shared_registry import SharedRegistry
 from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2, registry_service_pb2
@@ -116,16 +116,20 @@ class DeciderServer:
         # With a shared state, breakers, sessions, the prefix index and budgets are synced
         # with the other replicas in the background (StateSync); Decide reads local copies.
         self.sync: StateSync | None = None
+        self.shared_load: SharedLoad | None = None
         state: EngineState | None = None
         if self.link is not None:
             self.sync = StateSync(self.link, clock=clock)
-            state = shared_state(
+            state, self.shared_load = shared_state(
                 EngineState.in_memory(settings.engine, rng=rng),
                 self.sync,
                 clock=clock,
                 ttl_s=settings.engine.affinity.ttl_s,
+                replica_id=self.link.replica_id,
             )
         self.engine = Engine(settings.engine, rng=rng, on_event=self._on_event, state=state)
+        if self.shared_load is not None:
+            self.shared_load.on_change = lambda ids, now: self.engine.rescore_load(ids, now=now)
         # [probe] embedded = false: a standalone decider-probe reports instead. With a shared
         # state, one replica of the fleet probes (FleetProbing holds its prober).
         self.prober: Prober | None = None
@@ -217,6 +221,8 @@ class DeciderServer:
             self._tasks.append(asyncio.create_task(self.fleet_probing.run(), name="decider-fleet"))
         if self.sync is not None:
             self._tasks.append(asyncio.create_task(self.sync.run(), name="decider-state-sync"))
+        if self.shared_load is not None:
+            self._tasks.append(asyncio.create_task(self.shared_load.run(), name="decider-load"))
         if self._metrics_address is not None:
             host, port = self._metrics_address
             self.metrics_server = MetricsServer(

@@ -10,6 +10,8 @@ coalesce under load); every other replica applies the batch to its own copies:
     sessions   a new or changed binding, and a renewal at most every quarter TTL
     prefixes   blocks indexed from successful outcomes
     budgets    tenant and endpoint charges (requests, tokens), summed per batch
+    load       each replica's own in-flight counts, sent when they change (and every second
+               while not zero); every replica adds the others' to its own
 
 While Redis is down each replica goes on from its own state (fail open). Budget charges made
 meanwhile are kept (summed per tenant, a few numbers each) and sent when Redis returns, and
@@ -22,14 +24,16 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 from decider.core.breaker import BreakerTransition, CircuitBreakers
 from decider.core.model import BreakerState
+from decider.core.pending import Pending
 from decider.core.quota import QuotaCheck, QuotaLedger
-from decider.core.state import EngineState, PrefixCache, Sessions
+from decider.core.state import EngineState, LoadStats, PendingDecisions, PrefixCache, Sessions
+from decider.core.stats import EndpointStats
 from decider.state.redis_link import LINK_ERRORS, RedisLink
 
 log = logging.getLogger("decider.state")
@@ -55,6 +59,10 @@ class StateSync:
         self.batches_sent = 0
         link.subscribe(CHANNEL, self._on_batch)
         link.on_status(self._on_status)
+
+    @property
+    def interval_s(self) -> float:
+        return self._link.settings.sync_interval_ms / 1000
 
     def register(
         self,
@@ -373,18 +381,142 @@ class SharedBudgets:
                 self._inner.charge_endpoint(str(subject), requests=requests, tokens=tokens, now=now)
 
 
-def shared_state(state: EngineState, sync: StateSync, *, clock: Clock, ttl_s: float) -> EngineState:
-    """`state` (in memory) with its fleet-wide owners wrapped to share through `sync`."""
+class SharedLoad:
+    """Open decisions stay this replica's; the in-flight counts it keeps become fleet-wide: its
+    own plus every other replica's as of that replica's latest batch."""
+
+    # A replica with open decisions says so at least this often...
+    HEARTBEAT_S = 1.0
+    # ...and one not heard from for this long is gone: its counts are dropped.
+    FORGET_AFTER_S = 5.0
+
+    def __init__(
+        self,
+        inner: PendingDecisions,
+        stats: LoadStats,
+        sync: StateSync,
+        *,
+        clock: Clock,
+        replica_id: str,
+        interval_s: float,
+    ) -> None:
+        self._inner = inner
+        self._stats = stats
+        self._sync = sync
+        self._clock = clock
+        self._replica_id = replica_id
+        self._interval_s = interval_s
+        # replica id -> (endpoint id -> in flight there, when received)
+        self._others: dict[str, tuple[dict[str, int], float]] = {}
+        # endpoint id -> (the stats the others' count was added to, that count)
+        self._applied: dict[str, tuple[EndpointStats, int]] = {}
+        self._last_sent: dict[str, int] = {}
+        self._last_sent_at = -math.inf
+        # Told which endpoints' counts changed (Engine.rescore_load).
+        self.on_change: Callable[[list[str], float], None] | None = None
+        sync.register("load", self._apply)
+
+    @property
+    def next_expiry(self) -> float:
+        return self._inner.next_expiry
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def record(
+        self, chosen: EndpointStats, tenant: str, tokens: int, hashes: tuple[int, ...], now: float
+    ) -> str:
+        return self._inner.record(chosen, tenant, tokens, hashes, now)
+
+    def resolve(self, decision_id: str) -> Pending | None:
+        return self._inner.resolve(decision_id)
+
+    def expire(self, now: float) -> Iterator[EndpointStats]:
+        return self._inner.expire(now)
+
+    def own_counts(self) -> dict[str, int]:
+        """This replica's open decisions per endpoint (the others' taken out)."""
+        out: dict[str, int] = {}
+        applied = self._applied
+        for s in self._stats.values():
+            if s.in_flight:
+                added = applied.get(s.id)
+                own = s.in_flight - (added[1] if added is not None and added[0] is s else 0)
+                if own > 0:
+                    out[s.id] = own
+        return out
+
+    async def run(self) -> None:
+        """Sends this replica's counts when they change; forgets silent replicas."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            now = self._clock()
+            own = self.own_counts()
+            if own != self._last_sent or (own and now - self._last_sent_at >= self.HEARTBEAT_S):
+                self._sync.queue("load", [self._replica_id, own])
+                self._last_sent, self._last_sent_at = own, now
+            gone = [r for r, (_, at) in self._others.items() if now - at > self.FORGET_AFTER_S]
+            if gone:
+                for replica in gone:
+                    del self._others[replica]
+                self._recount(now)
+
+    def _apply(self, items: list[Any], now: float) -> None:
+        for replica, counts in items:
+            self._others[str(replica)] = ({str(k): int(v) for k, v in counts.items()}, now)
+        self._recount(now)
+
+    def _recount(self, now: float) -> None:
+        totals: dict[str, int] = {}
+        for counts, _ in self._others.values():
+            for endpoint_id, n in counts.items():
+                totals[endpoint_id] = totals.get(endpoint_id, 0) + n
+        changed: list[str] = []
+        for endpoint_id in set(totals) | set(self._applied):
+            new = totals.get(endpoint_id, 0)
+            s = self._stats.get(endpoint_id)
+            if s is None:
+                self._applied.pop(endpoint_id, None)
+                continue
+            prev = self._applied.get(endpoint_id)
+            old = prev[1] if prev is not None and prev[0] is s else 0
+            if new == old:
+                continue
+            s.in_flight = max(0, s.in_flight + new - old)
+            if new:
+                self._applied[endpoint_id] = (s, new)
+            else:
+                self._applied.pop(endpoint_id, None)
+            changed.append(endpoint_id)
+        if changed and self.on_change is not None:
+            self.on_change(changed, now)
+
+
+def shared_state(
+    state: EngineState, sync: StateSync, *, clock: Clock, ttl_s: float, replica_id: str
+) -> tuple[EngineState, SharedLoad]:
+    """`state` (in memory) with its fleet-wide owners wrapped to share through `sync`; the
+    SharedLoad is returned apart too (its `run()` and `on_change` need wiring)."""
     breakers = state.breakers
     budgets = state.tenant_budgets
     if not isinstance(breakers, CircuitBreakers) or not isinstance(budgets, QuotaLedger):
         raise TypeError("shared_state wraps the in-memory owners of EngineState.in_memory")
     shared_budgets = SharedBudgets(budgets, sync)
-    return replace(
+    load = SharedLoad(
+        state.pending,
+        state.stats,
+        sync,
+        clock=clock,
+        replica_id=replica_id,
+        interval_s=sync.interval_s,
+    )
+    shared = replace(
         state,
+        pending=load,
         breakers=SharedBreakers(breakers, sync, clock=clock),
         tenant_budgets=shared_budgets,
         endpoint_budgets=shared_budgets,
         sessions=SharedSessions(state.sessions, sync, ttl_s=ttl_s),
         prefixes=SharedPrefixes(state.prefixes, sync),
     )
+    return shared, load
