@@ -171,3 +171,25 @@ async def test_in_flight_load_is_fleet_wide(pair) -> None:
     for reply in open_on_a:
         await report(a, reply, dpb.RESULT_SUCCESS)
     await eventually(lambda: _eq(in_flight(b, "e0"), 0))
+
+
+async def test_redis_down_decides_locally_and_reconciles_charges(pair, redis_server) -> None:
+    budget = 20
+    a, b = await pair(quotas={"tenants": {"acme": {"requests_per_minute": budget}}})
+    redis_server.kill()
+    # Fail open: a goes on deciding (and charging its own buckets) without Redis.
+    for _ in range(budget):
+        await decide(a, tenant="acme")
+    redis_server.start()
+
+    async def b_refuses() -> bool:
+        # explain charges nothing, but is refused like any Decide when the tenant is over.
+        try:
+            await decide(b, tenant="acme", explain=True)
+        except grpc.aio.AioRpcError as err:
+            assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            return True
+        return False
+
+    # The charges made on a while Redis was down reach b once it is back.
+    await eventually(b_refuses, timeout_s=20)
