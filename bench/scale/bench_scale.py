@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,12 @@ class Results:
     machine: dict[str, Any] = field(default_factory=dict)
     rounds: list[dict[str, Run]] = field(default_factory=list)
     registry_delay_ms: list[float] = field(default_factory=list)
+    breaker_delay_ms: list[float] = field(default_factory=list)
+    # Tenant quota under ghz load split over two replicas.
+    quota_per_minute: int = 0
+    quota_offered: int = 0
+    quota_admitted: int = 0
+    quota_allowed: float = 0.0
     lease_takeover_s: list[float] = field(default_factory=list)
     lease_s: float = 0.0
     command: str = ""
@@ -74,6 +81,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--samples", type=int, default=50, help="registry propagation samples")
     parser.add_argument("--takeovers", type=int, default=3)
+    parser.add_argument("--quota", type=int, default=2000, help="tenant requests per minute")
     parser.add_argument("--no-doc", action="store_true", help="print, write no files")
     args = parser.parse_args()
     res = Results(
@@ -142,10 +150,15 @@ async def consistency(
     from decider.v1 import registry_service_pb2_grpc as rgrpc
 
     res.lease_s = 5.0
+    res.quota_per_minute = args.quota
     config = work / "pair.toml"
+    write_config(config)
     config.write_text(
-        f'[state]\nbackend = "redis"\nurl = "{redis.url}"\nkey_prefix = "pair:"\n'
+        config.read_text()
+        + f'\n[state]\nbackend = "redis"\nurl = "{redis.url}"\nkey_prefix = "pair:"\n'
         f"probe_lease_s = {res.lease_s}\n"
+        "\n[breaker]\nconsecutive_failures = 3\nopen_s = 300\n"
+        f"\n[quotas.tenants.bench]\nrequests_per_minute = {args.quota}\n"
     )
     env = {**os.environ, "DECIDER_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT / "src")}
     ports = [free_port() for _ in range(3)]
@@ -174,8 +187,38 @@ async def consistency(
                 if time.perf_counter() - start > 10:
                     raise RuntimeError(f"{model} never reached the second replica")
             res.registry_delay_ms.append((time.perf_counter() - start) * 1000)
+        admin = rgrpc.RegistryServiceStub(channels[1])  # type: ignore[arg-type]
+        deciding = dgrpc.DeciderServiceStub(channels[0])  # type: ignore[arg-type]
+        for i in range(args.samples):
+            model = f"brk-{i}"
+            await writer.RegisterEndpoint(
+                rpb.RegisterEndpointRequest(
+                    endpoint=epb.Endpoint(id=model, address="127.0.0.1:9", model=model)
+                )
+            )
+            await _until_routed(reader, model)
+            for _ in range(3):
+                reply = await deciding.Decide(dpb.DecideRequest(model=model), timeout=5)
+                await deciding.ReportOutcome(
+                    dpb.ReportOutcomeRequest(
+                        decision_id=reply.decision_id,
+                        endpoint_id=model,
+                        result=dpb.RESULT_ERROR,
+                    ),
+                    timeout=5,
+                )
+            start = time.perf_counter()
+            while True:
+                listed = await admin.ListEndpoints(rpb.ListEndpointsRequest(model=model))
+                if listed.statuses[model].breaker_state == epb.BREAKER_STATE_OPEN:
+                    break
+                if time.perf_counter() - start > 10:
+                    raise RuntimeError(f"{model}'s breaker never opened on the second replica")
+            res.breaker_delay_ms.append((time.perf_counter() - start) * 1000)
         for channel in channels:
             await channel.close()
+
+        quota_load(args, work, ports[:2], res)
 
         import redis.asyncio as aioredis
 
@@ -199,6 +242,50 @@ async def consistency(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+async def _until_routed(stub: Any, model: str) -> None:
+    import grpc
+
+    from decider.v1 import decider_service_pb2 as dpb
+
+    for _ in range(10_000):
+        try:
+            await stub.Decide(dpb.DecideRequest(model=model), timeout=5)
+            return
+        except grpc.aio.AioRpcError as err:
+            if err.code() is not grpc.StatusCode.NOT_FOUND:
+                raise
+        await asyncio.sleep(0.001)
+    raise RuntimeError(f"{model} never reached the second replica")
+
+
+def quota_load(args: argparse.Namespace, work: Path, ports: list[int], res: Results) -> None:
+    """Two ghz at once, one per replica, for tenant "bench" with a per-minute budget: how many
+    calls the fleet admitted against what the budget allows over the run (burst + refill)."""
+    ghz = Ghz(args.ghz, work / "decider.protoset")
+    if not ghz.protoset.exists():
+        write_protoset(ghz.protoset)
+    per_replica = args.quota * 2
+    runs: list[Run] = []
+
+    def one(port: int) -> None:
+        runs.append(
+            ghz._run(
+                f"127.0.0.1:{port}", DECIDE, DECIDE_DATA, n=per_replica, c=20, conns=2, timeout_s=20
+            )
+        )
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(port,)) for port in ports]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed_s = time.perf_counter() - start
+    res.quota_offered = per_replica * len(ports)
+    res.quota_admitted = sum(run.status.get("OK", 0) for run in runs)
+    res.quota_allowed = args.quota + args.quota / 60 * elapsed_s
 
 
 def _spawn(config: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -248,6 +335,13 @@ def render(res: Results) -> str:
             f"({len(delays)} samples) | {_pct(delays, 50):.1f} ms | {_pct(delays, 99):.1f} ms "
             f"| {delays[-1]:.1f} ms |",
         ]
+    breaker = sorted(res.breaker_delay_ms)
+    if breaker:
+        lines.append(
+            f"| Breaker opened by outcomes on one replica -> open on another "
+            f"({len(breaker)} samples) | {_pct(breaker, 50):.1f} ms | {_pct(breaker, 99):.1f} ms "
+            f"| {breaker[-1]:.1f} ms |"
+        )
     if res.lease_takeover_s:
         takeovers = sorted(res.lease_takeover_s)
         lines.append(
@@ -255,6 +349,15 @@ def render(res: Results) -> str:
             f"(probe_lease_s = {res.lease_s:g}, {len(takeovers)} kills) "
             f"| {statistics.median(takeovers):.2f} s | | {takeovers[-1]:.2f} s |"
         )
+    if res.quota_allowed:
+        over = res.quota_admitted / res.quota_allowed - 1
+        lines += [
+            "",
+            f"Tenant quota ({res.quota_per_minute} requests/minute) under two ghz at once, one per "
+            f"replica: {res.quota_offered:,} calls offered, {res.quota_admitted:,} admitted "
+            f"against {res.quota_allowed:,.0f} allowed over the run (the burst plus the refill): "
+            f"**{over:+.1%}**.",
+        ]
     return "\n".join(lines)
 
 
