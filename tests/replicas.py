@@ -22,7 +22,7 @@ import grpc
 from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 90.0
 
 
 def toml(doc: Mapping[str, Any]) -> str:

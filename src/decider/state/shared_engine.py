@@ -10,8 +10,9 @@ coalesce under load); every other replica applies the batch to its own copies:
     sessions   a new or changed binding, and a renewal at most every quarter TTL
     prefixes   blocks indexed from successful outcomes
     budgets    tenant and endpoint charges (requests, tokens), summed per batch
-    load       each replica's own in-flight counts, sent when they change (and every second
-               while not zero); every replica adds the others' to its own
+    load       each replica's own in-flight counts of the endpoints whose counts changed
+               since the last batch (all of them every second while any are open); every
+               replica adds the others' to its own
 
 While Redis is down each replica goes on from its own state (fail open). Budget charges made
 meanwhile are kept (summed per tenant, a few numbers each) and sent when Redis returns, and
@@ -55,6 +56,7 @@ class StateSync:
         self._wake = asyncio.Event()
         self._appliers: dict[str, Callable[[list[Any], float], None]] = {}
         self._resend: list[Callable[[], None]] = []
+        self._providers: dict[str, Callable[[], Any]] = {}
         self._was_down = False
         self.batches_sent = 0
         link.subscribe(CHANNEL, self._on_batch)
@@ -81,6 +83,15 @@ class StateSync:
         self._items.setdefault(topic, []).append(item)
         self._wake.set()
 
+    def provide(self, topic: str, provider: Callable[[], Any]) -> None:
+        """`provider()` is asked for one item of `topic` at each batch (None: nothing new), so
+        a value that changes on every decision is sent once per batch, as it stands then."""
+        self._providers[topic] = provider
+
+    def poke(self) -> None:
+        """Something a provider gives changed: send a batch soon."""
+        self._wake.set()
+
     def charge(self, kind: str, subject: str, requests: int, tokens: int) -> None:
         summed = self._charges.get((kind, subject))
         if summed is None:
@@ -99,6 +110,8 @@ class StateSync:
             if not self._link.up:
                 # Down: keep the charges (small), drop the rest, and wait for the link.
                 self._items.clear()
+                for provider in self._providers.values():
+                    provider()
                 await asyncio.sleep(sync_s)
                 if self._charges:
                     self._wake.set()
@@ -110,6 +123,10 @@ class StateSync:
                 await asyncio.sleep(sync_s)
 
     async def _flush(self) -> None:
+        for topic, provider in self._providers.items():
+            item = provider()
+            if item is not None:
+                self._items.setdefault(topic, []).append(item)
         if not self._items and not self._charges:
             return
         items, self._items = self._items, {}
@@ -410,11 +427,13 @@ class SharedLoad:
         self._others: dict[str, tuple[dict[str, int], float]] = {}
         # endpoint id -> (the stats the others' count was added to, that count)
         self._applied: dict[str, tuple[EndpointStats, int]] = {}
-        self._last_sent: dict[str, int] = {}
-        self._last_sent_at = -math.inf
+        self._dirty: set[str] = set()
+        self._last_full_at = -math.inf
+        self._had_open = False
         # Told which endpoints' counts changed (Engine.rescore_load).
         self.on_change: Callable[[list[str], float], None] | None = None
         sync.register("load", self._apply)
+        sync.provide("load", self._changed_counts)
 
     @property
     def next_expiry(self) -> float:
@@ -426,44 +445,78 @@ class SharedLoad:
     def record(
         self, chosen: EndpointStats, tenant: str, tokens: int, hashes: tuple[int, ...], now: float
     ) -> str:
+        self._dirty.add(chosen.id)
+        self._sync.poke()
         return self._inner.record(chosen, tenant, tokens, hashes, now)
 
     def resolve(self, decision_id: str) -> Pending | None:
-        return self._inner.resolve(decision_id)
+        entry = self._inner.resolve(decision_id)
+        if entry is not None:
+            self._dirty.add(entry[0].id)
+            self._sync.poke()
+        return entry
 
     def expire(self, now: float) -> Iterator[EndpointStats]:
-        return self._inner.expire(now)
+        for s in self._inner.expire(now):
+            self._dirty.add(s.id)
+            yield s
+
+    def own(self, s: EndpointStats) -> int:
+        """This replica's open decisions on `s` (the others' taken out)."""
+        added = self._applied.get(s.id)
+        return s.in_flight - (added[1] if added is not None and added[0] is s else 0)
 
     def own_counts(self) -> dict[str, int]:
-        """This replica's open decisions per endpoint (the others' taken out)."""
+        """This replica's open decisions per endpoint, where any are open."""
         out: dict[str, int] = {}
-        applied = self._applied
         for s in self._stats.values():
             if s.in_flight:
-                added = applied.get(s.id)
-                own = s.in_flight - (added[1] if added is not None and added[0] is s else 0)
+                own = self.own(s)
                 if own > 0:
                     out[s.id] = own
         return out
 
+    def _changed_counts(self) -> list[Any] | None:
+        """The batch's item: counts of the endpoints that changed, as they stand now."""
+        if not self._dirty:
+            return None
+        counts: dict[str, int] = {}
+        for endpoint_id in self._dirty:
+            s = self._stats.get(endpoint_id)
+            counts[endpoint_id] = max(0, self.own(s)) if s is not None else 0
+        self._dirty.clear()
+        return [self._replica_id, counts, False]
+
     async def run(self) -> None:
-        """Sends this replica's counts when they change; forgets silent replicas."""
+        """`sync_once` every sync interval, until cancelled."""
         while True:
             await asyncio.sleep(self._interval_s)
-            now = self._clock()
+            self.sync_once(self._clock())
+
+    def sync_once(self, now: float) -> None:
+        """Every second while decisions are open here, all this replica's counts (a receiver
+        that missed a batch catches up); forgets replicas gone silent."""
+        if now - self._last_full_at >= self.HEARTBEAT_S:
             own = self.own_counts()
-            if own != self._last_sent or (own and now - self._last_sent_at >= self.HEARTBEAT_S):
-                self._sync.queue("load", [self._replica_id, own])
-                self._last_sent, self._last_sent_at = own, now
-            gone = [r for r, (_, at) in self._others.items() if now - at > self.FORGET_AFTER_S]
-            if gone:
-                for replica in gone:
-                    del self._others[replica]
-                self._recount(now)
+            if own or self._had_open:
+                self._sync.queue("load", [self._replica_id, own, True])
+                self._last_full_at = now
+            self._had_open = bool(own)
+        gone = [r for r, (_, at) in self._others.items() if now - at > self.FORGET_AFTER_S]
+        if gone:
+            for replica in gone:
+                del self._others[replica]
+            self._recount(now)
 
     def _apply(self, items: list[Any], now: float) -> None:
-        for replica, counts in items:
-            self._others[str(replica)] = ({str(k): int(v) for k, v in counts.items()}, now)
+        for replica, counts, full in items:
+            known = {} if full else dict(self._others.get(str(replica), ({}, 0.0))[0])
+            for endpoint_id, n in counts.items():
+                if n:
+                    known[str(endpoint_id)] = int(n)
+                else:
+                    known.pop(str(endpoint_id), None)
+            self._others[str(replica)] = (known, now)
         self._recount(now)
 
     def _recount(self, now: float) -> None:
