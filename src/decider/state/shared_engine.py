@@ -11,8 +11,9 @@ coalesce under load); every other replica applies the batch to its own copies:
     prefixes   blocks indexed from successful outcomes
     budgets    tenant and endpoint charges (requests, tokens), summed per batch
     load       each replica's own in-flight counts of the endpoints whose counts changed
-               since the last batch (all of them every second while any are open); every
-               replica adds the others' to its own
+               since the last batch (all of them every second while any are open), and its
+               picks since the last batch; every replica adds the others' to its own in-flight
+               counts and recent picks
 
 While Redis is down each replica goes on from its own state (fail open). Budget charges made
 meanwhile are kept (summed per tenant, a few numbers each) and sent when Redis returns, and
@@ -34,7 +35,7 @@ from decider.core.model import BreakerState
 from decider.core.pending import Pending
 from decider.core.quota import QuotaCheck, QuotaLedger
 from decider.core.state import EngineState, LoadStats, PendingDecisions, PrefixCache, Sessions
-from decider.core.stats import EndpointStats
+from decider.core.stats import RECENT_TAU_S, EndpointStats
 from decider.state.redis_link import LINK_ERRORS, RedisLink
 
 log = logging.getLogger("decider.state")
@@ -428,6 +429,8 @@ class SharedLoad:
         # endpoint id -> (the stats the others' count was added to, that count)
         self._applied: dict[str, tuple[EndpointStats, int]] = {}
         self._dirty: set[str] = set()
+        # endpoint id -> decisions for it here since the last batch (the others' recent picks).
+        self._picks: dict[str, int] = {}
         self._last_full_at = -math.inf
         self._had_open = False
         # Told which endpoints' counts changed (Engine.rescore_load).
@@ -446,6 +449,7 @@ class SharedLoad:
         self, chosen: EndpointStats, tenant: str, tokens: int, hashes: tuple[int, ...], now: float
     ) -> str:
         self._dirty.add(chosen.id)
+        self._picks[chosen.id] = self._picks.get(chosen.id, 0) + 1
         self._sync.poke()
         return self._inner.record(chosen, tenant, tokens, hashes, now)
 
@@ -485,7 +489,8 @@ class SharedLoad:
             s = self._stats.get(endpoint_id)
             counts[endpoint_id] = max(0, self.own(s)) if s is not None else 0
         self._dirty.clear()
-        return [self._replica_id, counts, False]
+        picks, self._picks = self._picks, {}
+        return [self._replica_id, counts, False, picks]
 
     async def run(self) -> None:
         """`sync_once` every sync interval, until cancelled."""
@@ -499,7 +504,7 @@ class SharedLoad:
         if now - self._last_full_at >= self.HEARTBEAT_S:
             own = self.own_counts()
             if own or self._had_open:
-                self._sync.queue("load", [self._replica_id, own, True])
+                self._sync.queue("load", [self._replica_id, own, True, {}])
                 self._last_full_at = now
             self._had_open = bool(own)
         gone = [r for r, (_, at) in self._others.items() if now - at > self.FORGET_AFTER_S]
@@ -509,7 +514,18 @@ class SharedLoad:
             self._recount(now)
 
     def _apply(self, items: list[Any], now: float) -> None:
-        for replica, counts, full in items:
+        picked: list[str] = []
+        for replica, counts, full, picks in items:
+            for endpoint_id, n in picks.items():
+                s = self._stats.get(str(endpoint_id))
+                if s is not None:
+                    # The same decayed count the engine keeps of its own picks (pending.py).
+                    recent = s.recent
+                    s.recent = (
+                        recent * math.exp((s.recent_at - now) / RECENT_TAU_S) + n if recent else n
+                    )
+                    s.recent_at = now
+                    picked.append(s.id)
             known = {} if full else dict(self._others.get(str(replica), ({}, 0.0))[0])
             for endpoint_id, n in counts.items():
                 if n:
@@ -517,14 +533,14 @@ class SharedLoad:
                 else:
                     known.pop(str(endpoint_id), None)
             self._others[str(replica)] = (known, now)
-        self._recount(now)
+        self._recount(now, also=picked)
 
-    def _recount(self, now: float) -> None:
+    def _recount(self, now: float, *, also: Sequence[str] = ()) -> None:
         totals: dict[str, int] = {}
         for counts, _ in self._others.values():
             for endpoint_id, n in counts.items():
                 totals[endpoint_id] = totals.get(endpoint_id, 0) + n
-        changed: list[str] = []
+        changed: list[str] = list(also)
         for endpoint_id in set(totals) | set(self._applied):
             new = totals.get(endpoint_id, 0)
             s = self._stats.get(endpoint_id)
@@ -540,7 +556,8 @@ class SharedLoad:
                 self._applied[endpoint_id] = (s, new)
             else:
                 self._applied.pop(endpoint_id, None)
-            changed.append(endpoint_id)
+            if endpoint_id not in also:
+                changed.append(endpoint_id)
         if changed and self.on_change is not None:
             self.on_change(changed, now)
 
