@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools redis-server run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing bench-scale sim clean
+.PHONY: help install tools redis-server run test test-python test-go lint lint-imports proto proto-check proto-go proto-go-check bench bench-decide-path bench-grpc bench-tracing bench-idle-connections bench-scale sim clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers"
@@ -117,23 +117,28 @@ bench: install
 # The unary Decide path in-process, stage by stage (parse, convert, engine, observer, encode,
 # the whole handler) against Health/Check through the same interceptor (seconds).
 bench-decide-path: install
-	$(PY) bench/bench_decide_path.py
+	$(PY) -m bench.bench_decide_path
 
 # gRPC load from ghz against the real server (a few minutes): writes docs/BENCHMARKS.md's
 # "gRPC load" numbers to bench/results/ and the plot to docs/img/. Never part of `make test`.
 bench-grpc: install $(TOOLS)/bin/ghz
-	$(PY) bench/grpc/bench_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.grpc --ghz $(TOOLS)/bin/ghz
 
 # Tracing overhead end to end: Decide throughput with tracing off, a 1% sampler and always_on,
 # alternating in one run, spans exported over OTLP (about a minute). Never part of `make test`.
 bench-tracing: install $(TOOLS)/bin/ghz
-	$(PY) bench/bench_tracing_grpc.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.bench_tracing_grpc --ghz $(TOOLS)/bin/ghz
+
+# Server memory, threads and Decide latency with thousands of idle HTTP/2 connections open
+# (about a minute): writes docs/BENCHMARKS.md's "Idle gateway connections". Never part of `make test`.
+bench-idle-connections: install
+	$(PY) bench/bench_idle_connections.py
 
 # Scale-out: Decide throughput with the memory and Redis backends and with 2 workers (ghz),
 # registry sync delay and probing-lease takeover between replicas (a few minutes). Writes
 # bench/results/scale.json and the bench-scale tables of docs/BENCHMARKS.md and docs/SCALING.md.
 bench-scale: install redis-server $(TOOLS)/bin/ghz
-	$(PY) bench/scale/bench_scale.py --ghz $(TOOLS)/bin/ghz
+	$(PY) -m bench.scale.bench_scale --ghz $(TOOLS)/bin/ghz
 
 # Cluster simulation driving the real engine: writes docs/SIMULATION.md and docs/img/sim_*.png.
 sim: install

@@ -15,7 +15,7 @@ other calls' data rather than its own. `--evict-mb N` copies an N MB buffer befo
 (not timed), so each call starts with cold caches; the default loop, with caches warm, is the
 other extreme. 2 MB covers the L1 and L2 caches of the 2-vCPU machine in docs/BENCHMARKS.md.
 
-    .venv/bin/python bench/bench_decide_path.py [--rounds 30] [--calls 3000] [--evict-mb 2]
+    .venv/bin/python -m bench.bench_decide_path [--rounds 30] [--calls 3000] [--evict-mb 2]
 """
 
 from __future__ import annotations
@@ -30,21 +30,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench" / "grpc"))
+from grpc_health.v1 import health_pb2_grpc
 
-import bench_grpc  # noqa: E402
-from grpc_health.v1 import health_pb2_grpc  # noqa: E402
+from bench.grpc import workload
+from decider import config
+from decider.api import decider_service
+from decider.codec import convert
+from decider.runtime.server import DeciderServer
+from decider.v1 import decider_service_pb2 as dpb
 
-from decider import config  # noqa: E402
-from decider.api import decider_service  # noqa: E402
-from decider.codec import convert  # noqa: E402
-from decider.runtime.server import DeciderServer  # noqa: E402
-from decider.v1 import decider_service_pb2 as dpb  # noqa: E402
-
-DECIDE = "/" + bench_grpc.DECIDE
-CHECK = "/" + bench_grpc.CHECK
+DECIDE = "/" + workload.DECIDE
+CHECK = "/" + workload.CHECK
 
 
 class _Context:
@@ -105,7 +101,7 @@ async def _measure(
 async def run(rounds: int, calls: int, evict_mb: int = 0) -> list[tuple[str, float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.toml"
-        bench_grpc.write_config(path)
+        workload.write_config(path)
         settings = config.load(path, flags={"data_dir": ""})
     server = DeciderServer(settings, metrics_listen="")
     handlers = _Handlers()
@@ -116,8 +112,8 @@ async def run(rounds: int, calls: int, evict_mb: int = 0) -> list[tuple[str, flo
     service, engine = server._decider, server.engine
     observer, encoder = service._observer, service._encoder
 
-    raw = [bench_grpc.decide_msg(i).SerializeToString() for i in range(4096)]
-    check_raw = bench_grpc.check_msg().SerializeToString()
+    raw = [workload.decide_msg(i).SerializeToString() for i in range(4096)]
+    check_raw = workload.check_msg().SerializeToString()
     messages = [dpb.DecideRequest.FromString(r) for r in raw]
     routes = [convert.checked_route_request(m) for m in messages]
 

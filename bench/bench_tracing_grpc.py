@@ -1,7 +1,7 @@
 """Tracing overhead end to end: Decide throughput through the real server, loaded by ghz, with
 tracing disabled, a 1% ratio sampler and always-on sampling, in one run on one machine.
 
-    make bench-tracing     # or: .venv/bin/python bench/bench_tracing_grpc.py --ghz .tools/bin/ghz
+    make bench-tracing     # or: .venv/bin/python -m bench.bench_tracing_grpc --ghz .tools/bin/ghz
 
 One `decider serve` process per mode, started together, configured only through the standard
 OTEL_* variables (what an operator sets). Spans really leave the process: every traced mode
@@ -39,23 +39,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench" / "grpc"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from bench_grpc import (  # noqa: E402
-    DECIDE,
-    DECIDE_DATA,
-    Ghz,
-    Run,
-    Server,
-    free_port,
-    pinned,
-    running_server,
-    write_config,
-    write_protoset,
-)
-from otlp_receiver import OtlpReceiver  # noqa: E402
+from bench.grpc.loadgen import Ghz, Run
+from bench.grpc.servers import ROOT, Server, free_port, pinned, running_server
+from bench.grpc.workload import DECIDE, DECIDE_DATA, write_config, write_protoset
+from tests.otlp_receiver import OtlpReceiver
 
 RESULTS = ROOT / "bench" / "results" / "tracing_grpc.json"
 UNSAMPLED_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"

@@ -1,6 +1,6 @@
 """Scale-out benchmark: what sharing state through Redis costs, and what it buys.
 
-    make bench-scale       # or: .venv/bin/python bench/scale/bench_scale.py --ghz .tools/bin/ghz
+    make bench-scale       # or: .venv/bin/python -m bench.scale.bench_scale --ghz .tools/bin/ghz
 
 Part 1, throughput: Decide under ghz (compiled Go) against `decider serve` with the memory
 backend, the Redis backend, and the Redis backend with `--workers 2`, in alternating rounds so
@@ -35,21 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench" / "grpc"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from bench_grpc import (  # noqa: E402
-    DECIDE,
-    DECIDE_DATA,
-    Ghz,
-    Run,
-    free_port,
-    running_server,
-    write_config,
-    write_protoset,
-)
-from redis_server import RedisServer  # noqa: E402
+from bench.grpc.loadgen import Ghz, Run
+from bench.grpc.servers import ROOT, free_port, running_server
+from bench.grpc.workload import DECIDE, DECIDE_DATA, write_config, write_protoset
+from tests.redis_server import RedisServer
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 DOCS = (ROOT / "docs" / "BENCHMARKS.md", ROOT / "docs" / "SCALING.md")

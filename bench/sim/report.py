@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .cluster import GatewayParams, ProberParams
+from .cluster import ORACLE, GatewayParams, ProberParams
 from .metrics import RunResult
 from .server import ServerParams
 from .workloads import PREFIX_HEAVY, Workload
@@ -58,8 +58,20 @@ def by_workload(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     return out
 
 
+# The default's TTFT p90 against the oracle's on the prefix-heavy workloads (issue 16).
+ORACLE_FACTOR = 1.5
+# How much lower than round_robin and random the default's TTFT p90 must be.
+RIVAL_FACTOR: Mapping[str, float] = {"shared_prefix": 10.0, "multi_turn": 3.0}
+RIVALS = ("round_robin", "random")
+
+
+def best_router(runs: Sequence[RunResult]) -> RunResult:
+    """The lowest TTFT p90 among the strategies a router can run (the oracle left out)."""
+    return min((r for r in runs if r.strategy != ORACLE), key=lambda r: r.ttft_p90_s)
+
+
 def check_targets(results: Sequence[RunResult], default_strategy: str) -> list[Target]:
-    """Issue 7's targets, each with the numbers that decide it."""
+    """Issue 16's targets, each with the numbers that decide it."""
     targets: list[Target] = []
     groups = by_workload(results)
     for name, runs in groups.items():
@@ -67,25 +79,38 @@ def check_targets(results: Sequence[RunResult], default_strategy: str) -> list[T
         if default is None:
             continue
         others = {r.strategy: r for r in runs if r.strategy}
-        if name in PREFIX_HEAVY:
-            for rival in ("round_robin", "random"):
+        if name in PREFIX_HEAVY and ORACLE in others:
+            ratio = default.ttft_p90_s / others[ORACLE].ttft_p90_s
+            targets.append(
+                Target(
+                    name=f"{name}: TTFT p90 within {ORACLE_FACTOR:g}x of the oracle",
+                    met=ratio <= ORACLE_FACTOR,
+                    detail=(
+                        f"{_s(default.ttft_p90_s)} s vs {_s(others[ORACLE].ttft_p90_s)} s "
+                        f"({ratio:.2f}x)"
+                    ),
+                )
+            )
+        factor = RIVAL_FACTOR.get(name)
+        if factor is not None:
+            for rival in RIVALS:
                 if rival in others:
                     ratio = others[rival].ttft_p90_s / default.ttft_p90_s
                     targets.append(
                         Target(
-                            name=f"{name}: TTFT p90 at least 3x lower than {rival}",
-                            met=ratio >= 3.0,
+                            name=f"{name}: TTFT p90 at least {factor:g}x lower than {rival}",
+                            met=ratio >= factor,
                             detail=(
                                 f"{_s(default.ttft_p90_s)} s vs {_s(others[rival].ttft_p90_s)} s "
                                 f"({ratio:.1f}x)"
                             ),
                         )
                     )
-        best = min(runs, key=lambda r: r.ttft_p90_s)
+        best = best_router(runs)
         ratio = default.ttft_p90_s / best.ttft_p90_s
         targets.append(
             Target(
-                name=f"{name}: TTFT p90 within 15% of the best",
+                name=f"{name}: TTFT p90 within 15% of the best router",
                 met=ratio <= 1.15,
                 detail=(
                     f"{_s(default.ttft_p90_s)} s vs {_s(best.ttft_p90_s)} s for "
@@ -115,6 +140,63 @@ def check_targets(results: Sequence[RunResult], default_strategy: str) -> list[T
     return targets
 
 
+def _strategy_p90(runs: Sequence[RunResult], strategy: str) -> str:
+    run = next((r for r in runs if r.strategy == strategy), None)
+    return _s(run.ttft_p90_s) if run is not None else "-"
+
+
+def lead_table(results: Sequence[RunResult], default_strategy: str) -> str:
+    """Per workload: the default's TTFT p90 against the oracle's and round_robin's."""
+    rows = []
+    for name, runs in by_workload(results).items():
+        default = next((r for r in runs if r.strategy == ""), None)
+        oracle = next((r for r in runs if r.strategy == ORACLE), None)
+        if default is None:
+            continue
+        vs_oracle = f"{default.ttft_p90_s / oracle.ttft_p90_s:.2f}x" if oracle else "-"
+        best = best_router(runs)
+        rows.append(
+            f"| {name} | {_s(default.ttft_p90_s)} | {_strategy_p90(runs, ORACLE)} "
+            f"| {_strategy_p90(runs, 'round_robin')} | {vs_oracle} "
+            f"| {label(best.strategy, default_strategy)} ({_s(best.ttft_p90_s)}) "
+            f"| {default.imbalance:.2f} |"
+        )
+    return (
+        f"| workload | {default_strategy} (default) | oracle | round_robin | default / oracle "
+        "| best router | imbalance (default) |\n"
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |\n" + "\n".join(rows) + "\n"
+    )
+
+
+def sweep_table(by_seed: Mapping[int, Sequence[RunResult]], default_strategy: str) -> str:
+    """Every seed and workload: TTFT p90 of the default, the oracle, round_robin, random and the
+    best router, and the default's imbalance and sends to dead endpoints after detection."""
+    if len(by_seed) < 2:
+        return ""
+    rows = []
+    workloads = list(by_workload(next(iter(by_seed.values()))))
+    for name in workloads:
+        for seed, results in by_seed.items():
+            runs = by_workload(results).get(name, [])
+            default = next((r for r in runs if r.strategy == ""), None)
+            if default is None:
+                continue
+            best = best_router(runs)
+            rows.append(
+                f"| {name} | {seed} | {_s(default.ttft_p90_s)} | {_strategy_p90(runs, ORACLE)} "
+                f"| {_strategy_p90(runs, 'round_robin')} | {_strategy_p90(runs, 'random')} "
+                f"| {label(best.strategy, default_strategy)} ({_s(best.ttft_p90_s)}) "
+                f"| {default.imbalance:.2f} | {default.sent_to_dead_after_detection} |"
+            )
+    return (
+        "TTFT p90 in seconds for every seed; imbalance and sends to a dead endpoint after "
+        "detection are the default's:\n\n"
+        "| workload | seed | default | oracle | round_robin | random | best router "
+        "| imbalance | to dead after detection |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n" + "\n".join(rows) + "\n"
+    )
+
+
 def across_seeds(by_seed: Mapping[int, Sequence[RunResult]], default_strategy: str) -> str:
     """The targets checked again for every seed: the numbers above are not one lucky draw."""
     if len(by_seed) < 2:
@@ -125,8 +207,8 @@ def across_seeds(by_seed: Mapping[int, Sequence[RunResult]], default_strategy: s
         missed = "; ".join(f"{t.name} ({t.detail})" for t in targets if not t.met) or "-"
         rows.append(f"| {seed} | {sum(t.met for t in targets)} of {len(targets)} | {missed} |")
     return (
-        "The same sweep with other seeds (other arrivals, prompts and probe phases), targets "
-        "only:\n\n| seed | targets met | missed |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n"
+        "The same targets for every seed (other arrivals, prompts and probe phases):\n\n"
+        "| seed | targets met | missed |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n"
     )
 
 
@@ -138,7 +220,7 @@ def findings(results: Sequence[RunResult], default_strategy: str) -> list[str]:
         rr = next((r for r in runs if r.strategy == "round_robin"), None)
         if default is None:
             continue
-        best = min(runs, key=lambda r: r.ttft_p90_s)
+        best = best_router(runs)
         line = f"- **{name}**: "
         if rr is not None:
             line += (
@@ -148,7 +230,8 @@ def findings(results: Sequence[RunResult], default_strategy: str) -> list[str]:
                 f"cache hit {default.cache_hit_rate:.0%} vs {rr.cache_hit_rate:.0%}; "
             )
         line += (
-            f"lowest TTFT p90: {label(best.strategy, default_strategy)} ({_s(best.ttft_p90_s)} s)"
+            f"lowest TTFT p90 of a router: {label(best.strategy, default_strategy)} "
+            f"({_s(best.ttft_p90_s)} s), oracle {_strategy_p90(runs, ORACLE)} s"
         )
         lines.append(line + ".")
     return lines
@@ -172,20 +255,38 @@ def markdown(
     groups = by_workload(results)
     targets = check_targets(results, default_strategy)
     met = sum(t.met for t in targets)
-    robustness = across_seeds({seed: results, **(other_seeds or {})}, default_strategy)
+    all_seeds = {seed: results, **(other_seeds or {})}
+    robustness = across_seeds(all_seeds, default_strategy)
+    seed_list = ", ".join(str(x) for x in all_seeds)
+    all_targets = [t for r in all_seeds.values() for t in check_targets(r, default_strategy)]
     out = [
         "# Decision quality in simulation\n",
-        "Generated by `make sim` (`python -m bench.sim`): a discrete-event simulation of model "
-        "servers with continuous batching and prefix caches, routed by the real decision core "
-        "(`decider.core.engine.Engine`). Everything runs on simulated time from one seed: the "
-        "same seed, engine and Python give the same numbers on any machine. The model, the "
+        "How close Decider's routing comes to the best any router could do, on simulated "
+        "clusters of model servers with continuous batching and prefix caches, routed by the "
+        "real decision core (`decider.core.engine.Engine`). TTFT p90 in seconds of simulated "
+        f"time, seed {seed}, scale {scale:g}:\n",
+        lead_table(results, default_strategy),
+        "The **oracle** is not a router: it reads every server's true queue and prefix cache "
+        "(no router can) and sends each request where its predicted time to first token is "
+        "lowest, its own uncached prefill counted twice (once as its wait, once as the wait it "
+        "puts on later requests; see the model below). It decides one request at a time, so it "
+        "is the yardstick rather than a proven optimum: a router can beat it where the best "
+        "choice now costs later requests, as on bursty. **best router** is the lowest TTFT p90 "
+        "among the engine's strategies. Decider indexes a request's prefix blocks when it "
+        "decides (as pending until the outcome confirms or drops them), so a burst sharing a "
+        "prefix lands on the endpoint that is about to cache it.\n",
+        f"Targets met: {met} of {len(targets)} at seed {seed}, "
+        f"{sum(t.met for t in all_targets)} of {len(all_targets)} over seeds {seed_list}. "
+        "Generated by `make sim` (`python -m bench.sim`); everything runs on simulated time, so "
+        "the same seed, engine and Python give the same numbers on any machine. The model, the "
         "workloads and how to read the numbers are described after the results.\n",
-        f"Seed {seed}, scale {scale:g}. Targets met: {met} of {len(targets)}.\n",
         "## Targets\n",
         "| target | met | numbers |\n| --- | --- | --- |\n"
         + "\n".join(f"| {t.name} | {'yes' if t.met else 'NO'} | {t.detail} |" for t in targets)
         + "\n",
+        "## Across seeds\n" if robustness else "",
         robustness,
+        sweep_table(all_seeds, default_strategy),
         "## In short\n",
         "\n".join(findings(results, default_strategy)) + "\n",
         "## Results\n",
@@ -228,6 +329,15 @@ def markdown(
         "every endpoint tried, up to the decision's retry attempts. Every attempt is reported "
         "with `record_outcome` (latency, TTFT, tokens). A request cut after its first token "
         "is failed, not retried.",
+        "- **Oracle** (`oracle`, simulator only): no Decide call; for every live endpoint of "
+        "the model with the capabilities it predicts the wait before the request's prefill "
+        "(the prefill running, then the admitted and waiting ones at their own cache hits, and "
+        "a batch slot when the batch is full) and the request's own prefill (its hit counts "
+        "the blocks cached now and those the prefills ahead will cache), and sends the "
+        "request where wait + 2 x own prefill is lowest: the prefill counts once as its own "
+        "wait and once as the wait it puts on later requests. Pure greedy TTFT (the prefill "
+        "counted once) sent a tenant to an idle server with a cold cache rather than wait for "
+        "a warm one and lost to the engine on shared_prefix (2.72 s against 2.22 s at seed 7).",
         "- **Prober**: the schedule and thresholds of src/probe (ProbeSettings defaults): "
         "every endpoint passes a full check before traffic starts, then full checks every "
         "`interval_s` (jittered shorter), liveness checks every `liveness_interval_s` (skipped "
@@ -258,7 +368,13 @@ def markdown(
         "- One Decider sees every request, so its in-flight counts are exact; with several "
         "replicas each would see a share.",
         "- Token counts are given, not tokenized; block hashes are computed by the gateway at "
-        "the servers' block size.\n",
+        "the servers' block size. Prompts are segments (content key, token count) with no "
+        "text, so the simulator does not use the shared prefix-hash definition "
+        "(docs/PREFIX_HASH.md, 64-byte blocks of text): it would have to make up about 24 KB "
+        "of text for a 6000-token prompt and hash 375 blocks instead of 24 (0.7 ms against "
+        "0.15 ms per request here), with an index sixteen times larger, to measure the same "
+        "thing. What the engine relies on holds for both: block hashes are chained, so two "
+        "prompts share their first k hashes exactly when they share their first k blocks.\n",
         "## Running it\n",
         "`make sim` runs the whole sweep (every workload under every strategy listed, on two "
         "processes; a few minutes on two cores) and rewrites this file and "
@@ -266,7 +382,8 @@ def markdown(
         "`--scale` (multiplies every arrival window; 0.2 for a quick look), `--workloads`, "
         "`--strategies` (an empty name is the configured default), `--engine-config FILE` "
         "(a TOML file whose engine tables override the defaults, to try weights or "
-        "thresholds), `--other-seeds` (more sweeps that only recheck the targets), `--jobs` "
+        "thresholds), `--other-seeds` (more sweeps, for the targets and the table across "
+        "seeds), `--jobs` "
         "and `--no-write` (print only). Runs share nothing and read no "
         "clock, and nothing depends on string hash order, so the numbers are the same for "
         "the same seed, engine and Python on any machine.\n",

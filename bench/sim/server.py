@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,6 +99,16 @@ class Job:
         self.finished_s = -1.0
 
 
+def _leading(hashes: Sequence[int], cache: PrefixCache, ahead: set[int]) -> int:
+    """Leading blocks of `hashes` that are cached or will be by the prefills ahead."""
+    n = 0
+    for h in hashes:
+        if h not in cache and h not in ahead:
+            break
+        n += 1
+    return n
+
+
 class ServerListener(Protocol):
     def on_first_token(self, job: Job, now: float) -> None: ...
     def on_complete(self, job: Job, now: float) -> None: ...
@@ -126,6 +137,7 @@ class SimServer:
         self._waiting: deque[Job] = deque()
         self._prefill_queue: deque[Job] = deque()
         self._prefilling: Job | None = None
+        self._prefill_end_s = 0.0
         # (virtual token count at which the job is done, tie-break, job)
         self._decoding: list[tuple[float, int, Job]] = []
         self._tie = itertools.count()
@@ -172,6 +184,41 @@ class SimServer:
     def _blocks_for(self, job: Job) -> int:
         return -(-(job.prompt_tokens + job.output_tokens) // self.params.block_tokens)
 
+    def predict_ttft(
+        self, prompt_tokens: int, prompt_blocks: Sequence[int], now: float
+    ) -> tuple[float, float]:
+        """Time to first token of a job submitted now, read from the true queue and cache, as
+        (wait before its prefill starts, its prefill); the sum is the TTFT.
+
+        The oracle's estimate: the prefills ahead of it (the one running, then the admitted and
+        the waiting ones, each at its own cache hit), a wait for a batch slot when the batch is
+        full (the decoding requests closest to done free them), then its own prefill. Its cache
+        hit counts the blocks cached now and those the prefills ahead will cache first. It
+        leaves out evictions and changes of decode speed, so it is an estimate, not the future.
+        """
+        p = self.params
+        slow = self._slow
+        rate = p.prefill_tokens_per_s
+        cache = self.cache
+        t = max(now, self._prefill_end_s) if self._prefilling is not None else now
+        ahead: set[int] = set()
+        for job in itertools.chain(self._prefill_queue, self._waiting):
+            hit = _leading(job.prompt_blocks, cache, ahead) * p.block_tokens
+            uncached = job.prompt_tokens - min(hit, job.prompt_tokens - 1)
+            t += (p.prefill_overhead_s + uncached / rate) * slow
+            ahead.update(job.prompt_blocks)
+        # Batch slots: every request ahead, running or waiting, holds one until it finishes.
+        short = self.running + len(self._waiting) + 1 - p.max_batch
+        if short > 0 and self._decoding:
+            rate_now = self._rate()
+            virtual = self._virtual + (now - self._last_s) * rate_now
+            left = sorted(v - virtual for v, _, _ in self._decoding)
+            k = min(short, len(left)) - 1
+            t = max(t, now + max(0.0, left[k]) / rate_now)
+        hit = _leading(prompt_blocks, cache, ahead) * p.block_tokens
+        uncached = prompt_tokens - min(hit, prompt_tokens - 1)
+        return t - now, (p.prefill_overhead_s + uncached / rate) * slow
+
     # -- requests --------------------------------------------------------------------------
 
     def submit(self, job: Job, now: float) -> None:
@@ -212,6 +259,7 @@ class SimServer:
         duration = (p.prefill_overhead_s + uncached / p.prefill_tokens_per_s) * self._slow
         self._advance(now)
         self._prefilling = job
+        self._prefill_end_s = now + duration
         self._reschedule_decode(now)
         self._loop.at(now + duration, self._prefill_done, job, self._epoch)
 

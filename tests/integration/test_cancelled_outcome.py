@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
-from decider_client import Attempt, DeciderClient
+from decider_client import Attempt, ClientOptions, DeciderClient
 
 
 async def test_cancelled_outcome_frees_in_flight_and_charges_nothing(start_server):
@@ -38,7 +38,7 @@ async def test_cancelled_outcome_frees_in_flight_and_charges_nothing(start_serve
 async def test_python_client_reports_a_cancelled_attempt_as_cancelled(start_server):
     async with (
         start_server(endpoints_doc("m", 2)) as srv,
-        DeciderClient(srv.address, decide_timeout_s=5) as client,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5)) as client,
     ):
         started = asyncio.Event()
 

@@ -76,6 +76,38 @@ async def test_bad_config_names_file_key_and_value(tmp_path, text, expected):
     assert expected in err
 
 
+async def test_check_config_applies_the_environment_as_serve_does(tmp_path):
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    env = {"DECIDER_GRACE_PERIOD_S": "soon"}
+    code, out, err = await _decider("check-config", str(path), env=env)
+    assert code == 2, out
+    assert "environment DECIDER_GRACE_PERIOD_S: 'soon', must be a number from 0 to 3600" in err
+    code, _, err = await _decider(
+        "serve", "--config", str(path), "--listen", "127.0.0.1:0", env=env
+    )
+    assert code == 2
+    assert "environment DECIDER_GRACE_PERIOD_S: 'soon'" in err
+
+
+async def test_check_config_reports_every_problem_in_file_order(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[server]\nmax_watchers = -5\n[[endpoints]]\nid = 'gpu-7'\nmodel = 'm'\n"
+        "address = 'no-port'\n[routing]\ndefault_strategy = 'nope'\n"
+    )
+    code, _, err = await _decider("check-config", str(path))
+    assert code == 2
+    lines = err.strip().removeprefix("decider: ").splitlines()
+    assert lines == [
+        f"{path}: server.max_watchers: -5, must be an integer from 0 to 1000000",
+        f"{path}: endpoints[0].address: 'no-port': 'no-port' is not host:port (endpoint 'gpu-7')",
+        f"{path}: routing.default_strategy: 'nope', must be one of ab_split, affinity,"
+        " cache_aware, composite, cost, latency, least_request, quota_aware, random,"
+        " round_robin, weighted_random, weighted_round_robin",
+    ]
+
+
 async def test_missing_config_file_is_an_error(tmp_path):
     code, _, err = await _decider("check-config", str(tmp_path / "absent.toml"))
     assert code == 2

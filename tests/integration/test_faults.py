@@ -121,7 +121,8 @@ def ext4_image(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     mount_point.mkdir()
     try:
         done = _run("mount", "-o", "errors=remount-ro", device, str(mount_point))
-        assert done.returncode == 0, done.stderr
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount an ext4 image here: {done.stderr.strip()}")
         trigger = Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error"
         if not trigger.exists():
             _run("umount", str(mount_point))
@@ -429,7 +430,7 @@ async def test_keepalive_and_connection_age_reach_the_server_options(tmp_path):
     assert "grpc.max_connection_idle_ms" not in options
 
 
-async def test_a_gateway_pinging_every_10s_keeps_its_connection(start_server):
+async def test_a_gateway_pinging_at_the_allowed_interval_keeps_its_connection(start_server):
     """A client keepalive at the allowed interval is not punished with too_many_pings."""
     async with start_server(keepalive_min_client_interval_s=1.0) as srv:
         options = [

@@ -15,8 +15,12 @@ from decider.v1 import endpoint_pb2 as epb
 from decider.v1 import registry_service_pb2 as rpb
 from decider_client import (
     Attempt,
+    ClientOptions,
     DeciderClient,
     DeciderUnreachable,
+    InvalidRequest,
+    NoHealthyEndpoint,
+    NotFound,
     is_no_healthy_endpoint,
     is_unreachable,
 )
@@ -44,7 +48,7 @@ async def wait_for(what: str, cond: Any) -> None:
 async def test_concurrent_decides_share_one_stream_and_route(start_server):
     async with (
         start_server(endpoints_doc("m", 3)) as srv,
-        DeciderClient(srv.address, decide_timeout_s=5, stream=True) as client,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=5, stream=True)) as client,
     ):
         decisions = await asyncio.gather(*(client.decide(RR) for _ in range(90)))
         assert len({d.decision_id for d in decisions}) == 90
@@ -60,18 +64,20 @@ async def test_concurrent_decides_share_one_stream_and_route(start_server):
 async def test_refusals_are_raised_as_with_unary_calls_and_the_stream_goes_on(start_server):
     async with (
         start_server(endpoints_doc("m", 2)) as srv,
-        DeciderClient(srv.address, decide_timeout_s=5, fail_open=True, stream=True) as client,
+        DeciderClient(
+            srv.address, ClientOptions(decide_timeout_s=5, fail_open=True, stream=True)
+        ) as client,
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        with pytest.raises(NotFound) as info:
             await client.decide(dpb.DecideRequest(model="nobody-serves-this"))
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
         everything = dpb.DecideRequest(model="m", exclude_endpoint_ids=["m-0", "m-1"])
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        with pytest.raises(NoHealthyEndpoint) as info:
             await client.decide(everything)
         assert is_no_healthy_endpoint(info.value) and not is_unreachable(info.value)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        with pytest.raises(InvalidRequest) as info:
             await client.decide(dpb.DecideRequest(model=""))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert (await client.decide(RR)).endpoint.id in {"m-0", "m-1"}
         assert client.stats.fail_open_decisions == 0
 
@@ -79,7 +85,9 @@ async def test_refusals_are_raised_as_with_unary_calls_and_the_stream_goes_on(st
 async def test_fails_open_when_the_server_drains_the_stream(start_server):
     async with (
         start_server(endpoints_doc("m", 2)) as srv,
-        DeciderClient(srv.address, decide_timeout_s=2, fail_open=True, stream=True) as client,
+        DeciderClient(
+            srv.address, ClientOptions(decide_timeout_s=2, fail_open=True, stream=True)
+        ) as client,
     ):
         await client.decide(RR)
         await srv.server.stop(5)
@@ -116,7 +124,7 @@ async def test_a_decision_that_comes_too_late_is_reported_cancelled(start_server
     hold = HoldAnswers()
     async with (
         start_server(endpoints_doc("m", 1), interceptors=[hold]) as srv,
-        DeciderClient(srv.address, decide_timeout_s=0.2, stream=True) as client,
+        DeciderClient(srv.address, ClientOptions(decide_timeout_s=0.2, stream=True)) as client,
     ):
         with pytest.raises(DeciderUnreachable):
             await client.decide(RR)

@@ -514,3 +514,26 @@ def test_settings_repr_hides_the_admin_token(tmp_path):
     settings = make_settings(tmp_path, {}, admin_token="s3cr3t")
     assert "s3cr3t" not in repr(settings)
     assert "s3cr3t" not in repr(replace(settings.server))
+
+
+async def test_the_operations_guide_tls_config_checks_with_real_files(tmp_path, ca):
+    """docs/OPERATIONS.md's [server.tls] example, with its paths pointed at real files."""
+    text = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    begin = text.index("<!-- operations-tls begin")
+    block = text[begin:].split("```toml\n", 1)[1].split("```", 1)[0]
+    pair = ca.server_pair()
+    token = tmp_path / "admin-token"
+    token.write_text("t0ken\n")
+    for doc_path, real in (
+        ("/etc/decider/tls/tls.crt", pair.cert_file),
+        ("/etc/decider/tls/tls.key", pair.key_file),
+        ("/etc/decider/tls/ca.crt", pair.ca_file),
+        ("/etc/decider/admin-token", token),
+    ):
+        assert doc_path in block
+        block = block.replace(doc_path, str(real))
+    config = tmp_path / "operations.toml"
+    config.write_text(block)
+    code, out, err = await run_cli("check-config", str(config))
+    assert code == 0, err
+    assert "ok" in out

@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(path: str) -> int:
-    settings = config.load(path)
+    # The DECIDER_* variables count as they do for `serve`, so "ok" means serve would start.
+    settings = config.load(path, env=os.environ)
     if settings.server.tls.enabled:
         CertificateFiles(settings.server.tls)  # reads and checks the files, as serve does
     print(

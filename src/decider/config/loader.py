@@ -1,16 +1,18 @@
 """Settings from a TOML file, DECIDER_* environment variables and CLI flags, validated once.
 
 Precedence: flags > environment > file > defaults. An empty file is valid. `[server]` and
-`[[endpoints]]` are parsed here; the engine tables go to `EngineSettings.parse` and `[probe]`
-to `ProbeSettings.parse`. Every error is a ConfigError naming the file, the key and the value.
+`[[endpoints]]` are checked here, with the same pydantic schemas and formatter as the engine's
+tables (decider.core.validation); the engine tables go to `EngineSettings.collect` and `[probe]`
+to `ProbeSettings.parse`. A bad configuration is one ConfigError listing every problem, each
+naming the file, the key path, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -19,6 +21,7 @@ from decider.config.listen import parse_listen
 from decider.config.tls import TLSSettings
 from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
+from decider.core.validation import ConfigErrors, Problems, allowed, position, schema, show
 from decider.errors import ConfigError
 from decider.state.registry import SOURCE_CONFIG, check_endpoint
 from decider.state.settings import StateSettings
@@ -44,39 +47,66 @@ class ServerSettings:
     # SQLite store for registered endpoints; empty keeps them in memory only.
     data_dir: str = "data"
     # How long in-flight RPCs may take to finish after SIGTERM.
-    grace_period_s: float = 10.0
+    grace_period_s: float = field(default=10.0, metadata=allowed(ge=0, le=3600, finite=True))
     # Largest request or response message, both directions.
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata=allowed(ge=1024, le=1 << 30))
     # Unary RPCs served at once; more get RESOURCE_EXHAUSTED. WatchHealth streams count apart.
-    max_concurrent_rpcs: int = 1000
-    max_watchers: int = 10_000
+    max_concurrent_rpcs: int = field(default=1000, metadata=allowed(ge=1, le=1_000_000))
+    max_watchers: int = field(default=10_000, metadata=allowed(ge=0, le=1_000_000))
     # Changes buffered per watcher; a watcher that falls further behind gets a fresh snapshot.
-    watch_queue_size: int = 256
+    watch_queue_size: int = field(default=256, metadata=allowed(ge=1, le=1_000_000))
     # Engine housekeeping period (in-flight expiry, breaker half-open, session expiry).
-    tick_interval_ms: int = 100
-    log_level: str = "INFO"
+    tick_interval_ms: int = field(default=100, metadata=allowed(ge=1, le=60_000))
+    log_level: str = field(
+        default="INFO",
+        metadata=allowed(choices=("DEBUG", "INFO", "WARNING", "ERROR"), any_case=True),
+    )
     # HOST:PORT of the Prometheus /metrics endpoint; empty serves none.
     metrics_listen: str = ""
     # One log line per Decide (off: gateways call Decide for every request).
     log_decisions: bool = False
     # "uvloop" (measured cheaper per RPC; asyncio where uvloop is not installed) or "asyncio".
-    event_loop: str = "uvloop"
+    event_loop: str = field(default="uvloop", metadata=allowed(choices=EVENT_LOOPS, any_case=True))
     # HTTP/2 keepalive: the server pings a connection idle this long, calls or not, and drops
     # it when no answer comes within keepalive_timeout_s, so dead gateways are reaped.
-    keepalive_time_s: float = 60.0
-    keepalive_timeout_s: float = 20.0
+    keepalive_time_s: float = field(default=60.0, metadata=allowed(ge=1, le=86_400, finite=True))
+    keepalive_timeout_s: float = field(default=20.0, metadata=allowed(ge=1, le=3600, finite=True))
     # Clients may ping this often (gRPC's default of 5 min makes a gateway with a 10-30 s
     # keepalive get GOAWAY too_many_pings); faster pingers are disconnected.
-    keepalive_min_client_interval_s: float = 10.0
+    keepalive_min_client_interval_s: float = field(
+        default=10.0, metadata=allowed(ge=1, le=86_400, finite=True)
+    )
     # Close connections with no RPC for this long (0 = never: idle gateway connections cost
     # little and are reaped by keepalive when dead).
-    max_connection_idle_s: float = 0.0
+    max_connection_idle_s: float = field(
+        default=0.0, metadata=allowed(ge=0, le=86_400 * 30, finite=True)
+    )
     # Ask clients to reconnect after this long (0 = never), e.g. to rebalance across replicas
     # behind a layer-4 load balancer; RPCs in flight get max_connection_age_grace_s to finish.
-    max_connection_age_s: float = 0.0
-    max_connection_age_grace_s: float = 30.0
+    max_connection_age_s: float = field(
+        default=0.0, metadata=allowed(ge=0, le=86_400 * 30, finite=True)
+    )
+    max_connection_age_grace_s: float = field(
+        default=30.0, metadata=allowed(ge=0, le=86_400, finite=True)
+    )
     # [server.tls]: certificate and key (TLS), client CA (mTLS), admin client names.
     tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _TlsTable:
+    """`[server.tls]` as written; each key is also DECIDER_TLS_<KEY>, the files --tls-<key>."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    admin_client_names: list[str] = field(
+        default_factory=list, metadata=allowed(what="a list of non-empty strings")
+    )
+
+
+# `tls` is a table of its own, checked by _TlsTable.
+_SERVER_TABLE = {"exclude": ("tls",)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,66 +121,36 @@ class Settings:
     source: str = "<defaults>"
 
 
-@dataclass(frozen=True, slots=True)
-class _Key:
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-
-
-_SERVER_KEYS: Mapping[str, _Key] = {
-    "listen": _Key(str),
-    "admin_token": _Key(str),
-    "admin_token_file": _Key(str),
-    "data_dir": _Key(str),
-    "grace_period_s": _Key(float, 0, 3600),
-    "max_message_bytes": _Key(int, 1024, 1 << 30),
-    "max_concurrent_rpcs": _Key(int, 1, 1_000_000),
-    "max_watchers": _Key(int, 0, 1_000_000),
-    "watch_queue_size": _Key(int, 1, 1_000_000),
-    "tick_interval_ms": _Key(int, 1, 60_000),
-    "log_level": _Key(str, choices=("DEBUG", "INFO", "WARNING", "ERROR")),
-    "metrics_listen": _Key(str),
-    "log_decisions": _Key(bool),
-    "event_loop": _Key(str, choices=EVENT_LOOPS),
-    "keepalive_time_s": _Key(float, 1, 86_400),
-    "keepalive_timeout_s": _Key(float, 1, 3600),
-    "keepalive_min_client_interval_s": _Key(float, 1, 86_400),
-    "max_connection_idle_s": _Key(float, 0, 86_400 * 30),
-    "max_connection_age_s": _Key(float, 0, 86_400 * 30),
-    "max_connection_age_grace_s": _Key(float, 0, 86_400),
-}
-assert set(_SERVER_KEYS) == {f.name for f in fields(ServerSettings)} - {"tls"}
-
-# [server.tls]; each key is also DECIDER_TLS_<KEY>, and the files are flags --tls-<key>.
-_TLS_KEYS: Mapping[str, _Key] = {
-    "cert_file": _Key(str),
-    "key_file": _Key(str),
-    "client_ca_file": _Key(str),
-    "admin_client_names": _Key(list),
-}
-assert set(_TLS_KEYS) == {f.name for f in fields(TLSSettings)}
-
-_ENDPOINT_KEYS = frozenset(
-    {
-        "id",
-        "address",
-        "model",
-        "health_url",
-        "weight",
-        "capabilities",
-        "cost_per_1k_tokens",
-        "labels",
-        "metrics_url",
-        "metrics_kind",
-        "probe_headers",
-        "max_in_flight",
-        "requests_per_minute",
-        "tokens_per_minute",
-    }
-)
 _METRICS_KINDS = {kind.name.lower(): kind for kind in MetricsKind if kind.value}
+_UINT32 = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _EndpointTable:
+    """An `[[endpoints]]` table as written; becomes an Endpoint (decider.core.model)."""
+
+    id: str = ""
+    address: str = ""
+    model: str = ""
+    health_url: str = ""
+    # 0 counts as 1.
+    weight: int = field(default=1, metadata=allowed(ge=0, le=_UINT32))
+    capabilities: list[str] = field(
+        default_factory=list, metadata=allowed(what="a list of strings")
+    )
+    cost_per_1k_tokens: float = field(default=0.0, metadata=allowed(ge=0, finite=True))
+    labels: dict[str, str] = field(default_factory=dict)
+    metrics_url: str = ""
+    metrics_kind: str = field(
+        default="",
+        metadata=allowed(
+            choices=("", *_METRICS_KINDS), any_case=True, what=f"one of {', '.join(_METRICS_KINDS)}"
+        ),
+    )
+    probe_headers: dict[str, str] = field(default_factory=dict)
+    max_in_flight: int = field(default=0, metadata=allowed(ge=0, le=_UINT32))
+    requests_per_minute: int = field(default=0, metadata=allowed(ge=0, le=_UINT32))
+    tokens_per_minute: int = field(default=0, metadata=allowed(ge=0, le=_UINT32))
 
 
 def load(
@@ -159,48 +159,92 @@ def load(
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Reads, merges and validates everything; raises ConfigError on the first bad key."""
+    """Reads, merges and validates everything. Raises ConfigError listing every problem: the
+    file's, in file order, each line starting with the file name, then the environment's and
+    the flags'."""
     source = str(path) if path else "<defaults>"
     doc: dict[str, Any] = {}
     if path:
         doc = read_toml(path)
-    settings = parse(doc, source=source)
-    server = settings.server
-    for key, spec in _SERVER_KEYS.items():
-        raw = (env or {}).get(ENV_PREFIX + key.upper())
-        if raw is not None:
-            where = f"environment {ENV_PREFIX}{key.upper()}"
-            server = replace(server, **{key: _coerce_text(raw, spec, where)})
-            _check_metrics_listen(server, key, where)
-    tls = server.tls
-    for key, spec in _TLS_KEYS.items():
-        raw = (env or {}).get(f"{ENV_PREFIX}TLS_{key.upper()}")
-        if raw is not None:
-            where = f"environment {ENV_PREFIX}TLS_{key.upper()}"
-            value: Any = _names(raw) if spec.kind is list else _coerce_text(raw, spec, where)
-            tls = replace(tls, **{key: value})
-    for key, value in (flags or {}).items():
-        if value is None or not key.startswith("tls_"):
+    problems = Problems()
+    settings = _collect(doc, source, problems)
+    server_schema = schema(ServerSettings, **_SERVER_TABLE)
+    tls_schema = schema(_TlsTable)
+    changes: dict[str, Any] = {}
+    # After the file's problems: the environment's, then the flags'.
+    after = len(doc) + 1
+    for i, key in enumerate(server_schema.specs):
+        name = ENV_PREFIX + key.upper()
+        raw = (env or {}).get(name)
+        if raw is None:
             continue
-        name = key.removeprefix("tls_")
-        if name not in _TLS_KEYS or _TLS_KEYS[name].kind is list:
-            raise ConfigError(f"flag --{key.replace('_', '-')}: not a TLS setting")
-        tls = replace(
-            tls, **{name: _check(value, _TLS_KEYS[name], f"flag --{key.replace('_', '-')}")}
+        where = f"environment {name}"
+        spec = server_schema.specs[key]
+        value = server_schema.check_value(
+            key, _from_text(raw, spec.kind), where, problems, (after, i), shown=repr(raw)
         )
-    server = replace(server, tls=tls)
-    for key, value in (flags or {}).items():
-        if value is None or key.startswith("tls_"):
+        if value is not dataclasses.MISSING:
+            changes[key] = value
+            _check_metrics_listen(key, value, where, problems, (after, i))
+    tls_changes: dict[str, Any] = {}
+    for i, key in enumerate(tls_schema.specs):
+        name = f"{ENV_PREFIX}TLS_{key.upper()}"
+        raw = (env or {}).get(name)
+        if raw is None:
             continue
-        if key not in _SERVER_KEYS:
-            raise ConfigError(f"flag --{key.replace('_', '-')}: not a server setting")
+        text: Any = _names(raw) if key == "admin_client_names" else raw
+        value = tls_schema.check_value(
+            key,
+            text,
+            f"environment {name}",
+            problems,
+            (after, len(server_schema.specs) + i),
+            shown=repr(raw),
+        )
+        if value is not dataclasses.MISSING:
+            tls_changes[key] = value
+    for i, (key, value) in enumerate((flags or {}).items()):
+        if value is None:
+            continue
         where = f"flag --{key.replace('_', '-')}"
-        server = replace(server, **{key: _check(value, _SERVER_KEYS[key], where)})
-        _check_metrics_listen(server, key, where)
-    _check_listen(server.listen, "listen")
+        tls_key = key.removeprefix("tls_")
+        if key.startswith("tls_") and tls_key in tls_schema.specs:
+            value = tls_schema.check_value(tls_key, value, where, problems, (after + 1, i))
+            if value is not dataclasses.MISSING:
+                tls_changes[tls_key] = value
+            continue
+        if key not in server_schema.specs:
+            problems.add((after + 1, i), f"{where}: not a server setting")
+            continue
+        value = server_schema.check_value(key, value, where, problems, (after + 1, i))
+        if value is not dataclasses.MISSING:
+            changes[key] = value
+            _check_metrics_listen(key, value, where, problems, (after + 1, i))
+    server = replace(settings.server, **changes)
+    if tls_changes:
+        server = replace(server, tls=_tls(_tls_values(server.tls, tls_changes)))
+    if "listen" in changes:
+        _check_listen(server.listen, "listen", problems, (after + 2,))
+    problems.raise_any()
+    # Checked whole once the environment and flags may have completed the table.
     server.tls.check()
-    server = _with_token_file(server)
-    return replace(settings, server=server, state=settings.state.with_env(env or {}))
+    return replace(
+        settings, server=_with_token_file(server), state=settings.state.with_env(env or {})
+    )
+
+
+def _tls_values(tls: TLSSettings, changes: Mapping[str, Any]) -> dict[str, Any]:
+    values = {f.name: getattr(tls, f.name) for f in dataclasses.fields(TLSSettings)}
+    values.update(changes)
+    return values
+
+
+def _tls(values: Mapping[str, Any]) -> TLSSettings:
+    return TLSSettings(**{**values, "admin_client_names": tuple(values["admin_client_names"])})
+
+
+def _names(raw: str) -> list[str]:
+    return [name.strip() for name in raw.split(",") if name.strip()]
 
 
 def _with_token_file(server: ServerSettings) -> ServerSettings:
@@ -228,10 +272,6 @@ def _with_token_file(server: ServerSettings) -> ServerSettings:
     return replace(server, admin_token=token)
 
 
-def _names(raw: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in raw.split(",") if name.strip())
-
-
 def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -243,217 +283,174 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def parse(doc: Mapping[str, Any], *, source: str = "<defaults>") -> Settings:
-    """Settings from a parsed TOML document; errors are prefixed with `source`."""
-    try:
-        known = {"server", "endpoints", "probe", "state", *ENGINE_TABLES}
-        for key in doc:
-            if key not in known:
-                raise ConfigError(
-                    f"{key}: unknown table or key (known: {', '.join(sorted(known))})"
-                )
-        server = _parse_server(doc.get("server", {}))
-        endpoints = _parse_endpoints(doc.get("endpoints", []))
-        engine = EngineSettings.parse({k: doc[k] for k in ENGINE_TABLES if k in doc})
-        probe = ProbeSettings.parse(_table(doc.get("probe", {}), "probe"))
-        state = StateSettings.parse(_table(doc.get("state", {}), "state"))
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+    """Settings from a parsed TOML document. Raises ConfigError listing every problem, in file
+    order, each line starting with `source`."""
+    problems = Problems()
+    settings = _collect(doc, source, problems)
+    problems.raise_any()
+    return settings
+
+
+def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Settings:
+    """Settings from a document, its problems added to `problems` (each starting with
+    `source`); the result is only meaningful when no problem was added."""
+    found = Problems()
+    known = {"server", "endpoints", "probe", "state", *ENGINE_TABLES}
+    for i, key in enumerate(doc):
+        if key not in known:
+            found.add((i,), f"{key}: unknown table or key (known: {', '.join(sorted(known))})")
+    server = _parse_server(doc.get("server", {}), found, (position(doc, "server"),))
+    endpoints = _parse_endpoints(doc.get("endpoints", []), found, (position(doc, "endpoints"),))
+    engine = EngineSettings.collect(doc, found)
+    probe = ProbeSettings()
+    raw_probe = doc.get("probe", {})
+    where = (position(doc, "probe"),)
+    if not isinstance(raw_probe, Mapping):
+        found.add(where, f"probe: {show(raw_probe)}, must be a table")
+    else:
+        try:
+            probe = ProbeSettings.parse(raw_probe)
+        except ConfigError as exc:
+            found.extend(exc, where)
+    state = StateSettings()
+    raw_state = doc.get("state", {})
+    where = (position(doc, "state"),)
+    if not isinstance(raw_state, Mapping):
+        found.add(where, f"state: {show(raw_state)}, must be a table")
+    else:
+        try:
+            state = StateSettings.parse(raw_state)
+        except ConfigError as exc:
+            found.extend(exc, where)
+    if found:
+        try:
+            found.raise_any()
+        except ConfigErrors as exc:
+            problems.extend(exc.prefixed(source), ())
     return Settings(
         server=server, endpoints=endpoints, engine=engine, probe=probe, state=state, source=source
     )
 
 
-def _table(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: {_show(value)}, must be a table")
-    return value
+def _parse_server(value: Any, problems: Problems, order: tuple[int, ...]) -> ServerSettings:
+    values = schema(ServerSettings, **_SERVER_TABLE).validate(
+        value, "server", problems, order, skip=("tls",)
+    )
+    if values is None:
+        return ServerSettings()
+    raw_tls = value.get("tls", {})
+    tls = schema(_TlsTable).validate(
+        raw_tls, "server.tls", problems, (*order, position(value, "tls"))
+    )
+    if tls is not None and not all(tls["admin_client_names"]):
+        problems.add(
+            (*order, position(value, "tls")),
+            f"server.tls.admin_client_names: {show(raw_tls['admin_client_names'])}, "
+            "must be a list of non-empty strings",
+        )
+    elif tls is not None:
+        values["tls"] = _tls(tls)
+    if "listen" in value:
+        _check_listen(
+            values["listen"], "server.listen", problems, (*order, position(value, "listen"))
+        )
+    if values["metrics_listen"]:
+        where = (*order, position(value, "metrics_listen"))
+        _check_metrics_listen(
+            "metrics_listen", values["metrics_listen"], "server.metrics_listen", problems, where
+        )
+    return ServerSettings(**values)
 
 
-def _parse_server(value: Any) -> ServerSettings:
-    table = _table(value, "server")
-    out: dict[str, Any] = {}
-    for key, raw in table.items():
-        if key == "tls":
-            out["tls"] = _parse_tls(raw)
-            continue
-        spec = _SERVER_KEYS.get(key)
-        if spec is None:
-            raise ConfigError(
-                f"server.{key}: unknown key (known: {', '.join(sorted([*_SERVER_KEYS, 'tls']))})"
-            )
-        out[key] = _check(raw, spec, f"server.{key}")
-    if "listen" in out:
-        _check_listen(out["listen"], "server.listen")
-    if out.get("metrics_listen"):
-        parse_listen(out["metrics_listen"], name="server.metrics_listen")
-    return ServerSettings(**out)
+def _check_metrics_listen(
+    key: str, value: Any, where: str, problems: Problems, order: tuple[int, ...]
+) -> None:
+    if key == "metrics_listen" and value:
+        try:
+            parse_listen(value, name=where)
+        except ConfigError as exc:
+            problems.add(order, str(exc))
 
 
-def _parse_tls(value: Any) -> TLSSettings:
-    table = _table(value, "server.tls")
-    out: dict[str, Any] = {}
-    for key, raw in table.items():
-        spec = _TLS_KEYS.get(key)
-        where = f"server.tls.{key}"
-        if spec is None:
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(_TLS_KEYS))})")
-        if spec.kind is list:
-            if not isinstance(raw, list) or not all(isinstance(n, str) and n for n in raw):
-                raise ConfigError(f"{where}: {_show(raw)}, must be a list of non-empty strings")
-            out[key] = tuple(raw)
-        else:
-            out[key] = _check(raw, spec, where)
-    # Checked whole in load(), once variables and flags may have completed the table.
-    return TLSSettings(**out)
-
-
-def _check_metrics_listen(server: ServerSettings, key: str, where: str) -> None:
-    if key == "metrics_listen" and server.metrics_listen:
-        parse_listen(server.metrics_listen, name=where)
-
-
-def _check_listen(listen: str, where: str) -> None:
+def _check_listen(listen: str, where: str, problems: Problems, order: tuple[int, ...]) -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{where}: {listen!r}, must be HOST:PORT (port 0 picks a free one)")
+        problems.add(order, f"{where}: {listen!r}, must be HOST:PORT (port 0 picks a free one)")
 
 
-def _check(value: Any, spec: _Key, where: str, *, shown: str = "") -> Any:
-    """The value, checked against `spec`; errors show `shown` (the raw text) when given."""
-    shown = shown or _show(value)
-    if spec.kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {shown}, must be true or false")
-        return value
-    if spec.kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {shown}, must be a string")
-        if not spec.choices:
-            return value
-        # Any case is accepted; the value is spelled as in `choices` ("info" -> "INFO").
-        for choice in spec.choices:
-            if choice.lower() == value.lower():
-                return choice
-        raise ConfigError(f"{where}: {value!r}, must be one of {', '.join(spec.choices)}")
-    if spec.kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        what = "an integer"
-    else:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value)
-        what = "a number"
-    if (
-        not ok
-        or (spec.low is not None and value < spec.low)
-        or (spec.high is not None and value > spec.high)
-    ):
-        raise ConfigError(f"{where}: {shown}, must be {what}{_range(spec)}")
-    return float(value) if spec.kind is float else value
-
-
-def _coerce_text(raw: str, spec: _Key, where: str) -> Any:
-    value: Any = raw
-    if spec.kind is bool:
-        value = {"true": True, "1": True, "false": False, "0": False}.get(raw.strip().lower(), raw)
+def _from_text(raw: str, kind: Any) -> Any:
+    """An environment variable's text as the key's type, when it reads as one (else the text,
+    which the check then refuses)."""
+    if kind is bool:
+        return {"true": True, "1": True, "false": False, "0": False}.get(raw.strip().lower(), raw)
     try:
-        if spec.kind is int:
-            value = int(raw)
-        elif spec.kind is float:
-            value = float(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
     except ValueError:
         pass
-    return _check(value, spec, where, shown=repr(raw))
+    return raw
 
 
-def _parse_endpoints(value: Any) -> tuple[Endpoint, ...]:
+def _parse_endpoints(
+    value: Any, problems: Problems, order: tuple[int, ...]
+) -> tuple[Endpoint, ...]:
     if not isinstance(value, list):
-        raise ConfigError(f"endpoints: {_show(value)}, must be an array of tables [[endpoints]]")
+        problems.add(order, f"endpoints: {show(value)}, must be an array of tables [[endpoints]]")
+        return ()
     seen: set[str] = set()
     out: list[Endpoint] = []
     for i, item in enumerate(value):
-        where = f"endpoints[{i}]"
-        table = _table(item, where)
-        endpoint = _parse_endpoint(table, where)
+        endpoint = _parse_endpoint(item, f"endpoints[{i}]", problems, (*order, i))
+        if endpoint is None:
+            continue
         if endpoint.id in seen:
-            raise ConfigError(f"{where}.id: {endpoint.id!r} is used by an earlier endpoint")
+            problems.add(
+                (*order, i, position(item, "id")),
+                f"endpoints[{i}].id: {endpoint.id!r} is used by an earlier endpoint",
+            )
+            continue
         seen.add(endpoint.id)
         out.append(endpoint)
     return tuple(out)
 
 
-def _parse_endpoint(table: Mapping[str, Any], where: str) -> Endpoint:
-    for key in table:
-        if key not in _ENDPOINT_KEYS:
-            raise ConfigError(
-                f"{where}.{key}: unknown key (known: {', '.join(sorted(_ENDPOINT_KEYS))})"
-            )
-
-    def text(key: str) -> str:
-        return str(_check(table.get(key, ""), _Key(str), f"{where}.{key}"))
-
-    def whole(key: str, default: int = 0) -> int:
-        return int(_check(table.get(key, default), _Key(int, 0, 2**32 - 1), f"{where}.{key}"))
-
-    def number(key: str) -> float:
-        return float(_check(table.get(key, 0.0), _Key(float, 0), f"{where}.{key}"))
-
-    def strings(key: str) -> Mapping[str, str]:
-        raw = _table(table.get(key, {}), f"{where}.{key}")
-        for k, v in raw.items():
-            if not isinstance(v, str):
-                raise ConfigError(f"{where}.{key}.{k}: {_show(v)}, must be a string")
-        return MappingProxyType(dict(raw))
-
-    capabilities = table.get("capabilities", [])
-    if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
-        raise ConfigError(f"{where}.capabilities: {_show(capabilities)}, must be a list of strings")
-    kind_name = text("metrics_kind").lower()
-    if kind_name and kind_name not in _METRICS_KINDS:
-        raise ConfigError(
-            f"{where}.metrics_kind: {kind_name!r}, must be one of {', '.join(_METRICS_KINDS)}"
-        )
-    weight = whole("weight", 1)
+def _parse_endpoint(
+    table: Any, where: str, problems: Problems, order: tuple[int, ...]
+) -> Endpoint | None:
+    # Name the endpoint by its id too: "endpoints[3]" alone is hard to find in a long file.
+    raw_id = table.get("id") if isinstance(table, Mapping) else None
+    suffix = f" (endpoint {raw_id!r})" if isinstance(raw_id, str) and raw_id else ""
+    failed: set[str] = set()
+    values = schema(_EndpointTable).validate(
+        table, where, problems, order, suffix=suffix, failed=failed
+    )
+    if values is None:
+        return None
     endpoint = Endpoint(
-        id=text("id"),
-        address=text("address"),
-        model=text("model"),
-        health_url=text("health_url"),
-        weight=weight or 1,
-        capabilities=frozenset(capabilities),
-        cost_per_1k_tokens=float(
-            _check(
-                table.get("cost_per_1k_tokens", 0.0), _Key(float, 0), f"{where}.cost_per_1k_tokens"
-            )
-        ),
-        labels=strings("labels"),
-        metrics_url=text("metrics_url"),
-        metrics_kind=_METRICS_KINDS.get(kind_name, MetricsKind.UNSPECIFIED),
-        probe_headers=strings("probe_headers"),
-        max_in_flight=whole("max_in_flight"),
-        requests_per_minute=whole("requests_per_minute"),
-        tokens_per_minute=whole("tokens_per_minute"),
+        id=values["id"],
+        address=values["address"],
+        model=values["model"],
+        health_url=values["health_url"],
+        weight=values["weight"] or 1,
+        capabilities=frozenset(values["capabilities"]),
+        cost_per_1k_tokens=values["cost_per_1k_tokens"],
+        labels=MappingProxyType(dict(values["labels"])),
+        metrics_url=values["metrics_url"],
+        metrics_kind=_METRICS_KINDS.get(values["metrics_kind"], MetricsKind.UNSPECIFIED),
+        probe_headers=MappingProxyType(dict(values["probe_headers"])),
+        max_in_flight=values["max_in_flight"],
+        requests_per_minute=values["requests_per_minute"],
+        tokens_per_minute=values["tokens_per_minute"],
         source=SOURCE_CONFIG,
     )
-    problems = check_endpoint(endpoint)
-    if problems:
-        first = problems[0]
-        value = table.get(first.field, "")
-        raise ConfigError(f"{where}.{first.field}: {_show(value)}: {first.description}")
-    return endpoint
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _range(spec: _Key) -> str:
-    if spec.low is not None and spec.high is not None:
-        return f" from {_num(spec.low)} to {_num(spec.high)}"
-    if spec.low is not None:
-        return f" >= {_num(spec.low)}"
-    return ""
-
-
-def _num(number: float) -> str:
-    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+    # The registry's checks too (address, URLs, required ids), on the keys that parsed.
+    bad = [p for p in check_endpoint(endpoint) if p.field not in failed]
+    for problem in bad:
+        value = table.get(problem.field, "")
+        problems.add(
+            (*order, position(table, problem.field)),
+            f"{where}.{problem.field}: {show(value)}: {problem.description}{suffix}",
+        )
+    return None if bad or failed else endpoint

@@ -6,6 +6,8 @@ keeps, per endpoint, the blocks it recently served in two live generations (a ch
 LRU: a block survives while touched within the last `blocks_per_endpoint` insertions), plus a
 reverse map from a few anchor blocks of each served prompt (depths 1, 2, 4, 8, ...) to the
 endpoints holding them, so matching looks at a handful of endpoints instead of every candidate.
+A prompt counts from the moment it is sent (pending), not only once its outcome arrives, so a
+burst sharing a prefix lands together before the first request finishes.
 """
 
 from __future__ import annotations
@@ -55,19 +57,26 @@ class SessionTable:
         return len(expired)
 
 
+# The generation of a block only decisions still waiting for their outcome hold (generations
+# proper are 0 to 3): it survives rotations until the outcomes confirm or drop it.
+_PENDING = 4
+
+
 class _Blocks:
     """One endpoint's blocks: hash -> generation (0 to 3, cached small ints, so values cost
     nothing). A block lives while its generation is the current or the previous one; when the
     current one has taken `half` blocks, the one before the previous is dropped. One dict, so a
-    lookup is one probe."""
+    lookup is one probe; pending blocks are in it too, so matching does not tell them apart."""
 
-    __slots__ = ("current", "fresh", "gen")
+    __slots__ = ("current", "fresh", "gen", "pending")
 
     def __init__(self) -> None:
         self.gen: dict[int, int] = {}
         self.current = 0
         # Blocks stamped with the current generation.
         self.fresh = 0
+        # Block -> number of open decisions that sent it here.
+        self.pending: dict[int, int] = {}
 
 
 class PrefixIndex:
@@ -103,6 +112,58 @@ class PrefixIndex:
                 gen[h] = current
                 fresh += 1
         blocks.fresh += fresh
+        self._anchor(endpoint_id, hashes)
+        if blocks.fresh >= self._half:
+            self._rotate(endpoint_id, blocks)
+
+    def add_pending(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        """A decision just sent a prompt with these blocks to the endpoint. The server caches
+        them when the prefill starts, long before the outcome arrives, so they match from now
+        on: the next request with the same prefix follows this one instead of missing the
+        cache elsewhere. `confirm` or `drop` settles them when the outcome comes."""
+        if not hashes:
+            return
+        blocks = self._blocks.get(endpoint_id)
+        if blocks is None:
+            blocks = self._blocks[endpoint_id] = _Blocks()
+        hashes = hashes[: self._max_blocks]
+        gen = blocks.gen
+        pending = blocks.pending
+        for h in hashes:
+            pending[h] = pending.get(h, 0) + 1
+            if h not in gen:
+                gen[h] = _PENDING
+        self._anchor(endpoint_id, hashes)
+
+    def confirm(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        """The pending decision succeeded on its endpoint: the blocks are held, as `record`."""
+        self._settle(endpoint_id, hashes)
+        self.record(endpoint_id, hashes)
+
+    def drop(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        """The pending decision failed, timed out or was cancelled (or went elsewhere): blocks
+        no other open decision or served prompt gives the endpoint are forgotten."""
+        self._settle(endpoint_id, hashes)
+
+    def _settle(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        blocks = self._blocks.get(endpoint_id)
+        if blocks is None or not hashes:
+            return
+        gen = blocks.gen
+        pending = blocks.pending
+        for h in hashes[: self._max_blocks]:
+            count = pending.get(h)
+            if count is None:
+                continue
+            if count > 1:
+                pending[h] = count - 1
+                continue
+            del pending[h]
+            if gen.get(h) == _PENDING:
+                del gen[h]
+                self._unanchor(h, endpoint_id)
+
+    def _anchor(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         anchors = self._anchors
         d, n = 1, len(hashes)
         while d <= n:
@@ -118,19 +179,22 @@ class PrefixIndex:
                 holders.pop(endpoint_id, None)
                 holders[endpoint_id] = None
             d *= 2
-        if blocks.fresh >= self._half:
-            self._rotate(endpoint_id, blocks)
 
     def _rotate(self, endpoint_id: str, blocks: _Blocks) -> None:
         previous = blocks.current
         blocks.current = (previous + 1) % 4
         blocks.fresh = 0
         gen = blocks.gen
-        # Blocks older than the generation just closed leave, and their anchors with them.
-        dropped = [h for h, g in gen.items() if g != previous]
+        # Blocks older than the generation just closed leave, and their anchors with them;
+        # those an open decision sent here stay, as pending.
+        pending = blocks.pending
+        dropped = [h for h, g in gen.items() if g != previous and g != _PENDING]
         for h in dropped:
-            del gen[h]
-            self._unanchor(h, endpoint_id)
+            if h in pending:
+                gen[h] = _PENDING
+            else:
+                del gen[h]
+                self._unanchor(h, endpoint_id)
 
     def _unanchor(self, h: int, endpoint_id: str) -> None:
         anchors = self._anchors

@@ -16,9 +16,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 
 from decider.core.accounting import Settlement
-from decider.core.breaker import BreakerTransition
 from decider.core.model import (
-    BreakerState,
     Decision,
     Endpoint,
     EndpointState,
@@ -40,6 +38,7 @@ from decider.core.state import EngineState
 from decider.core.stats import EndpointStats, ScoreParams, Scorer
 from decider.core.strategies import STRATEGIES, Strategy
 from decider.core.strategies.base import PickContext, ShapesScores, Splitter
+from decider.core.verdicts import Verdicts
 from decider.errors import InvalidArgument
 
 # How often tick() refreshes every endpoint's scores (stale load reports, quota refill) and each
@@ -64,7 +63,6 @@ class Engine:
         self._settings = settings
         routing = settings.routing
         self._rng = rng
-        self._on_event = on_event
         self._strategies: dict[str, Strategy] = {
             name: factory(routing.config(name), rng) for name, factory in STRATEGIES.items()
         }
@@ -95,7 +93,6 @@ class Engine:
             backoff_multiplier=routing.retry_backoff_multiplier,
         )
         state = state if state is not None else EngineState.in_memory(settings, rng=rng)
-        self._state = state
         self._pending = state.pending
         self._breakers = state.breakers
         self._tenants = state.tenant_budgets
@@ -121,6 +118,9 @@ class Engine:
         )
         # Endpoints some live heap ranks: a decision reorders only those (see Pools.reorder).
         self._ranked = self._pools.ranked
+        self._verdicts = Verdicts(
+            breakers=self._breakers, stats=self._stats, pools=self._pools, on_event=on_event
+        )
         self._explainer = Explainer(
             breakers=self._breakers, has_room=self._pools.has_room, retry=self._retry
         )
@@ -147,8 +147,7 @@ class Engine:
         """Replace the endpoint set with a full snapshot. Live stats of ids that stay are kept."""
         added, removed = self._stats.replace(endpoints)
         for s in added:
-            self._breakers.add(s.id, now=now)
-            self._publish(s, s.health_reason)
+            self._verdicts.added(s, now=now)
         for endpoint in endpoints:
             self._budgets.set_endpoint_limits(
                 endpoint.id,
@@ -157,19 +156,9 @@ class Engine:
                 now=now,
             )
         for s in removed:
-            self._breakers.remove(s.id)
             self._budgets.remove_endpoint(s.id)
             self._index.remove_endpoint(s.id)
-            self._emit(
-                HealthEvent(
-                    endpoint_id=s.id,
-                    model=s.model,
-                    status=s.health,
-                    breaker_state=BreakerState.UNKNOWN,
-                    reason="deregistered",
-                    removed=True,
-                )
-            )
+            self._verdicts.removed(s)
         self._pools.drop_all(removed)
         self._refresh(now)
 
@@ -183,7 +172,7 @@ class Engine:
                 "strategy", f"{name!r} is not a strategy; known: {', '.join(self._strategies)}"
             )
         if now >= self._breakers.next_deadline:
-            self._advance_breakers(now)
+            self._verdicts.advance(now)
         if now >= self._pending.next_expiry:
             self._expire(now)
 
@@ -255,9 +244,11 @@ class Engine:
         chosen = picked[0]
 
         # Accounting, inline: this is the hot path.
-        decision_id = self._pending.record(
-            chosen, request.tenant, tokens, request.prefix_hashes, now
-        )
+        hashes = request.prefix_hashes
+        decision_id = self._pending.record(chosen, request.tenant, tokens, hashes, now)
+        if hashes:
+            # The prompt's blocks count for the endpoint at once, as pending (affinity.py).
+            self._index.add_pending(chosen.id, hashes)
         if self._breakers.half_open and self._breakers.on_pick(chosen.id):
             pools.drop(chosen.model)
         if self._quotas_on:
@@ -306,6 +297,10 @@ class Engine:
             if target is None and live:
                 target = chosen
             self._settlement.settle(pending, target, actual=actual, live=live, now=now)
+            hashes = pending[3]
+            if hashes and live and (outcome.result is not Result.SUCCESS or target is not chosen):
+                # Failed, timed out, cancelled or served elsewhere: the pending blocks go.
+                self._index.drop(chosen.id, hashes)
             if live and target is not chosen:
                 self._rescore(chosen, now)
         if target is None:
@@ -321,25 +316,28 @@ class Engine:
                 # The model's first latency report: give it a reference now, not at the next
                 # refresh, so unmeasured endpoints stop looking infinitely fast.
                 self._refresh_group(stats.group(target.model) or [], now)
-            self._record_breaker(target, ok=True, now=now)
+            self._verdicts.record(target, ok=True, now=now)
             if pending is not None and pending[3]:
-                self._index.record(target.id, pending[3])
+                if target is pending[0]:
+                    self._index.confirm(target.id, pending[3])
+                else:
+                    self._index.record(target.id, pending[3])
         elif result is Result.ERROR or result is Result.TIMEOUT:
             if result is Result.TIMEOUT:
                 # A timeout is a latency sample too; a fast error is not (it would look good).
                 stats.record_latency(target, latency_s=outcome.latency_s, ttft_s=0.0, now=now)
-            self._record_breaker(target, ok=False, now=now)
+            self._verdicts.record(target, ok=False, now=now)
         elif result is Result.RATE_LIMITED:
             # A 429 says "not now", not "broken": cool down briefly instead of counting a failure.
             cooldown = self._settings.routing.rate_limited_cooldown_s
             if cooldown > 0.0:
                 stats.cool_down(target, now + cooldown)
                 self._pools.drop(target.model)
-            self._record_breaker_release(target)
+            self._verdicts.release(target)
         elif result is Result.CANCELLED:
             # No verdict on the endpoint: no breaker failure, no latency sample; a half-open
             # trial it held is handed back for another request to make.
-            self._record_breaker_release(target)
+            self._verdicts.release(target)
         if outcome.load is not None:
             stats.record_load(target, outcome.load, now)
         limited = target.endpoint.requests_per_minute or target.endpoint.tokens_per_minute
@@ -355,44 +353,13 @@ class Engine:
         self._scorer.rescore(s, now)
         self._pools.reorder(s)
 
-    def _record_breaker(self, s: EndpointStats, *, ok: bool, now: float) -> None:
-        half_open = self._breakers.state(s.id) is BreakerState.HALF_OPEN
-        transition = self._breakers.record(s.id, ok=ok, now=now)
-        if transition is not None:
-            self._on_transition(transition)
-        elif half_open:
-            # A finished trial frees a slot: the pool's view of the endpoint may change.
-            self._pools.drop(s.model)
-
-    def _record_breaker_release(self, s: EndpointStats) -> None:
-        if self._breakers.release_trial(s.id):
-            self._pools.drop(s.model)
-
-    def _on_transition(self, transition: BreakerTransition) -> None:
-        s = self._stats.get(transition.endpoint_id)
-        if s is None:
-            return
-        self._pools.drop(s.model)
-        self._emit(
-            HealthEvent(
-                endpoint_id=s.id,
-                model=s.model,
-                status=s.health,
-                breaker_state=transition.state,
-                reason=transition.reason,
-            )
-        )
-
     def set_health(
         self, endpoint_id: str, status: HealthStatus, *, reason: str, now: float
     ) -> None:
         """A prober verdict (after its thresholds). Publishes an event when the status changes."""
         s = self._stats.get(endpoint_id)
-        if s is None or not self._stats.set_health(s, status, reason):
-            return
-        self._pools.drop(s.model)
-        self._rescore(s, now)
-        self._publish(s, reason)
+        if s is not None and self._verdicts.set_health(s, status, reason):
+            self._rescore(s, now)
 
     def record_load(self, endpoint_id: str, load: LoadReport, *, now: float) -> None:
         s = self._stats.get(endpoint_id)
@@ -416,21 +383,19 @@ class Engine:
     def tick(self, *, now: float) -> None:
         """Expire in-flight decisions with no outcome, move open breakers to half-open, expire
         sessions, and about once a second refresh scores that drift with time."""
-        self._advance_breakers(now)
+        self._verdicts.advance(now)
         self._expire(now)
         self._sessions.expire(now)
         if now >= self._refresh_at:
             self._refresh(now)
 
-    def _advance_breakers(self, now: float) -> None:
-        for transition in self._breakers.advance(now):
-            self._on_transition(transition)
-
     def _expire(self, now: float) -> None:
         stats = self._stats
-        for s in self._pending.expire(now):
+        for s, hashes in self._pending.expire(now):
             if stats.is_live(s):
-                self._record_breaker_release(s)
+                if hashes:
+                    self._index.drop(s.id, hashes)
+                self._verdicts.release(s)
                 self._scorer.rescore_load(s, now)
                 self._pools.reorder(s)
 
@@ -486,23 +451,6 @@ class Engine:
     @property
     def indexed_blocks(self) -> int:
         return self._index.block_count
-
-    # -- events ----------------------------------------------------------------------------------
-
-    def _publish(self, s: EndpointStats, reason: str) -> None:
-        self._emit(
-            HealthEvent(
-                endpoint_id=s.id,
-                model=s.model,
-                status=s.health,
-                breaker_state=self._breakers.state(s.id),
-                reason=reason,
-            )
-        )
-
-    def _emit(self, event: HealthEvent) -> None:
-        if self._on_event is not None:
-            self._on_event(event)
 
 
 def _endpoints_after_first(picked: list[EndpointStats]) -> tuple[Endpoint, ...]:

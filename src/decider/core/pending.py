@@ -98,9 +98,10 @@ class InMemoryPending:
             return 0
         return int(digits)
 
-    def expire(self, now: float) -> Iterator[EndpointStats]:
+    def expire(self, now: float) -> Iterator[tuple[EndpointStats, tuple[int, ...]]]:
         """Drop the decisions whose time is up, releasing their in-flight counts; yields each
-        one's endpoint as it goes, so the caller can follow up on it before the next."""
+        one's endpoint and prefix hashes as it goes, so the caller can follow up on it (release
+        a breaker trial, drop the pending blocks) before the next."""
         expiry = self._expiry
         entries = self._entries
         while expiry and expiry[0][0] <= now:
@@ -113,4 +114,4 @@ class InMemoryPending:
                 s = entry[0]
                 if s.in_flight > 0:
                     s.in_flight -= 1
-                yield s
+                yield s, entry[3]

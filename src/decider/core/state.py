@@ -61,9 +61,9 @@ class PendingDecisions(Protocol):
         when the id is unknown, already resolved or expired."""
         ...
 
-    def expire(self, now: float) -> Iterator[EndpointStats]:
+    def expire(self, now: float) -> Iterator[tuple[EndpointStats, tuple[int, ...]]]:
         """Forget the decisions older than the in-flight timeout, releasing their counts; yields
-        each one's endpoint (in issue order) before going on to the next."""
+        each one's endpoint and prefix hashes (in issue order) before going on to the next."""
         ...
 
 
@@ -172,6 +172,19 @@ class PrefixCache(Protocol):
 
     def record(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         """The endpoint served a prompt with these blocks."""
+        ...
+
+    def add_pending(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        """A decision just sent a prompt with these blocks to the endpoint: they match from now
+        on, as pending, until `confirm` or `drop` settles them."""
+        ...
+
+    def confirm(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        """The pending decision succeeded on its endpoint: the blocks are held, as `record`."""
+        ...
+
+    def drop(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        """The pending decision failed, timed out, was cancelled or was served elsewhere."""
         ...
 
     def remove_endpoint(self, endpoint_id: str) -> None: ...

@@ -12,10 +12,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from decider.core.model import Endpoint, HealthStatus, LoadReport
+from decider.core.validation import allowed
 
 # Health factor: UNKNOWN is usable but ranked after HEALTHY; DEGRADED only when nothing better.
 HEALTH_SCORE: dict[HealthStatus, float] = {
@@ -153,12 +154,12 @@ class FactorWeights:
     # Tuned with the cluster simulator (docs/SIMULATION.md): prefix-cache reuse matters most for
     # time to first token, load keeps a hot prefix from piling up, and latency (TTFT when
     # reported) only breaks near-ties, because a single slow answer is a noisy signal.
-    load: float = 0.3
-    latency: float = 0.02
-    cache: float = 0.7
-    quota: float = 0.05
-    health: float = 0.05
-    cost: float = 0.05
+    load: float = field(default=0.3, metadata=allowed(ge=0))
+    latency: float = field(default=0.02, metadata=allowed(ge=0))
+    cache: float = field(default=0.7, metadata=allowed(ge=0))
+    quota: float = field(default=0.05, metadata=allowed(ge=0))
+    health: float = field(default=0.05, metadata=allowed(ge=0))
+    cost: float = field(default=0.05, metadata=allowed(ge=0))
 
     @property
     def total(self) -> float:

@@ -9,7 +9,7 @@ own copies:
     breakers   a breaker opened here opens on every replica for the same remaining time
                (half-open trials run on the replica that opened it)
     sessions   a new or changed binding, and a renewal at most every quarter TTL
-    prefixes   blocks indexed from successful outcomes
+    prefixes   blocks pending at decide time, confirmed or dropped by the outcome
     budgets    tenant and endpoint charges (requests, tokens), summed per batch
     load       each replica's own in-flight counts of the endpoints whose counts changed
                since the last batch (all of them every second while any are open), and its
@@ -325,11 +325,18 @@ class SharedSessions:
 
 
 class SharedPrefixes:
-    """The prefix index: blocks recorded here, and the blocks every other replica recorded."""
+    """The prefix index: blocks recorded, pending, confirmed and dropped here, and the same
+    changes from every other replica, applied in the order each replica made them."""
 
     def __init__(self, inner: PrefixCache, sync: StateSync) -> None:
         self._inner = inner
         self._sync = sync
+        self._ops: dict[str, Callable[[str, Sequence[int]], None]] = {
+            "r": inner.record,
+            "p": inner.add_pending,
+            "c": inner.confirm,
+            "d": inner.drop,
+        }
         sync.register("prefixes", self._apply)
 
     @property
@@ -342,7 +349,19 @@ class SharedPrefixes:
 
     def record(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         self._inner.record(endpoint_id, hashes)
-        self._sync.queue("prefixes", [endpoint_id, list(hashes[: self._inner.max_blocks])])
+        self._share("r", endpoint_id, hashes)
+
+    def add_pending(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        self._inner.add_pending(endpoint_id, hashes)
+        self._share("p", endpoint_id, hashes)
+
+    def confirm(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        self._inner.confirm(endpoint_id, hashes)
+        self._share("c", endpoint_id, hashes)
+
+    def drop(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        self._inner.drop(endpoint_id, hashes)
+        self._share("d", endpoint_id, hashes)
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         self._inner.remove_endpoint(endpoint_id)
@@ -353,9 +372,15 @@ class SharedPrefixes:
     def matched(self, endpoint_id: str, hashes: Sequence[int]) -> int:
         return self._inner.matched(endpoint_id, hashes)
 
+    def _share(self, op: str, endpoint_id: str, hashes: Sequence[int]) -> None:
+        if hashes:
+            self._sync.queue("prefixes", [op, endpoint_id, list(hashes[: self._inner.max_blocks])])
+
     def _apply(self, items: list[Any], now: float) -> None:
-        for endpoint_id, hashes in items:
-            self._inner.record(str(endpoint_id), [int(h) for h in hashes])
+        for op, endpoint_id, hashes in items:
+            apply = self._ops.get(str(op))
+            if apply is not None:
+                apply(str(endpoint_id), [int(h) for h in hashes])
 
 
 class SharedBudgets:
@@ -466,10 +491,10 @@ class SharedLoad:
             self._sync.poke()
         return entry
 
-    def expire(self, now: float) -> Iterator[EndpointStats]:
-        for s in self._inner.expire(now):
-            self._dirty.add(s.id)
-            yield s
+    def expire(self, now: float) -> Iterator[tuple[EndpointStats, tuple[int, ...]]]:
+        for expired in self._inner.expire(now):
+            self._dirty.add(expired[0].id)
+            yield expired
 
     def own(self, s: EndpointStats) -> int:
         """This replica's open decisions on `s` (the others' taken out)."""

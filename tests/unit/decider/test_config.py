@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,3 +191,135 @@ def test_metrics_listen_and_log_decisions_from_file_env_and_flags(tmp_path):
 def test_observability_setting_errors_name_where(tmp_path, text, env, message):
     with pytest.raises(ConfigError, match=message):
         config.load(_write(tmp_path, text), env=env)
+
+
+def test_every_problem_of_a_file_is_reported_at_once_in_file_order(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+[server]
+max_watchers = -5
+bogus = 1
+
+[[endpoints]]
+id = "gpu-7"
+address = "no-port"
+model = "m"
+weight = -2
+
+[routing]
+max_fallbacks = 2.0
+least_request = { choice_count = 1 }
+
+[breaker]
+open_s = 60
+max_open_s = 30
+
+[probe]
+timeout_s = -1
+""",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    lines = str(err.value).splitlines()
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert [line.removeprefix(f"{path}: ").split(":")[0] for line in lines] == [
+        "server.max_watchers",
+        "server.bogus",
+        "endpoints[0].address",
+        "endpoints[0].weight",
+        "routing.max_fallbacks",
+        "routing.least_request.choice_count",
+        "breaker.max_open_s",
+        "probe.timeout_s",
+    ]
+    # Strict: a float is not an int, even when it is whole.
+    assert f"{path}: routing.max_fallbacks: 2.0, must be an int >= 0" in lines
+
+
+def test_endpoint_problems_name_the_endpoint_id(tmp_path):
+    path = _write(
+        tmp_path,
+        "[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\n"
+        "[[endpoints]]\nid='gpu-7'\naddress='h:2'\nmodel='m'\nmax_in_flight='lots'\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value) == (
+        f"{path}: endpoints[1].max_in_flight: 'lots', must be an integer from 0 to 4294967295"
+        " (endpoint 'gpu-7')"
+    )
+
+
+def test_environment_and_flag_problems_follow_the_file_problems(tmp_path):
+    path = _write(tmp_path, "[server]\nmax_watchers = -5\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(
+            path,
+            env={"DECIDER_GRACE_PERIOD_S": "soon", "DECIDER_LOG_LEVEL": "loud"},
+            flags={"max_concurrent_rpcs": 0},
+        )
+    assert str(err.value).splitlines() == [
+        f"{path}: server.max_watchers: -5, must be an integer from 0 to 1000000",
+        "environment DECIDER_GRACE_PERIOD_S: 'soon', must be a number from 0 to 3600",
+        "environment DECIDER_LOG_LEVEL: 'loud', must be one of DEBUG, INFO, WARNING, ERROR",
+        "flag --max-concurrent-rpcs: 0, must be an integer from 1 to 1000000",
+    ]
+
+
+def test_server_tls_from_the_file_the_environment_and_flags(tmp_path):
+    path = tmp_path / "d.toml"
+    path.write_text(
+        '[server.tls]\ncert_file = "c.pem"\nkey_file = "k.pem"\nclient_ca_file = "f.pem"\n'
+        'admin_client_names = ["ops"]\n'
+    )
+    tls = config.load(path).server.tls
+    assert (tls.cert_file, tls.key_file, tls.admin_client_names) == ("c.pem", "k.pem", ("ops",))
+    env = {"DECIDER_TLS_CLIENT_CA_FILE": "ca.pem", "DECIDER_TLS_ADMIN_CLIENT_NAMES": "a, b"}
+    tls = config.load(path, env=env, flags={"tls_cert_file": "flag.pem"}).server.tls
+    assert tls.cert_file == "flag.pem"
+    assert tls.client_ca_file == "ca.pem"
+    assert tls.admin_client_names == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[server.tls]\ncert_file = "c.pem"\n',
+            "server.tls.cert_file is set, so server.tls.key_file",
+        ),
+        ("[server.tls]\ncert = 1\n", "server.tls.cert: unknown key (known: admin_client_names"),
+        ("[server.tls]\nadmin_client_names = [1]\n", "must be a list of non-empty strings"),
+        ("[server]\ntls = 3\n", "server.tls: 3, must be a table"),
+        ("[server]\nkeepalive_time_s = 0\n", "server.keepalive_time_s: 0, must be a number from 1"),
+        (
+            "[server]\nmax_connection_age_s = -1\n",
+            "server.max_connection_age_s: -1, must be a number from 0",
+        ),
+    ],
+)
+def test_bad_tls_and_keepalive_settings_are_named(tmp_path, text, message):
+    path = tmp_path / "d.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(path)
+
+
+def test_the_admin_token_comes_from_a_file_and_never_shows(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("  s3cr3t\n")
+    server = config.load(None, flags={"admin_token_file": str(token)}).server
+    assert server.admin_token == "s3cr3t"
+    assert "s3cr3t" not in repr(server)
+    with pytest.raises(ConfigError, match="both set") as err:
+        config.load(
+            None, env={"DECIDER_ADMIN_TOKEN": "other"}, flags={"admin_token_file": str(token)}
+        )
+    assert "s3cr3t" not in str(err.value) and "other" not in str(err.value)
+    token.write_text("two\nlines\n")
+    with pytest.raises(ConfigError, match="whitespace or several lines"):
+        config.load(None, env={"DECIDER_ADMIN_TOKEN_FILE": str(token)})
+    token.write_text("\n")
+    with pytest.raises(ConfigError, match=f"{token}: the file is empty"):
+        config.load(None, env={"DECIDER_ADMIN_TOKEN_FILE": str(token)})

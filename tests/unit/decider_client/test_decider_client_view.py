@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2, status_pb2
 from decider.v1 import decider_service_pb2 as dpb
 from decider.v1 import endpoint_pb2 as epb
 from decider_client import (
+    ClientOptions,
     DeciderClient,
     DeciderUnreachable,
     Outcome,
@@ -17,6 +18,7 @@ from decider_client import (
     is_unreachable,
     retry_after_s,
 )
+from decider_client._errors import error_for_status, status_of
 
 
 def ep(ep_id: str, model: str = "m", caps: tuple[str, ...] = ()) -> epb.Endpoint:
@@ -33,6 +35,12 @@ def aio_error(code: grpc.StatusCode, *details: object) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(
         code, grpc.aio.Metadata(), grpc.aio.Metadata(*metadata), details="m"
     )
+
+
+def unreachable(err: grpc.aio.AioRpcError) -> DeciderUnreachable:
+    mapped = error_for_status(status_of(err))
+    assert isinstance(mapped, DeciderUnreachable)
+    return mapped
 
 
 @pytest.mark.parametrize(
@@ -88,18 +96,20 @@ def test_errors_are_classified(err, unreachable, no_healthy, retry_after):
 async def test_fail_open_prefers_healthy_rotates_and_filters():
     client = DeciderClient(
         "127.0.0.1:1",
-        fail_open=True,
-        seed_endpoints=[
-            ep("a"),
-            ep("b"),
-            ep("c"),
-            ep("d"),
-            ep("v", caps=("vision",)),
-            ep("x", "o"),
-        ],
+        ClientOptions(
+            fail_open=True,
+            seed_endpoints=[
+                ep("a"),
+                ep("b"),
+                ep("c"),
+                ep("d"),
+                ep("v", caps=("vision",)),
+                ep("x", "o"),
+            ],
+        ),
     )
     try:
-        client._apply(
+        client._view.apply(
             dpb.WatchHealthResponse(
                 snapshot=True,
                 events=[
@@ -112,7 +122,7 @@ async def test_fail_open_prefers_healthy_rotates_and_filters():
             )
         )
         assert client.health_snapshots == 1
-        down = aio_error(grpc.StatusCode.UNAVAILABLE)
+        down = unreachable(aio_error(grpc.StatusCode.UNAVAILABLE))
         firsts = set()
         for _ in range(4):
             decision = client._decide_locally(dpb.DecideRequest(model="m"), down)
@@ -127,7 +137,7 @@ async def test_fail_open_prefers_healthy_rotates_and_filters():
         )
         assert vision.endpoint.id == "v" and not vision.fallbacks
 
-        client._apply(
+        client._view.apply(
             dpb.WatchHealthResponse(events=[dpb.HealthEvent(endpoint_id="a", removed=True)])
         )
         assert [e.id for e in client.known_endpoints("m")] == ["b", "c", "d", "v"]

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from bench.sim.cluster import Cluster, ProberParams
+from bench.sim.cluster import ORACLE, Cluster, ProberParams
 from bench.sim.metrics import Imbalance, percentile
 from bench.sim.server import ServerParams
 from bench.sim.workloads import WORKLOADS, EndpointSpec, Fault, Session, Turn, Workload
@@ -176,3 +176,35 @@ def test_imbalance_is_the_ratio_of_time_averaged_max_and_mean():
     assert imb.by_group() == {"m": pytest.approx((4 + 2) / (2 + 2))}
     imb.sample("other", [1, 1])
     assert imb.worst() == pytest.approx(1.5)
+
+
+def test_oracle_never_sends_to_a_dead_endpoint_and_asks_the_router_nothing(router):
+    workload = steady(until_s=10.0, faults=[Fault(endpoint_id="ep-1", at_s=3.0, kind="crash")])
+    result = Cluster(workload, router, strategy=ORACLE, prober=PROBER).run()
+    assert router.decisions == [] and router.outcomes == []
+    assert result.sent_to_dead == 0
+    # Only the requests running on ep-1 when it died and already streaming are lost.
+    assert result.completed + result.failed == result.requests == 100
+    assert result.completed >= 95
+
+
+def test_oracle_sends_a_prompt_where_its_prefix_is_cached(router):
+    params = ServerParams(block_tokens=16, cache_blocks=400)
+    long_prefix = (1, 1600)
+
+    def session(i: int, start_s: float, prefix: tuple[int, int]) -> Session:
+        turn = Turn(segments=(prefix, (100 + i, 32)), output_tokens=5, response_key=200 + i)
+        return Session(id=f"s{i}", start_s=start_s, model="m", tenant="t", turns=(turn,))
+
+    workload = Workload(
+        name="two",
+        description="",
+        endpoints=tuple(EndpointSpec(id=f"ep-{i}", model="m", params=params) for i in range(3)),
+        sessions=(session(0, 0.0, long_prefix), session(1, 1.0, long_prefix)),
+        arrival_window_s=1.0,
+    )
+    cluster = Cluster(workload, router, strategy=ORACLE, prober=PROBER)
+    result = cluster.run()
+    assert result.completed == 2
+    assert [s.completed for s in cluster.servers.values()] == [2, 0, 0]
+    assert result.cache_hit_rate > 0.45

@@ -206,3 +206,29 @@ def test_running_requests_take_blocks_from_the_prefix_cache():
     loop.run()
     assert server.cache.capacity_blocks == 20
     assert server.cache.match(job("x", prompt=160, key=1).prompt_blocks) < 10
+
+
+def test_predicted_ttft_of_an_idle_server_is_its_prefill():
+    server = SimServer("ep", simple(prefill_overhead_s=0.01), EventLoop(), Recorder())
+    assert server.predict_ttft(320, block_hashes([(1, 320)], 16), 0.0) == pytest.approx((0, 0.33))
+
+
+def test_predicted_ttft_counts_the_prefills_ahead_and_the_blocks_they_will_cache():
+    loop = EventLoop()
+    server = SimServer("ep", simple(), loop, Recorder())
+    shared = [(1, 320)]
+    server.submit(Job(prompt_tokens=320, output_tokens=5, owner="a"), 0.0)
+    server.submit(
+        Job(prompt_tokens=320, output_tokens=5, prompt_blocks=block_hashes(shared, 16), owner="b"),
+        0.0,
+    )
+    # "a" is prefilling (0.32 s), "b" waits for it (0.32 s, nothing cached yet), then a prompt
+    # sharing b's 320 tokens computes only its 160 new ones.
+    prompt = block_hashes([*shared, (2, 160)], 16)
+    assert server.predict_ttft(480, prompt, 0.1) == pytest.approx((0.54, 0.16))
+    # A prompt sharing nothing waits as long and computes all of itself.
+    other = block_hashes([(3, 480)], 16)
+    assert server.predict_ttft(480, other, 0.1) == pytest.approx((0.54, 0.48))
+    # The prediction changes nothing: the jobs still finish when they would have.
+    loop.run()
+    assert server.completed == 2

@@ -5,12 +5,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"io"
 	"log/slog"
 	"net"
@@ -26,11 +24,7 @@ import (
 	pb "github.com/decider-dev/decider/clients/go/gen/decider/v1"
 )
 
-const (
-	chatPath = "/v1/chat/completions"
-	// maxPrefixHashes stays well under the server's limit on prefix_hashes.
-	maxPrefixHashes = 64
-)
+const chatPath = "/v1/chat/completions"
 
 // Gateway is an OpenAI-compatible reverse proxy that asks Decider where to
 // send each /v1/chat/completions request.
@@ -116,7 +110,7 @@ func (g *Gateway) chat(w http.ResponseWriter, r *http.Request) {
 		// About four bytes of JSON per token: good enough for quota estimates,
 		// which the outcome's actual usage replaces.
 		EstimatedInputTokens: uint32(min(len(body)/4, 1<<30)),
-		PrefixHashes:         prefixHashes(cr.Messages),
+		PrefixHashes:         prefixHashes(body),
 	}
 
 	p := &proxy{g: g, w: w, in: r, body: body}
@@ -327,31 +321,16 @@ func hopByHop(h string) bool {
 	return false
 }
 
-// prefixHashes hashes the conversation one message at a time, each hash
-// chained on the previous one, so two requests that share their first k
-// messages share their first k hashes: the prefix-cache signal Decider matches.
-func prefixHashes(messages []json.RawMessage) []uint64 {
-	n := min(len(messages), maxPrefixHashes)
-	out := make([]uint64, 0, n)
-	var prev [8]byte
-	for _, m := range messages[:n] {
-		h := fnv.New64a()
-		h.Write(prev[:])
-		h.Write(compact(m))
-		sum := h.Sum64()
-		binary.LittleEndian.PutUint64(prev[:], sum)
-		out = append(out, sum)
+// prefixHashes are the prompt's block hashes by the shared definition
+// (docs/PREFIX_HASH.md): two requests whose prompts share their first k blocks
+// of text share their first k hashes, whatever else differs, so a shared system
+// prompt matches even when the messages after it differ.
+func prefixHashes(body []byte) []uint64 {
+	text, err := decider.PromptText(body)
+	if err != nil {
+		return nil
 	}
-	return out
-}
-
-// compact removes insignificant whitespace so formatting does not change a hash.
-func compact(m json.RawMessage) []byte {
-	var b bytes.Buffer
-	if json.Compact(&b, m) != nil {
-		return m
-	}
-	return b.Bytes()
+	return decider.PrefixHashes(text, decider.MaxPrefixBlocks)
 }
 
 func requestID(r *http.Request) string {

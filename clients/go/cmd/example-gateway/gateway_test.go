@@ -6,7 +6,10 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -78,7 +81,7 @@ func chat(t *testing.T, gw *httptest.Server, body string, headers ...string) cha
 	}
 }
 
-const hello = `{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}`
+const hello = `{"model":"m","messages":[{"role":"system","content":"be brief and cite the manual section for every step"},{"role":"user","content":"hi"}]}`
 
 func endpointFor(b *decidertest.Backend) *pb.Endpoint {
 	return &pb.Endpoint{Id: b.ID, Address: b.Addr, Model: "m"}
@@ -103,7 +106,7 @@ func TestGatewayProxiesAndReportsUsage(t *testing.T) {
 		t.Fatalf("%d Decide calls", len(reqs))
 	}
 	d := reqs[0]
-	if d.GetModel() != "m" || d.GetSessionId() != "s1" || d.GetTenant() != "acme" || len(d.GetPrefixHashes()) != 2 || d.GetEstimatedInputTokens() == 0 {
+	if d.GetModel() != "m" || d.GetSessionId() != "s1" || d.GetTenant() != "acme" || len(d.GetPrefixHashes()) != 1 || !slices.Equal(d.GetPrefixHashes(), prefixHashes([]byte(hello))) || d.GetEstimatedInputTokens() == 0 {
 		t.Fatalf("Decide request %v", d)
 	}
 	outs := fake.Outcomes()
@@ -261,16 +264,54 @@ func TestGatewayRejectsBadRequests(t *testing.T) {
 }
 
 func TestPrefixHashesShareTheCommonPrefix(t *testing.T) {
-	parse := func(s string) []json.RawMessage {
-		var msgs []json.RawMessage
-		if err := json.Unmarshal([]byte(s), &msgs); err != nil {
-			t.Fatal(err)
-		}
-		return msgs
+	system := strings.Repeat("You are a support assistant. ", 8)
+	x := prefixHashes([]byte(`{"model":"m","messages":[{"role":"system","content":"` + system +
+		`"},{"role":"user","content":"How do I reset my router? Please answer in two sentences."}]}`))
+	y := prefixHashes([]byte(`{"model": "m", "messages": [{"role": "system", "content": "` + system +
+		`"}, {"role": "user", "content": "Where is the manual for the X200 model, in English?"}]}`))
+	// The system message is 3 full blocks (its role prefix included); formatting
+	// of the JSON does not matter, only the text.
+	if len(x) < 4 || len(y) < 4 || x[0] != y[0] || x[2] != y[2] || x[len(x)-1] == y[len(y)-1] {
+		t.Fatalf("x=%v y=%v: want the system prompt's blocks shared and the last different", x, y)
 	}
-	x := prefixHashes(parse(`[{"role":"system","content":"s"},{"role":"user","content":"a"}]`))
-	y := prefixHashes(parse(`[{"role": "system", "content": "s"}, {"role":"user","content":"b"}]`))
-	if len(x) != 2 || len(y) != 2 || x[0] != y[0] || x[1] == y[1] {
-		t.Fatalf("x=%v y=%v: want the first hash shared and the second different", x, y)
+}
+
+// The gateway hashes bodies by the shared definition: every vector's body gives
+// the vector's hashes (vectors with a smaller cap are for the library).
+func TestPrefixHashesMatchTheSharedVectors(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join("..", "..", "..", "..", "testdata", "prefix_hash_vectors.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var file struct {
+		Vectors []struct {
+			Name      string          `json:"name"`
+			Body      json.RawMessage `json:"body"`
+			MaxBlocks int             `json:"max_blocks"`
+			Hashes    []string        `json:"hashes"`
+		} `json:"vectors"`
+	}
+	if err := json.Unmarshal(raw, &file); err != nil {
+		t.Fatal(err)
+	}
+	checked := 0
+	for _, v := range file.Vectors {
+		if v.MaxBlocks != 0 {
+			continue
+		}
+		got := prefixHashes(v.Body)
+		if len(got) != len(v.Hashes) {
+			t.Errorf("%s: %d hashes, want %d", v.Name, len(got), len(v.Hashes))
+			continue
+		}
+		for i, want := range v.Hashes {
+			if strconv.FormatUint(got[i], 10) != want {
+				t.Errorf("%s: hash %d is %d, want %s", v.Name, i, got[i], want)
+			}
+		}
+		checked++
+	}
+	if checked == 0 {
+		t.Fatal("no vectors checked")
 	}
 }

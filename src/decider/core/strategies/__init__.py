@@ -1,6 +1,6 @@
 """Every routing strategy, by wire name. A strategy exists only if it is listed here.
 
-A leaf of the core's imports: the strategies import base, stats, model and readers, never the
+A leaf of the core's imports: the strategies import base, stats, model and validation, never the
 settings or the engine, so settings.py and engine.py import this table at the top."""
 
 from __future__ import annotations

@@ -23,10 +23,9 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from decider.core.model import RouteRequest
-from decider.core.readers import as_table, check_keys, get_int, get_str
 from decider.core.stats import label_tags
 from decider.core.strategies.base import Choice, PickContext, Ranked, Route
-from decider.errors import ConfigError
+from decider.core.validation import Problems, allowed, position, schema, show
 
 _WITHIN = frozenset(
     {
@@ -47,8 +46,9 @@ _WITHIN = frozenset(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Arm:
-    name: str
-    weight: int
+    # Required: empty is refused by parse_config.
+    name: str = ""
+    weight: int = field(default=1, metadata=allowed(ge=1))
     # Empty: the requested model.
     model: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -57,25 +57,7 @@ class Arm:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AbSplitConfig:
     arms: tuple[Arm, ...] = ()
-    within: str = "least_request"
-
-
-def _parse_arm(value: Any, path: str) -> Arm:
-    table = as_table(value, path)
-    check_keys(table, {"name", "weight", "model", "labels"}, path)
-    name = get_str(table, "name", "", path)
-    if not name:
-        raise ConfigError(f"{path}.name: missing, every arm needs a name")
-    labels = as_table(table.get("labels", {}), f"{path}.labels")
-    for key, label in labels.items():
-        if not isinstance(label, str):
-            raise ConfigError(f"{path}.labels.{key}: {label!r}, must be a string")
-    return Arm(
-        name=name,
-        weight=get_int(table, "weight", 1, path, minimum=1),
-        model=get_str(table, "model", "", path),
-        labels=MappingProxyType(dict(labels)),
-    )
+    within: str = field(default="least_request", metadata=allowed(choices=tuple(sorted(_WITHIN))))
 
 
 def session_point(key: str) -> float:
@@ -118,19 +100,34 @@ class AbSplit:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> AbSplitConfig:
-        check_keys(options, {"arms", "within"}, path)
-        raw = options.get("arms", [])
-        if not isinstance(raw, list):
-            raise ConfigError(f"{path}.arms: {raw!r}, must be an array of tables")
-        arms = tuple(_parse_arm(a, f"{path}.arms[{i}]") for i, a in enumerate(raw))
-        names = [a.name for a in arms]
-        for name in names:
-            if names.count(name) > 1:
-                raise ConfigError(f"{path}.arms: arm name {name!r} used twice")
-        return AbSplitConfig(
-            arms=arms,
-            within=get_str(options, "within", "least_request", path, choices=_WITHIN),
+        problems = Problems()
+        values = schema(AbSplitConfig, exclude=("arms",)).validate(
+            options, path, problems, skip=("arms",)
         )
+        raw = options.get("arms", [])
+        where = (position(options, "arms"),)
+        if not isinstance(raw, list):
+            problems.add(where, f"{path}.arms: {show(raw)}, must be an array of tables")
+            raw = []
+        arms: list[Arm] = []
+        for i, item in enumerate(raw):
+            arm_path = f"{path}.arms[{i}]"
+            arm = schema(Arm).validate(item, arm_path, problems, (*where, i))
+            if arm is None:
+                continue
+            if not arm["name"]:
+                problems.add(
+                    (*where, i, position(item, "name")),
+                    f"{arm_path}.name: missing, every arm needs a name",
+                )
+                continue
+            arms.append(Arm(**{**arm, "labels": MappingProxyType(dict(arm["labels"]))}))
+        names = [a.name for a in arms]
+        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+            problems.add(where, f"{path}.arms: arm name {name!r} used twice")
+        problems.raise_any()
+        assert values is not None
+        return AbSplitConfig(arms=tuple(arms), **values)
 
     @property
     def within(self) -> str:

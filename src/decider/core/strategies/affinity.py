@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys, get_str
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Picker, Ranked
+from decider.core.validation import allowed, parse_table
 
 _FALLBACKS = frozenset(
     {"round_robin", "random", "least_request", "weighted_round_robin", "weighted_random"}
@@ -22,7 +22,9 @@ _FALLBACKS = frozenset(
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AffinityConfig:
     # How an unbound (or rebound) session is placed.
-    fallback: str = "least_request"
+    fallback: str = field(
+        default="least_request", metadata=allowed(choices=tuple(sorted(_FALLBACKS)))
+    )
 
 
 _BOUND: Mapping[str, float] = MappingProxyType({"affinity": 1.0})
@@ -42,10 +44,7 @@ class Affinity:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> AffinityConfig:
-        check_keys(options, {"fallback"}, path)
-        return AffinityConfig(
-            fallback=get_str(options, "fallback", "least_request", path, choices=_FALLBACKS)
-        )
+        return parse_table(AffinityConfig, options, path)
 
     def _members(self, ctx: PickContext) -> dict[str, EndpointStats]:
         if ctx.filtered:

@@ -6,23 +6,25 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys, get_float
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, load_key
 from decider.core.strategies.composite import best_with_credit, cache_credits
-from decider.errors import ConfigError
+from decider.core.validation import allowed, parse_table
 
 _LOAD_SCORE = attrgetter("load_score")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheAwareConfig:
-    cache_weight: float = 0.7
-    load_weight: float = 0.3
-    max_load_gap: float = 16.0
+    cache_weight: float = field(default=0.7, metadata=allowed(ge=0))
+    load_weight: float = field(
+        default=0.3,
+        metadata=allowed(gt=0, what="a number > 0 (cache_aware always blends load)"),
+    )
+    max_load_gap: float = field(default=16.0, metadata=allowed(ge=0))
 
 
 class CacheAware:
@@ -33,18 +35,7 @@ class CacheAware:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> CacheAwareConfig:
-        check_keys(options, {"cache_weight", "load_weight", "max_load_gap"}, path)
-        d = CacheAwareConfig()
-        load_weight = get_float(options, "load_weight", d.load_weight, path)
-        if load_weight <= 0.0:
-            raise ConfigError(
-                f"{path}.load_weight: {load_weight:g}, must be > 0 (cache_aware always blends load)"
-            )
-        return CacheAwareConfig(
-            cache_weight=get_float(options, "cache_weight", d.cache_weight, path),
-            load_weight=load_weight,
-            max_load_gap=get_float(options, "max_load_gap", d.max_load_gap, path),
-        )
+        return parse_table(CacheAwareConfig, options, path)
 
     def choose(self, ctx: PickContext) -> Choice:
         c = self._config

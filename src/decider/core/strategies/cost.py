@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, cost_key
+from decider.core.validation import parse_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +26,7 @@ class Cost:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> CostConfig:
-        check_keys(options, set(), path)
-        return CostConfig()
+        return parse_table(CostConfig, options, path)
 
     def choose(self, ctx: PickContext) -> Choice:
         picked = best_by(ctx, "cost", cost_key, ctx.count)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys, get_bool, get_float, get_int
 from decider.core.stats import EndpointStats, ScoreParams
 from decider.core.strategies.base import (
     Choice,
@@ -27,14 +26,15 @@ from decider.core.strategies.base import (
     latency_key,
     sample_best,
 )
+from decider.core.validation import allowed, parse_table
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LatencyConfig:
     # Share of time to first token in the latency metric when an endpoint reports it. TTFT alone
     # by default: end-to-end latency mostly measures how many tokens were asked for.
-    ttft_weight: float = 1.0
-    choice_count: int = 2
+    ttft_weight: float = field(default=1.0, metadata=allowed(ge=0, le=1))
+    choice_count: int = field(default=2, metadata=allowed(ge=2))
     full_scan: bool = False
 
 
@@ -47,12 +47,7 @@ class Latency:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> LatencyConfig:
-        check_keys(options, {"ttft_weight", "choice_count", "full_scan"}, path)
-        return LatencyConfig(
-            ttft_weight=get_float(options, "ttft_weight", 1.0, path, maximum=1.0),
-            choice_count=get_int(options, "choice_count", 2, path, minimum=2),
-            full_scan=get_bool(options, "full_scan", False, path),
-        )
+        return parse_table(LatencyConfig, options, path)
 
     def shape_scores(self, params: ScoreParams) -> ScoreParams:
         """The ShapesScores hook: every endpoint's latency metric blends TTFT by ttft_weight."""

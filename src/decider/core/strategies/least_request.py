@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys, get_bool, get_int
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import (
     Choice,
@@ -19,11 +18,12 @@ from decider.core.strategies.base import (
     load_key,
     sample_best,
 )
+from decider.core.validation import allowed, parse_table
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LeastRequestConfig:
-    choice_count: int = 2
+    choice_count: int = field(default=2, metadata=allowed(ge=2))
     full_scan: bool = False
 
 
@@ -50,11 +50,7 @@ class LeastRequest:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> LeastRequestConfig:
-        check_keys(options, {"choice_count", "full_scan"}, path)
-        return LeastRequestConfig(
-            choice_count=get_int(options, "choice_count", 2, path, minimum=2),
-            full_scan=get_bool(options, "full_scan", False, path),
-        )
+        return parse_table(LeastRequestConfig, options, path)
 
     def pick(self, ctx: PickContext) -> list[EndpointStats]:
         """The chosen endpoint and fallbacks, without the reason (affinity's fallback path)."""

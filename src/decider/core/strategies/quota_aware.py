@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys
 from decider.core.strategies.base import Choice, PickContext, Ranked, best_by, quota_key
+from decider.core.validation import parse_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +27,7 @@ class QuotaAware:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> QuotaAwareConfig:
-        check_keys(options, set(), path)
-        return QuotaAwareConfig()
+        return parse_table(QuotaAwareConfig, options, path)
 
     def choose(self, ctx: PickContext) -> Choice:
         picked = best_by(ctx, "quota", quota_key, ctx.count)

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import (
     Choice,
@@ -16,6 +15,7 @@ from decider.core.strategies.base import (
     plain_ranking,
     sample_distinct,
 )
+from decider.core.validation import parse_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +32,7 @@ class Random:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> RandomConfig:
-        check_keys(options, set(), path)
-        return RandomConfig()
+        return parse_table(RandomConfig, options, path)
 
     def pick(self, ctx: PickContext) -> list[EndpointStats]:
         items = ctx.items

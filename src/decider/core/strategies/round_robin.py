@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked, plain_ranking, rotated
+from decider.core.validation import parse_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +28,7 @@ class RoundRobin:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> RoundRobinConfig:
-        check_keys(options, set(), path)
-        return RoundRobinConfig()
+        return parse_table(RoundRobinConfig, options, path)
 
     def pick(self, ctx: PickContext) -> list[EndpointStats]:
         return self._pick(ctx)[0]

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked
+from decider.core.validation import parse_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +29,7 @@ class WeightedRandom:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> WeightedRandomConfig:
-        check_keys(options, set(), path)
-        return WeightedRandomConfig()
+        return parse_table(WeightedRandomConfig, options, path)
 
     def _cumulative(self, ctx: PickContext) -> list[int]:
         if ctx.filtered:

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decider.core.readers import check_keys
 from decider.core.stats import EndpointStats
 from decider.core.strategies.base import Choice, PickContext, Ranked
+from decider.core.validation import parse_table
 
 # (deadline, position, stats): position breaks ties in a stable order.
 _Entry = tuple[float, int, EndpointStats]
@@ -46,8 +46,7 @@ class WeightedRoundRobin:
 
     @staticmethod
     def parse_config(options: Mapping[str, Any], path: str) -> WeightedRoundRobinConfig:
-        check_keys(options, set(), path)
-        return WeightedRoundRobinConfig()
+        return parse_table(WeightedRoundRobinConfig, options, path)
 
     def _schedule(self, ctx: PickContext) -> Schedule:
         schedule = ctx.pool.schedule

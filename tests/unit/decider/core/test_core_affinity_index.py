@@ -69,3 +69,64 @@ def test_removing_an_endpoint_drops_its_blocks():
     index.remove_endpoint("a")
     assert index.matches([1, 2, 3]) == {"b": 3}
     assert index.block_count == 3
+
+
+def index() -> PrefixIndex:
+    return PrefixIndex(blocks_per_endpoint=100, max_blocks_per_request=1000)
+
+
+def test_pending_blocks_match_at_once_and_a_confirm_keeps_them():
+    idx = index()
+    idx.add_pending("a", [1, 2, 3])
+    assert idx.matches([1, 2, 3, 4]) == {"a": 3}
+    idx.confirm("a", [1, 2, 3])
+    assert idx.matches([1, 2, 3, 4]) == {"a": 3}
+    assert idx.block_count == 3
+
+
+def test_a_drop_forgets_blocks_only_that_decision_gave():
+    idx = index()
+    idx.record("a", [1, 2])
+    idx.add_pending("a", [1, 2, 3, 4])
+    idx.add_pending("a", [1, 2, 3])
+    idx.drop("a", [1, 2, 3, 4])
+    # Block 3 is still pending for the second decision; 1 and 2 were served before.
+    assert idx.matches([1, 2, 3, 4]) == {"a": 3}
+    idx.drop("a", [1, 2, 3])
+    assert idx.matches([1, 2, 3, 4]) == {"a": 2}
+    assert idx.block_count == 2
+    # Settling what is not pending changes nothing.
+    idx.drop("a", [1, 2])
+    idx.drop("b", [1, 2])
+    assert idx.matches([1, 2]) == {"a": 2}
+
+
+def test_pending_blocks_outlive_rotation_until_settled():
+    idx = PrefixIndex(blocks_per_endpoint=10, max_blocks_per_request=1000)
+    idx.add_pending("a", [1, 2, 3])
+    for start in range(100, 200, 5):
+        idx.record("a", list(range(start, start + 5)))
+    assert idx.matches([1, 2, 3]) == {"a": 3}
+    assert idx.matches(list(range(100, 105))) == {}
+    idx.drop("a", [1, 2, 3])
+    assert idx.matches([1, 2, 3]) == {}
+
+
+def test_a_served_block_rotated_out_while_pending_stays_until_settled():
+    idx = PrefixIndex(blocks_per_endpoint=10, max_blocks_per_request=1000)
+    idx.record("a", [1, 2])
+    idx.add_pending("a", [1, 2])
+    for start in range(100, 200, 5):
+        idx.record("a", list(range(start, start + 5)))
+    assert idx.matches([1, 2]) == {"a": 2}
+    idx.drop("a", [1, 2])
+    assert idx.matches([1, 2]) == {}
+
+
+def test_removing_an_endpoint_drops_its_pending_blocks():
+    idx = index()
+    idx.add_pending("a", [1, 2, 3])
+    idx.remove_endpoint("a")
+    assert idx.matches([1, 2, 3]) == {}
+    idx.confirm("a", [1, 2, 3])
+    assert idx.matches([1, 2, 3]) == {"a": 3}

@@ -326,3 +326,64 @@ def test_state_owners_slot_in_through_engine_state():
     assert engine.session_count == len(state.sessions) == 1
     assert engine.pending_decisions == len(state.pending) == 3
     assert sum(s.in_flight for s in state.stats.values()) == 3
+
+
+# -- decide-time prefix indexing -------------------------------------------------------------
+
+SHARED = tuple(range(500, 530))
+
+
+def outcome(d: Decision, result: Result, endpoint_id: str = "") -> Outcome:
+    return Outcome(
+        decision_id=d.decision_id, endpoint_id=endpoint_id or d.endpoint.id, result=result
+    )
+
+
+def test_a_burst_sharing_a_prefix_follows_the_first_decision_before_any_outcome():
+    engine, clock, _ = make(ids=("a", "b", "c", "d"))
+    first = decided(engine.decide(request(prefix_hashes=SHARED), now=clock.now))
+    burst = [
+        decided(engine.decide(request(prefix_hashes=(*SHARED, 900 + i)), now=clock.now))
+        for i in range(3)
+    ]
+    assert {d.endpoint.id for d in burst} == {first.endpoint.id}
+    assert all(d.scores["cache"] == pytest.approx(30 / 31) for d in burst)
+    assert engine.indexed_blocks == 30 + 3
+
+
+@pytest.mark.parametrize("result", [Result.ERROR, Result.TIMEOUT, Result.CANCELLED])
+def test_an_outcome_that_is_not_a_success_drops_the_pending_blocks(result):
+    engine, clock, _ = make()
+    d = decided(engine.decide(request(prefix_hashes=SHARED), now=clock.now))
+    assert engine.indexed_blocks == 30
+    engine.record_outcome(outcome(d, result), now=clock.advance(0.5))
+    assert engine.indexed_blocks == 0
+
+
+def test_a_success_confirms_the_pending_blocks():
+    engine, clock, _ = make()
+    d = decided(engine.decide(request(prefix_hashes=SHARED), now=clock.now))
+    engine.record_outcome(outcome(d, Result.SUCCESS), now=clock.advance(0.5))
+    assert engine.indexed_blocks == 30
+    again = decided(engine.decide(request(prefix_hashes=SHARED), now=clock.now))
+    assert again.endpoint == d.endpoint and again.scores["cache"] == 1.0
+
+
+def test_a_success_at_a_fallback_moves_the_blocks_there():
+    engine, clock, _ = make()
+    d = decided(engine.decide(request(prefix_hashes=SHARED), now=clock.now))
+    fallback = d.fallbacks[0].id
+    engine.record_outcome(outcome(d, Result.SUCCESS, fallback), now=clock.advance(0.5))
+    assert engine.indexed_blocks == 30
+    again = decided(engine.decide(request(prefix_hashes=SHARED), now=clock.now))
+    assert again.endpoint.id == fallback
+
+
+def test_a_decision_that_expires_without_an_outcome_drops_its_pending_blocks():
+    settings = EngineSettings.parse({"routing": {"in_flight_timeout_s": 10.0}})
+    engine, clock, _ = make(settings=settings)
+    engine.decide(request(prefix_hashes=SHARED), now=clock.now)
+    engine.tick(now=clock.advance(5.0))
+    assert engine.indexed_blocks == 30
+    engine.tick(now=clock.advance(6.0))
+    assert engine.indexed_blocks == 0 and engine.pending_decisions == 0

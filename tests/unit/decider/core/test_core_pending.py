@@ -51,15 +51,15 @@ def test_only_the_exact_id_spelling_resolves(suffix):
 def test_expiry_in_issue_order_after_the_timeout():
     pending = make(timeout_s=10.0)
     a, b = stats("a"), stats("b")
-    pending.record(a, "", 0, (), 0.0)
+    pending.record(a, "", 0, (1, 2), 0.0)
     kept = pending.record(b, "", 0, (), 0.05)
     pending.resolve(kept)
     pending.record(b, "", 0, (), 1.0)
     assert pending.next_expiry == pytest.approx(10.1)
     assert list(pending.expire(10.0)) == []
-    assert list(pending.expire(10.1)) == [a]
+    assert list(pending.expire(10.1)) == [(a, (1, 2))]
     assert (a.in_flight, b.in_flight) == (0, 1)
     assert pending.next_expiry == pytest.approx(11.1)
-    assert list(pending.expire(11.1)) == [b]
+    assert list(pending.expire(11.1)) == [(b, ())]
     assert pending.next_expiry == float("inf")
     assert len(pending) == 0

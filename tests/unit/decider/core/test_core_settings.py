@@ -103,3 +103,20 @@ def test_errors_name_the_key_and_the_value(doc, message):
     with pytest.raises(ConfigError) as info:
         EngineSettings.parse(doc)
     assert message in str(info.value)
+
+
+def test_every_problem_is_reported_in_document_order():
+    doc = {
+        "cache": {"max_matches": 0},
+        "routing": {"composite": {"load": -1, "cache": "x"}, "max_fallbacks": True},
+        "affinity": {"ttl": 5},
+    }
+    with pytest.raises(ConfigError) as info:
+        EngineSettings.parse(doc)
+    assert str(info.value).splitlines() == [
+        "cache.max_matches: 0, must be an int >= 1",
+        "routing.composite.load: -1, must be a number >= 0",
+        "routing.composite.cache: 'x', must be a number >= 0",
+        "routing.max_fallbacks: True, must be an int >= 0",
+        "affinity.ttl: unknown key (known: max_sessions, ttl_s)",
+    ]

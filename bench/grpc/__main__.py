@@ -1,0 +1,5 @@
+"""`python -m bench.grpc`."""
+
+from bench.grpc.run import main
+
+raise SystemExit(main())
