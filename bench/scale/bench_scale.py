@@ -75,7 +75,7 @@ def main() -> int:
     args = parser.parse_args()
     res = Results(
         machine={"cpus": os.cpu_count(), "python": platform.python_version()},
-        command="make bench-scale",
+        command=_command(sys.argv[1:]),
     )
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
@@ -93,6 +93,12 @@ def main() -> int:
         for doc in DOCS:
             replace_section(doc, report)
     return 0
+
+
+def _command(argv: list[str]) -> str:
+    """How the figures were made: `make bench-scale`, or the options given beyond --ghz."""
+    shown = [a for i, a in enumerate(argv) if not (a.startswith("--ghz") or argv[i - 1] == "--ghz")]
+    return "python -m bench.scale.bench_scale " + " ".join(shown) if shown else "make bench-scale"
 
 
 # -- part 1: throughput --------------------------------------------------------------------------
