@@ -119,12 +119,21 @@ class Prober:
         self._seq = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiter: asyncio.Future[None] | None = None
+        # The first set_endpoints call is the start-up snapshot: its first checks are spread.
+        self._snapshot_seen = False
 
     # -- membership and passive evidence -------------------------------------------------
 
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
-        """Replace the endpoint set with a full snapshot; unchanged endpoints keep their state."""
+        """Replace the endpoint set with a full snapshot; unchanged endpoints keep their state.
+
+        The first snapshot's checks are spread over `first_check_spread_s`; an endpoint that
+        is new (or whose probe inputs changed) in a later snapshot is checked at once, so it
+        can take traffic as soon as one check succeeds (Envoy checks a new host immediately).
+        """
         now = self._clock()
+        spread = not self._snapshot_seen
+        self._snapshot_seen = True
         fresh: dict[str, _Target] = {}
         for endpoint in endpoints:
             old = self._targets.get(endpoint.id)
@@ -137,7 +146,7 @@ class Prober:
                 self._expire_load(old, now)
             target = self._new_target(endpoint)
             fresh[endpoint.id] = target
-            self._schedule_first(target, now)
+            self._schedule_first(target, now, spread=spread)
         self._targets = fresh
         self._wake()
 
@@ -243,21 +252,20 @@ class Prober:
                 target.port = url.port or (443 if url.scheme == "https" else 80)
         return target
 
-    def _schedule_first(self, target: _Target, now: float) -> None:
-        # Spread the first checks of a big snapshot over a few seconds instead of a burst.
+    def _schedule_first(self, target: _Target, now: float, *, spread: bool) -> None:
+        # Spread the first checks of the start-up snapshot instead of a burst; a later
+        # newcomer is checked now (max_concurrent_http still caps a large registration).
         s = self._settings
         if target.endpoint.health_url:
-            self._schedule(
-                target, CheckKind.HTTP, now + self._rng.uniform(0, min(s.interval_s, 5.0))
-            )
+            delay_s = self._rng.uniform(0, min(s.interval_s, s.first_check_spread_s))
+            self._schedule(target, CheckKind.HTTP, now + (delay_s if spread else 0.0))
             if s.liveness != "off" and target.host:
                 self._schedule(
                     target, CheckKind.LIVENESS, now + self._jittered(s.liveness_interval_s)
                 )
         if target.endpoint.metrics_url:
-            self._schedule(
-                target, CheckKind.METRICS, now + self._rng.uniform(0, s.metrics_interval_s)
-            )
+            delay_s = self._rng.uniform(0, s.metrics_interval_s)
+            self._schedule(target, CheckKind.METRICS, now + (delay_s if spread else 0.0))
 
     def _schedule(self, target: _Target, kind: CheckKind, due: float) -> None:
         generation = target.generation.get(kind, 0) + 1

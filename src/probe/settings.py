@@ -25,6 +25,10 @@ class ProbeSettings:
     # Each wait is shortened by up to this fraction at random, so probes of many endpoints
     # spread out instead of arriving together (Envoy's interval_jitter_percent).
     jitter_fraction: float = 0.1
+    # The first checks of the start-up snapshot (the first endpoint set the prober is given)
+    # are spread over up to this many seconds (at most interval_s), so a big fleet is not
+    # probed in one burst. Endpoints that join later are probed at once.
+    first_check_spread_s: float = 5.0
     # Envoy's thresholds: consecutive failures to become UNHEALTHY, consecutive successes to
     # become HEALTHY again.
     unhealthy_threshold: int = 3
@@ -96,6 +100,10 @@ class ProbeSettings:
             value = getattr(self, key)
             if not value > 0:
                 raise ConfigError(f"probe.{key}: {value!r}, must be > 0")
+        if not 0.0 <= self.first_check_spread_s <= 3600.0:
+            raise ConfigError(
+                f"probe.first_check_spread_s: {self.first_check_spread_s!r}, must be from 0 to 3600"
+            )
         if not 0.0 <= self.jitter_fraction < 1.0:
             raise ConfigError(f"probe.jitter_fraction: {self.jitter_fraction!r}, must be in [0, 1)")
         for key in ("unhealthy_threshold", "healthy_threshold", "max_concurrent_http"):

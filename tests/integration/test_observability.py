@@ -243,6 +243,25 @@ async def test_metrics_are_scraped_over_http_from_the_real_server(tmp_path):
     assert _value(samples, "decider_outcomes_total", result="success") == 2
     assert _value(samples, "decider_outcomes_total", result="error") == 1
     assert _value(samples, "decider_outcomes_unmatched_total") == 1
+    # Per endpoint: round robin over m-0 and m-1 chose each at least once in three.
+    chosen = [reply.endpoint.id for reply in replies]
+    for eid in ("m-0", "m-1"):
+        assert _value(
+            samples, "decider_endpoint_decisions_total", endpoint_id=eid, model="m"
+        ) == chosen.count(eid)
+    first, second = replies[0].endpoint.id, replies[1].endpoint.id
+    outcomes = "decider_endpoint_outcomes_total"
+    assert _value(samples, outcomes, endpoint_id=first, model="m", result="success") >= 1
+    # The unmatched outcome named m-0, a registered endpoint: counted for it too.
+    assert (
+        sum(
+            _value(samples, outcomes, endpoint_id=e, model="m", result=r) or 0
+            for e in ("m-0", "m-1")
+            for r in ("success", "error")
+        )
+        == 3
+    )
+    assert second in {"m-0", "m-1"}
     in_flight = sum(
         _value(samples, "decider_endpoint_in_flight", endpoint_id=f"m-{i}", model="m") or 0
         for i in range(2)
@@ -270,6 +289,28 @@ async def test_metrics_are_scraped_over_http_from_the_real_server(tmp_path):
         or 0
     ) >= 1
     assert any(name == "decider_build_info" for name, _ in samples)
+
+
+async def test_bounded_state_and_its_evictions_are_on_the_metrics(tmp_path):
+    doc = endpoints_doc("m", 2, routing={**ROUND_ROBIN, "max_pending_decisions": 5})
+    settings = make_settings(tmp_path, doc)
+    async with running(settings, metrics_listen="127.0.0.1:0") as srv:
+        assert srv.server.metrics_server is not None
+        url = f"http://127.0.0.1:{srv.server.metrics_server.port}/metrics"
+        for i in range(12):
+            await srv.decider.Decide(dpb.DecideRequest(model="m", session_id=f"s{i}"))
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            samples = _samples((await client.get(url)).text)
+        listing = await srv.registry.ListEndpoints(rpb.ListEndpointsRequest(model="m"))
+    pending = {"state": "pending_decisions"}
+    assert _value(samples, "decider_state_entries", **pending) == 5
+    assert _value(samples, "decider_state_limit", **pending) == 5
+    assert _value(samples, "decider_state_evictions_total", **pending) == 7
+    # The evicted decisions no longer count as in flight.
+    assert sum(s.in_flight for s in listing.statuses.values()) == 5
+    for state in ("sessions", "prefix_blocks", "tenant_buckets", "watch_events"):
+        assert _value(samples, "decider_state_limit", state=state), state
+        assert _value(samples, "decider_state_evictions_total", state=state) == 0
 
 
 async def test_a_deregistered_endpoint_leaves_the_metrics(tmp_path):
@@ -383,6 +424,33 @@ async def _decider(*args: str) -> tuple[int, str, str]:
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode if proc.returncode is not None else -1, out.decode(), err.decode()
+
+
+async def test_an_open_breaker_shows_its_reason_in_list_endpoints_and_decider_endpoints(
+    start_server,
+):
+    doc = endpoints_doc("m", 2, routing=ROUND_ROBIN, breaker={"consecutive_failures": 2})
+    async with start_server(doc) as srv:
+        for _ in range(2):
+            reply = await srv.decider.Decide(
+                dpb.DecideRequest(model="m", exclude_endpoint_ids=["m-1"])
+            )
+            await srv.decider.ReportOutcome(
+                dpb.ReportOutcomeRequest(
+                    decision_id=reply.decision_id, endpoint_id="m-0", result=dpb.RESULT_ERROR
+                )
+            )
+        listing = await srv.registry.ListEndpoints(rpb.ListEndpointsRequest(model="m"))
+        opened = listing.statuses["m-0"]
+        assert opened.breaker_state == epb.BREAKER_STATE_OPEN
+        assert opened.breaker_reason.startswith("breaker open for 30 s: ")
+        assert "2 consecutive failures" in opened.breaker_reason
+        assert listing.statuses["m-1"].breaker_reason == ""
+
+        code, out, err = await _decider("endpoints", "--target", srv.address)
+        assert code == 0, err
+        row = next(line for line in out.splitlines() if line.startswith("m-0"))
+        assert "open" in row.split() and opened.breaker_reason in row
 
 
 async def test_decider_endpoints_and_decide_commands_against_a_real_server(start_server):

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from decider.api.decide_path import INVALID_ARGUMENT, DecidePath
 from decider.api.errors import (
     abort,
     encoded_status,
@@ -18,18 +19,17 @@ from decider.api.errors import (
     status_for_refusal,
     unary,
 )
-from decider.api.ports import Clock, DecisionEngine, NullObserver, Observer
+from decider.api.ports import Clock, DecisionEngine, Observer
 from decider.api.wire import DecisionEncoder
 from decider.codec import convert, validate
-from decider.core.model import Decision, Refusal, Result
+from decider.core.model import Decision, Refusal
 from decider.errors import InvalidArgument
 from decider.obs.telemetry import Rpc, Tracing, traced, traced_stream
 from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2 as dpb
 
 Context = grpc.aio.ServicerContext[Any, Any]
-# The `result` label a Decide refused for a malformed request is counted under.
-INVALID_ARGUMENT = "invalid_argument"
+__all__ = ["INVALID_ARGUMENT", "SERVICE", "DeciderService", "add_to_server"]
 
 
 class DeciderService:
@@ -46,12 +46,9 @@ class DeciderService:
         observer: Observer | None = None,
         tracing: Tracing | None = None,
     ) -> None:
-        self._engine = engine
         self._hub = hub
-        self._clock = clock
-        # Called with the endpoint id when an outcome reports ERROR or TIMEOUT (prober.probe_soon).
-        self._on_failure = on_failure
-        self._observer: Observer = observer or NullObserver()
+        # Shared with the other adapters (the Envoy ext_proc processor): see `path`.
+        self.path = DecidePath(engine, clock=clock, observer=observer, on_failure=on_failure)
         # Read by @traced: one server span per call, continuing the caller's W3C trace.
         self.tracing = tracing or Tracing.disabled()
         self._encoder = DecisionEncoder()
@@ -74,13 +71,10 @@ class DeciderService:
         for a malformed request or a strategy name the engine does not know."""
         try:
             route = convert.checked_route_request(request)
-            started = time.perf_counter()
-            result = self._engine.decide(route, now=self._clock())
         except InvalidArgument:
-            self._observer.decide_rejected(INVALID_ARGUMENT)
+            self.path.rejected(INVALID_ARGUMENT)
             raise
-        self._observer.decided(route, result, elapsed_s=time.perf_counter() - started)
-        return result
+        return self.path.decide(route)
 
     @traced(Rpc.REPORT_OUTCOME)
     @unary
@@ -88,11 +82,7 @@ class DeciderService:
         self, request: dpb.ReportOutcomeRequest, context: Context
     ) -> dpb.ReportOutcomeResponse:
         validate.report_outcome_request(request)
-        outcome = convert.outcome_from_proto(request)
-        found = self._engine.record_outcome(outcome, now=self._clock())
-        self._observer.outcome_reported(outcome, decision_found=found)
-        if self._on_failure is not None and outcome.result in (Result.ERROR, Result.TIMEOUT):
-            self._on_failure(outcome.endpoint_id)
+        found = self.path.record_outcome(convert.outcome_from_proto(request))
         return dpb.ReportOutcomeResponse(decision_found=found)
 
     @traced_stream(Rpc.DECIDE_STREAM)

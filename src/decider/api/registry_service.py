@@ -14,6 +14,7 @@ from decider.api.ports import Clock, DecisionEngine
 from decider.codec import convert, validate
 from decider.obs.logs import log_registry_change
 from decider.obs.telemetry import Rpc, Tracing, annotate_endpoint, traced
+from decider.state.breaker_reasons import BreakerReasons
 from decider.state.probe_reports import ProbeReports
 from decider.state.registry import LocalMembership, Membership, Registry, validated
 from decider.v1 import registry_service_pb2 as rpb
@@ -30,6 +31,7 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         *,
         clock: Clock = time.monotonic,
         reports: ProbeReports | None = None,
+        breaker_reasons: BreakerReasons | None = None,
         tracing: Tracing | None = None,
         membership: Membership | None = None,
         health_note: Callable[[], str] | None = None,
@@ -43,6 +45,7 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         self._engine = engine
         self._clock = clock
         self._reports = reports or ProbeReports()
+        self._breaker_reasons = breaker_reasons or BreakerReasons()
         # Read by @traced: one server span per admin call.
         self.tracing = tracing or Tracing.disabled()
 
@@ -80,7 +83,10 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         validate.list_endpoints_request(request)
         annotate_endpoint(trace.get_current_span(), "", model=request.model)
         states = self._engine.endpoint_states(model=request.model, now=self._clock())
-        response = convert.list_response(sorted(states, key=lambda s: s.endpoint.id))
+        response = convert.list_response(
+            sorted(states, key=lambda s: s.endpoint.id),
+            breaker_reason=self._breaker_reasons.reason,
+        )
         note = self._health_note() if self._health_note is not None else ""
         if note:
             for status in response.statuses.values():

@@ -62,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
         help="log one line per Decide (off by default)",
     )
     serve.add_argument(
+        "--ext-proc-listen",
+        metavar="HOST:PORT",
+        help="serve Envoy's ext_proc endpoint-picker protocol on this address (docs/ENVOY.md)",
+    )
+    serve.add_argument(
+        "--ext-proc-single-endpoint",
+        action="store_true",
+        default=None,
+        help="name only the chosen endpoint, no fallbacks (for an ORIGINAL_DST cluster)",
+    )
+    serve.add_argument(
         "--port-file",
         metavar="PATH",
         help="once serving, write the bound port to PATH (useful with --listen HOST:0)",
@@ -128,6 +139,8 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "metrics_listen": args.metrics_listen,
         "log_level": args.log_level,
         "log_decisions": args.log_decisions,
+        "ext_proc_listen": args.ext_proc_listen,
+        "ext_proc_single_endpoint": args.ext_proc_single_endpoint,
     }
     path = args.config or os.environ.get("DECIDER_CONFIG") or None
     if args.demo and args.port_file:

@@ -110,13 +110,19 @@ def _endpoints(channel: grpc.Channel, args: argparse.Namespace, out: TextIO) -> 
                 _enum_name(epb.BreakerState, status.breaker_state, "BREAKER_STATE_"),
                 str(status.in_flight),
                 f"{latency_s * 1000:.0f} ms" if latency_s else "-",
-                status.health_reason or "-",
+                _reason(status),
             ]
         )
     _table(rows, out)
     if not reply.endpoints:
         print("(no endpoints" + (f" for model {args.model!r})" if args.model else ")"), file=out)
     return 0
+
+
+def _reason(status: epb.EndpointStatus) -> str:
+    """The health reason, and the breaker's while it is open or half-open."""
+    parts = [r for r in (status.health_reason, status.breaker_reason) if r]
+    return "; ".join(parts) or "-"
 
 
 def _decide(channel: grpc.Channel, args: argparse.Namespace, out: TextIO) -> int:

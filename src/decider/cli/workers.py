@@ -45,6 +45,11 @@ def check(workers: int, settings: Settings, *, demo: bool) -> None:
         return
     if demo:
         raise ConfigError("flag --workers: not supported with --demo (one process)")
+    if settings.ext_proc.listen:
+        raise ConfigError(
+            f"flag --workers {workers}: not supported with [ext_proc] listen yet (each worker "
+            "would bind the ext_proc port); run one process per ext_proc listener"
+        )
     if not settings.state.shared:
         raise ConfigError(
             f'flag --workers {workers}: needs [state] backend = "redis". With the memory '

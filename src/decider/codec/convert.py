@@ -303,7 +303,7 @@ def health_event_from_state(s: EndpointState) -> HealthEvent:
     )
 
 
-def endpoint_status_to_proto(s: EndpointState) -> epb.EndpointStatus:
+def endpoint_status_to_proto(s: EndpointState, *, breaker_reason: str = "") -> epb.EndpointStatus:
     status = epb.EndpointStatus(
         endpoint_id=s.endpoint.id,
         health=int(s.health),  # type: ignore[arg-type]
@@ -312,6 +312,7 @@ def endpoint_status_to_proto(s: EndpointState) -> epb.EndpointStatus:
         latency_ewma=to_duration(s.latency_ewma_s),
         health_reason=s.health_reason,
         source=s.endpoint.source,
+        breaker_reason=breaker_reason,
     )
     if s.load is not None:
         status.load.CopyFrom(load_to_proto(s.load))
@@ -322,8 +323,16 @@ def health_status_from_proto(value: int) -> HealthStatus:
     return HealthStatus(value) if value in HealthStatus._value2member_map_ else HealthStatus.UNKNOWN
 
 
-def list_response(states: list[EndpointState]) -> rpb.ListEndpointsResponse:
+def list_response(
+    states: list[EndpointState], *, breaker_reason: Callable[[str], str] | None = None
+) -> rpb.ListEndpointsResponse:
+    """`breaker_reason(endpoint_id)`: why that endpoint's breaker is not closed ("" if it is)."""
     return rpb.ListEndpointsResponse(
         endpoints=[endpoint_to_proto(s.endpoint) for s in states],
-        statuses={s.endpoint.id: endpoint_status_to_proto(s) for s in states},
+        statuses={
+            s.endpoint.id: endpoint_status_to_proto(
+                s, breaker_reason=breaker_reason(s.endpoint.id) if breaker_reason else ""
+            )
+            for s in states
+        },
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from decider.config.extproc import ExtProcSettings
 from decider.config.listen import parse_listen
 from decider.config.tls import TLSSettings
 from decider.core.model import Endpoint, MetricsKind
@@ -117,6 +118,8 @@ class Settings:
     probe: ProbeSettings
     # [state]: in this process ("memory") or shared through Redis.
     state: StateSettings = field(default_factory=StateSettings)
+    # [ext_proc]: Envoy's endpoint-picker protocol on a listener of its own.
+    ext_proc: ExtProcSettings = field(default_factory=ExtProcSettings)
     # Where the settings came from, for messages: the file path or "<defaults>".
     source: str = "<defaults>"
 
@@ -168,6 +171,8 @@ def load(
         doc = read_toml(path)
     problems = Problems()
     settings = _collect(doc, source, problems)
+    flags = dict(flags or {})
+    ext_proc = _ext_proc_flags(settings.ext_proc, flags, problems, (len(doc) + 2,))
     server_schema = schema(ServerSettings, **_SERVER_TABLE)
     tls_schema = schema(_TlsTable)
     changes: dict[str, Any] = {}
@@ -229,8 +234,28 @@ def load(
     # Checked whole once the environment and flags may have completed the table.
     server.tls.check()
     return replace(
-        settings, server=_with_token_file(server), state=settings.state.with_env(env or {})
+        settings,
+        server=_with_token_file(server),
+        ext_proc=ext_proc,
+        state=settings.state.with_env(env or {}),
     )
+
+
+def _ext_proc_flags(
+    ext_proc: ExtProcSettings, flags: dict[str, Any], problems: Problems, order: tuple[int, ...]
+) -> ExtProcSettings:
+    """--ext-proc-listen and --ext-proc-single-endpoint, taken out of `flags`."""
+    listen = flags.pop("ext_proc_listen", None)
+    if listen is not None:
+        try:
+            parse_listen(listen, name="flag --ext-proc-listen")
+        except ConfigError as exc:
+            problems.add(order, str(exc))
+        else:
+            ext_proc = replace(ext_proc, listen=listen)
+    if flags.pop("ext_proc_single_endpoint", None):
+        ext_proc = replace(ext_proc, fallbacks=False)
+    return ext_proc
 
 
 def _tls_values(tls: TLSSettings, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,6 +305,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8; tomllib decodes before parsing and lets this through.
+        raise ConfigError(
+            f"{path}: invalid TOML: not UTF-8 (byte {exc.start}: {exc.object[exc.start]:#04x})"
+        ) from exc
 
 
 def parse(doc: Mapping[str, Any], *, source: str = "<defaults>") -> Settings:
@@ -295,7 +325,7 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
     """Settings from a document, its problems added to `problems` (each starting with
     `source`); the result is only meaningful when no problem was added."""
     found = Problems()
-    known = {"server", "endpoints", "probe", "state", *ENGINE_TABLES}
+    known = {"server", "endpoints", "probe", "ext_proc", "state", *ENGINE_TABLES}
     for i, key in enumerate(doc):
         if key not in known:
             found.add((i,), f"{key}: unknown table or key (known: {', '.join(sorted(known))})")
@@ -322,13 +352,29 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
             state = StateSettings.parse(raw_state)
         except ConfigError as exc:
             found.extend(exc, where)
+    ext_proc = ExtProcSettings()
+    raw_ext_proc = doc.get("ext_proc", {})
+    where = (position(doc, "ext_proc"),)
+    if not isinstance(raw_ext_proc, Mapping):
+        found.add(where, f"ext_proc: {show(raw_ext_proc)}, must be a table")
+    else:
+        try:
+            ext_proc = ExtProcSettings.parse(raw_ext_proc)
+        except ConfigError as exc:
+            found.extend(exc, where)
     if found:
         try:
             found.raise_any()
         except ConfigErrors as exc:
             problems.extend(exc.prefixed(source), ())
     return Settings(
-        server=server, endpoints=endpoints, engine=engine, probe=probe, state=state, source=source
+        server=server,
+        endpoints=endpoints,
+        engine=engine,
+        probe=probe,
+        ext_proc=ext_proc,
+        state=state,
+        source=source,
     )
 
 

@@ -361,14 +361,6 @@ class ClientTLS:
             target, self.channel_credentials(), options=[*options, *self.channel_options()]
         )
 
-    def aio_channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        """An asyncio channel to `target`, plaintext unless TLS is active."""
-        if not self.active:
-            return grpc.aio.insecure_channel(target, options=list(options))
-        return grpc.aio.secure_channel(
-            target, self.channel_credentials(), options=[*options, *self.channel_options()]
-        )
-
 
 def _client_read(path: str, flag: str) -> bytes:
     if not path:

@@ -13,18 +13,29 @@ burst sharing a prefix lands together before the first request finishes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
+
+from decider.core.model import StateUsage
 
 
 class SessionTable:
     """session key -> (endpoint id, expiry), least recently used first.
 
     A plain dict kept in use order (a renewal deletes and re-inserts the key) costs less than half
-    the memory of an OrderedDict per session."""
+    the memory of an OrderedDict per session. Past `max_sessions` the least recently used eighth
+    is dropped at once, by rebuilding the dict: dropping one key at a time from the front of a
+    dict makes every later `next(iter())` walk the dead slots, about 300 us per new session at
+    100,000 (a rebuild costs about 8 slot copies per session admitted)."""
 
     def __init__(self, *, ttl_s: float, max_sessions: int) -> None:
         self._ttl_s = ttl_s
         self._max = max_sessions
         self._entries: dict[str, tuple[str, float]] = {}
+        # Sessions dropped by the size bound (not by their TTL).
+        self.evicted = 0
+
+    def usage(self) -> StateUsage:
+        return StateUsage(entries=len(self._entries), limit=self._max, evicted=self.evicted)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -42,23 +53,26 @@ class SessionTable:
         entries.pop(key, None)
         entries[key] = (endpoint_id, now + self._ttl_s)
         if len(entries) > self._max:
-            del entries[next(iter(entries))]
+            drop = len(entries) - self._max + self._max // 8
+            self._entries = dict(islice(entries.items(), drop, None))
+            self.evicted += drop
 
     def expire(self, now: float) -> int:
         """Drop expired sessions; the TTL is the same for all, so they are at the front."""
         entries = self._entries
-        expired = []
-        for key, (_, expires_at) in entries.items():
+        expired = 0
+        for _, expires_at in entries.values():
             if expires_at > now:
                 break
-            expired.append(key)
-        for key in expired:
-            del entries[key]
-        return len(expired)
+            expired += 1
+        if expired:
+            # One rebuild rather than deletions from the front (see the class docstring).
+            self._entries = dict(islice(entries.items(), expired, None))
+        return expired
 
 
-# The generation of a block only decisions still waiting for their outcome hold (generations
-# proper are 0 to 3): it survives rotations until the outcomes confirm or drop it.
+# The generation of a block only open decisions gave the endpoint (generations proper are 0 to
+# 3): it survives rotations until the outcomes confirm or drop it.
 _PENDING = 4
 
 
@@ -75,15 +89,27 @@ class _Blocks:
         self.current = 0
         # Blocks stamped with the current generation.
         self.fresh = 0
-        # Block -> number of open decisions that sent it here.
+        # Pending block -> open decisions that gave it; exactly the blocks whose generation is
+        # _PENDING (a block served already needs no count: the server holds it).
         self.pending: dict[int, int] = {}
 
 
 class PrefixIndex:
     def __init__(
-        self, *, blocks_per_endpoint: int, max_blocks_per_request: int, max_matches: int = 4
+        self,
+        *,
+        blocks_per_endpoint: int,
+        max_blocks_per_request: int,
+        max_matches: int = 4,
+        max_blocks: int = 500_000,
     ) -> None:
         self._half = max(1, blocks_per_endpoint // 2)
+        # Over every endpoint: past it, the endpoint holding the most blocks drops its older
+        # generation (the least recently served blocks of the biggest holder).
+        self._max_total = max_blocks
+        self._total = 0
+        # Blocks dropped by max_blocks (not by an endpoint's own rotation).
+        self.evicted = 0
         self._max_blocks = max_blocks_per_request
         self.max_blocks = max_blocks_per_request
         self._max_matches = max_matches
@@ -94,10 +120,14 @@ class PrefixIndex:
 
     @property
     def block_count(self) -> int:
-        return sum(len(b.gen) for b in self._blocks.values())
+        return self._total
+
+    def usage(self) -> StateUsage:
+        return StateUsage(entries=self._total, limit=self._max_total, evicted=self.evicted)
 
     def record(self, endpoint_id: str, hashes: Sequence[int]) -> None:
-        """The endpoint served a prompt with these prefix blocks; it now holds them."""
+        """The endpoint served a prompt with these prefix blocks; it now holds them (pending ones
+        among them become served)."""
         if not hashes:
             return
         blocks = self._blocks.get(endpoint_id)
@@ -105,22 +135,35 @@ class PrefixIndex:
             blocks = self._blocks[endpoint_id] = _Blocks()
         hashes = hashes[: self._max_blocks]
         gen = blocks.gen
+        pending = blocks.pending
         current = blocks.current
-        fresh = 0
+        fresh = added = 0
         for h in hashes:
-            if gen.get(h) != current:
+            g = gen.get(h)
+            if g != current:
+                if g == _PENDING:
+                    del pending[h]
+                elif g is None:
+                    added += 1
                 gen[h] = current
                 fresh += 1
         blocks.fresh += fresh
+        self._total += added
         self._anchor(endpoint_id, hashes)
         if blocks.fresh >= self._half:
             self._rotate(endpoint_id, blocks)
+        self._evict()
 
     def add_pending(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         """A decision just sent a prompt with these blocks to the endpoint. The server caches
         them when the prefill starts, long before the outcome arrives, so they match from now
         on: the next request with the same prefix follows this one instead of missing the
-        cache elsewhere. `confirm` or `drop` settles them when the outcome comes."""
+        cache elsewhere. `confirm` or `drop` settles them when the outcome comes.
+
+        Blocks the endpoint already holds are left as they are (one lookup each, the common
+        case): only new ones are counted, so a drop forgets exactly what open decisions alone
+        gave. The one approximation: a held block that rotates out while a decision for it is
+        open is forgotten at once, as if that decision had not sent it."""
         if not hashes:
             return
         blocks = self._blocks.get(endpoint_id)
@@ -129,39 +172,47 @@ class PrefixIndex:
         hashes = hashes[: self._max_blocks]
         gen = blocks.gen
         pending = blocks.pending
-        for h in hashes:
-            pending[h] = pending.get(h, 0) + 1
-            if h not in gen:
+        self._evict()
+        # Pending blocks cannot be evicted: with max_blocks reached, the rest of the prompt waits
+        # for its outcome to be indexed (confirm records it; drop skips blocks never added).
+        room = self._max_total - self._total
+        added = 0
+        for i, h in enumerate(hashes):
+            g = gen.get(h)
+            if g is None:
+                if added == room:
+                    hashes = hashes[:i]
+                    break
                 gen[h] = _PENDING
+                pending[h] = 1
+                added += 1
+            elif g == _PENDING:
+                pending[h] += 1
+        self._total += added
         self._anchor(endpoint_id, hashes)
 
     def confirm(self, endpoint_id: str, hashes: Sequence[int]) -> None:
-        """The pending decision succeeded on its endpoint: the blocks are held, as `record`."""
-        self._settle(endpoint_id, hashes)
+        """The pending decision succeeded on its endpoint: the blocks are served, as `record`."""
         self.record(endpoint_id, hashes)
 
     def drop(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         """The pending decision failed, timed out or was cancelled (or went elsewhere): blocks
         no other open decision or served prompt gives the endpoint are forgotten."""
-        self._settle(endpoint_id, hashes)
-
-    def _settle(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         blocks = self._blocks.get(endpoint_id)
-        if blocks is None or not hashes:
+        if blocks is None or not blocks.pending or not hashes:
             return
         gen = blocks.gen
         pending = blocks.pending
         for h in hashes[: self._max_blocks]:
-            count = pending.get(h)
-            if count is None:
-                continue
-            if count > 1:
-                pending[h] = count - 1
-                continue
-            del pending[h]
             if gen.get(h) == _PENDING:
-                del gen[h]
-                self._unanchor(h, endpoint_id)
+                count = pending[h]
+                if count > 1:
+                    pending[h] = count - 1
+                else:
+                    del pending[h]
+                    del gen[h]
+                    self._total -= 1
+                    self._unanchor(h, endpoint_id)
 
     def _anchor(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         anchors = self._anchors
@@ -180,21 +231,32 @@ class PrefixIndex:
                 holders[endpoint_id] = None
             d *= 2
 
+    def _evict(self) -> None:
+        """Past max_blocks, the endpoint holding the most drops its older generation."""
+        while self._total > self._max_total:
+            endpoint_id, blocks = max(self._blocks.items(), key=lambda item: len(item[1].gen))
+            before = self._total
+            self._rotate(endpoint_id, blocks)
+            if self._total == before:
+                # Every block was in the current generation: a second rotation drops them.
+                self._rotate(endpoint_id, blocks)
+            if self._total == before:
+                # Only pending blocks are left: they go when their decisions settle.
+                return
+            self.evicted += before - self._total
+
     def _rotate(self, endpoint_id: str, blocks: _Blocks) -> None:
         previous = blocks.current
         blocks.current = (previous + 1) % 4
         blocks.fresh = 0
         gen = blocks.gen
         # Blocks older than the generation just closed leave, and their anchors with them;
-        # those an open decision sent here stay, as pending.
-        pending = blocks.pending
+        # pending ones stay until their decisions settle.
         dropped = [h for h, g in gen.items() if g != previous and g != _PENDING]
         for h in dropped:
-            if h in pending:
-                gen[h] = _PENDING
-            else:
-                del gen[h]
-                self._unanchor(h, endpoint_id)
+            del gen[h]
+            self._unanchor(h, endpoint_id)
+        self._total -= len(dropped)
 
     def _unanchor(self, h: int, endpoint_id: str) -> None:
         anchors = self._anchors
@@ -213,6 +275,7 @@ class PrefixIndex:
         blocks = self._blocks.pop(endpoint_id, None)
         if blocks is None:
             return
+        self._total -= len(blocks.gen)
         for h in blocks.gen:
             self._unanchor(h, endpoint_id)
 

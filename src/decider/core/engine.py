@@ -29,6 +29,7 @@ from decider.core.model import (
     Result,
     RetryAdvice,
     RouteRequest,
+    StateUsage,
     make_decision,
 )
 from decider.core.pool import EMPTY_POOL, Pools
@@ -44,6 +45,8 @@ from decider.errors import InvalidArgument
 # How often tick() refreshes every endpoint's scores (stale load reports, quota refill) and each
 # model's latency reference.
 _REFRESH_EVERY_S = 1.0
+# How often tick() drops tenant buckets that have refilled (a bucket refills within a minute).
+_TENANT_SWEEP_S = 60.0
 # Fallbacks a request may ask for; more would only make decisions slower.
 _MAX_FALLBACKS = 16
 
@@ -132,6 +135,7 @@ class Engine:
             pool=EMPTY_POOL,
         )
         self._refresh_at = -math.inf
+        self._tenants_at = -math.inf
 
     @property
     def settings(self) -> EngineSettings:
@@ -244,7 +248,10 @@ class Engine:
         chosen = picked[0]
 
         # Accounting, inline: this is the hot path.
-        hashes = request.prefix_hashes
+        # Only the blocks the index records are kept with the open decision, and none once the
+        # open decisions hold their share (pending.py): then this prompt is neither pending nor
+        # indexed, so nothing is left for an outcome to settle.
+        hashes = self._pending.keepable(request.prefix_hashes[: self._index.max_blocks])
         decision_id = self._pending.record(chosen, request.tenant, tokens, hashes, now)
         if hashes:
             # The prompt's blocks count for the endpoint at once, as pending (affinity.py).
@@ -388,6 +395,10 @@ class Engine:
         self._sessions.expire(now)
         if now >= self._refresh_at:
             self._refresh(now)
+        if now >= self._tenants_at:
+            # A bucket refills within a minute: sweeping once a minute drops every idle one.
+            self._tenants_at = now + _TENANT_SWEEP_S
+            self._tenants.expire_tenants(now)
 
     def _expire(self, now: float) -> None:
         stats = self._stats
@@ -443,6 +454,15 @@ class Engine:
     @property
     def pending_decisions(self) -> int:
         return len(self._pending)
+
+    def state_usage(self) -> dict[str, StateUsage]:
+        """How full each piece of traffic-driven state is, and what its bound evicted."""
+        return {
+            "pending_decisions": self._pending.usage(),
+            "sessions": self._sessions.usage(),
+            "prefix_blocks": self._index.usage(),
+            "tenant_buckets": self._tenants.usage(),
+        }
 
     @property
     def session_count(self) -> int:

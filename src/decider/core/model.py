@@ -283,3 +283,15 @@ if FAST_DECISIONS:
         _set_skipped,
         _set_candidates,
     ) = (_slot_setter(name) for name in _DECISION_FIELDS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateUsage:
+    """How full one piece of traffic-driven state is, for /metrics."""
+
+    entries: int
+    # The size bound (its config key is documented with the owner).
+    limit: int
+    # Entries dropped early because the bound was reached (not the normal ending by outcome or
+    # TTL), since start.
+    evicted: int

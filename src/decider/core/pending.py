@@ -4,22 +4,34 @@ the last second, see stats.RECENT_TAU_S).
 
 A decision is recorded when it is made (its endpoint's in-flight count goes up), resolved when its
 outcome arrives, or expired `in_flight_timeout_s` later (the count goes down either way, so load
-never leaks when a gateway never reports).
+never leaks when a gateway never reports). At most `max_entries` wait at once: past that the
+oldest is evicted as if it had expired, so a gateway that never reports cannot grow memory
+however fast it asks.
+
+Per open decision: a dict slot keyed by a small int, a 4-tuple, and the request's prefix hashes
+(cut to what the prefix index records); tenant names are interned, so one string serves every
+decision of a tenant. About 160 bytes, plus about 50 bytes per prefix hash kept (measured with
+tracemalloc: 157 and 549 bytes with 0 and 8 hashes); the hashes kept over all open decisions
+are capped at 16 per entry on average, about 45 MB at the default bound.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
 from collections import deque
 from collections.abc import Iterator
 
+from decider.core.model import StateUsage
 from decider.core.stats import RECENT_TAU_S, EndpointStats
 
 # A decision waiting for its outcome: (chosen endpoint, tenant, estimated tokens, prefix hashes).
 # A plain tuple: one is built per decision, and a tuple costs a seventh of a slotted object.
 Pending = tuple[EndpointStats, str, int, tuple[int, ...]]
 
+# Prefix hashes kept per open decision on average, at most (see InMemoryPending._max_hashes).
+HASHES_PER_ENTRY = 16
 # Expiry resolution: a decision expires between the timeout and this much later.
 EXPIRY_BUCKET_S = 0.1
 
@@ -35,16 +47,31 @@ class InMemoryPending:
     __slots__ = (
         "_bucket_end",
         "_entries",
+        "_evicted_stats",
         "_expiry",
+        "_hashes",
+        "_max_entries",
+        "_max_hashes",
         "_prefix",
         "_prefix_len",
         "_seq",
         "_timeout_s",
+        "evicted",
         "next_expiry",
     )
 
-    def __init__(self, *, timeout_s: float, rng: random.Random) -> None:
+    def __init__(self, *, timeout_s: float, rng: random.Random, max_entries: int = 50_000) -> None:
         self._timeout_s = timeout_s
+        self._max_entries = max_entries
+        # Prefix hashes kept over every open decision, and the most that may be: past it a new
+        # decision keeps none (its blocks are not indexed when it succeeds), so long prompts
+        # cannot multiply the footprint the entry bound allows.
+        self._hashes = 0
+        self._max_hashes = HASHES_PER_ENTRY * max_entries
+        # Decisions forgotten early because max_entries were waiting.
+        self.evicted = 0
+        # Their endpoints, until expire() hands them to the engine.
+        self._evicted_stats: list[tuple[EndpointStats, tuple[int, ...]]] = []
         self._prefix = f"{rng.getrandbits(48):012x}-"
         self._prefix_len = len(self._prefix)
         self._seq = 0
@@ -57,6 +84,9 @@ class InMemoryPending:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def usage(self) -> StateUsage:
+        return StateUsage(entries=len(self._entries), limit=self._max_entries, evicted=self.evicted)
+
     def record(
         self, chosen: EndpointStats, tenant: str, tokens: int, hashes: tuple[int, ...], now: float
     ) -> str:
@@ -68,8 +98,11 @@ class InMemoryPending:
         )
         chosen.recent_at = now
         self._seq = seq = self._seq + 1
-        self._entries[seq] = (chosen, tenant, tokens, hashes)
-        if now < self._bucket_end:
+        hashes = self.keepable(hashes)
+        self._hashes += len(hashes)
+        entries = self._entries
+        entries[seq] = (chosen, sys.intern(tenant) if tenant else "", tokens, hashes)
+        if now < self._bucket_end and self._expiry:
             self._expiry[-1][2] = seq
         else:
             self._bucket_end = now + EXPIRY_BUCKET_S
@@ -77,12 +110,44 @@ class InMemoryPending:
             if not self._expiry:
                 self.next_expiry = expires_at
             self._expiry.append([expires_at, seq, seq])
+        if len(entries) > self._max_entries:
+            self._evict_oldest()
         return self._prefix + str(seq)
+
+    def keepable(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
+        """`hashes`, or () when keeping them would pass the open decisions' hash budget."""
+        return hashes if self._hashes + len(hashes) <= self._max_hashes else ()
+
+    def _evict_oldest(self) -> None:
+        """Forget the oldest open decision; its in-flight slot is released now, and its endpoint
+        handed to the engine by the next expire() (made due at once)."""
+        expiry = self._expiry
+        entries = self._entries
+        while expiry:
+            group = expiry[0]
+            seq = int(group[1])
+            if seq >= group[2]:
+                expiry.popleft()
+            else:
+                # Each sequence number is passed once: the cursor moves past it.
+                group[1] = seq + 1
+            entry = entries.pop(seq, None)
+            if entry is not None:
+                self._hashes -= len(entry[3])
+                self.evicted += 1
+                s = entry[0]
+                if s.in_flight > 0:
+                    s.in_flight -= 1
+                self._evicted_stats.append((s, entry[3]))
+                self.next_expiry = -math.inf
+                return
+        self.next_expiry = math.inf
 
     def resolve(self, decision_id: str) -> Pending | None:
         seq = self._seq_of(decision_id)
         entry = self._entries.pop(seq, None) if seq else None
         if entry is not None:
+            self._hashes -= len(entry[3])
             chosen = entry[0]
             if chosen.in_flight > 0:
                 chosen.in_flight -= 1
@@ -104,6 +169,10 @@ class InMemoryPending:
         a breaker trial, drop the pending blocks) before the next."""
         expiry = self._expiry
         entries = self._entries
+        if self._evicted_stats:
+            evicted, self._evicted_stats = self._evicted_stats, []
+            yield from evicted
+        self.next_expiry = expiry[0][0] if expiry else math.inf
         while expiry and expiry[0][0] <= now:
             _, first, last = expiry.popleft()
             self.next_expiry = expiry[0][0] if expiry else math.inf
@@ -111,6 +180,7 @@ class InMemoryPending:
                 entry = entries.pop(seq, None)
                 if entry is None:
                     continue
+                self._hashes -= len(entry[3])
                 s = entry[0]
                 if s.in_flight > 0:
                     s.in_flight -= 1

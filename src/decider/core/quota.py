@@ -9,8 +9,9 @@ debt, which later refill repays).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
-from decider.core.model import QuotaViolation
+from decider.core.model import QuotaViolation, StateUsage
 from decider.core.settings import QuotaSettings, TenantQuota
 
 
@@ -97,6 +98,13 @@ class _Pair:
         if self.tokens is not None and tokens:
             self.tokens.take(float(tokens), now)
 
+    def full(self, now: float) -> bool:
+        """Both buckets refilled: the pair is the same as a new one."""
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None and bucket.refill(now) < bucket.capacity:
+                return False
+        return True
+
     def headroom(self, now: float) -> float:
         share = 1.0
         if self.requests is not None:
@@ -107,27 +115,54 @@ class _Pair:
 
 
 class QuotaLedger:
-    """Owns every bucket: one pair per tenant with a limit, one per endpoint with a capacity."""
+    """Owns every bucket: one pair per tenant with a limit, one per endpoint with a capacity.
+
+    Tenant buckets are kept only for tenants with a limit, only while they carry something (a
+    refilled pair is the same as a new one: `expire_tenants` drops those), and at most
+    `max_tenants` of them: past that, refilled ones go first, then the oldest eighth."""
 
     def __init__(self, settings: QuotaSettings) -> None:
         self._settings = settings
-        self._tenants: dict[str, _Pair | None] = {}
+        self._tenants: dict[str, _Pair] = {}
         self._endpoints: dict[str, _Pair] = {}
+        self._max_tenants = settings.max_tenants
+        # Tenant buckets dropped by the size bound while still partly spent.
+        self.evicted = 0
 
     # -- tenants ---------------------------------------------------------------------------------
 
     def _tenant(self, tenant: str, now: float) -> _Pair | None:
-        try:
-            return self._tenants[tenant]
-        except KeyError:
-            limits = self._settings.for_tenant(tenant)
-            pair = (
-                _Pair(limits, now)
-                if limits.requests_per_minute or limits.tokens_per_minute
-                else None
-            )
-            self._tenants[tenant] = pair
+        pair = self._tenants.get(tenant)
+        if pair is not None:
             return pair
+        limits = self._settings.for_tenant(tenant)
+        if not (limits.requests_per_minute or limits.tokens_per_minute):
+            return None
+        if len(self._tenants) >= self._max_tenants:
+            self._shrink(now)
+        pair = self._tenants[tenant] = _Pair(limits, now)
+        return pair
+
+    def _shrink(self, now: float) -> None:
+        """Makes room for one more tenant."""
+        self.expire_tenants(now)
+        excess = len(self._tenants) + 1 - self._max_tenants
+        if excess > 0:
+            drop = excess + self._max_tenants // 8
+            self._tenants = dict(islice(self._tenants.items(), drop, None))
+            self.evicted += drop
+
+    def expire_tenants(self, now: float) -> int:
+        """Drops the buckets that have refilled; how many (O(tenants): the engine calls it about
+        once a minute, the time a bucket takes to refill)."""
+        kept = {t: pair for t, pair in self._tenants.items() if not pair.full(now)}
+        dropped = len(self._tenants) - len(kept)
+        if dropped:
+            self._tenants = kept
+        return dropped
+
+    def usage(self) -> StateUsage:
+        return StateUsage(entries=len(self._tenants), limit=self._max_tenants, evicted=self.evicted)
 
     def check_tenant(self, tenant: str, tokens: int, now: float) -> QuotaCheck | None:
         """None when the tenant may make a request estimated at `tokens`."""

@@ -40,8 +40,11 @@ class RoutingSettings:
     # Envoy's panic mode: when the usable share of a model's endpoints drops below this fraction,
     # route across all of them, ignoring health and breakers. 0 turns it off.
     panic_threshold: float = field(default=0.0, metadata=allowed(ge=0, le=1))
-    # A decision with no outcome stops counting as in flight after this long.
+    # A decision with no outcome stops counting as in flight after this long...
     in_flight_timeout_s: float = field(default=300.0, metadata=allowed(gt=0))
+    # ... or once this many newer decisions are waiting for theirs: the oldest is forgotten and
+    # its in-flight slot released, so a gateway that never reports cannot grow memory.
+    max_pending_decisions: int = field(default=50_000, metadata=allowed(ge=1))
     # How long an endpoint that answered RATE_LIMITED gets no new requests.
     rate_limited_cooldown_s: float = field(default=5.0, metadata=allowed(ge=0))
     # In-flight plus queued requests at which the load score is 0.5.
@@ -92,6 +95,10 @@ class QuotaSettings:
     # Applies to every tenant without its own [quotas.tenants.<name>] table, the "" tenant included.
     default: TenantQuota = TenantQuota()
     tenants: Mapping[str, TenantQuota] = field(default_factory=dict)
+    # Token buckets kept for tenants seen; beyond this the least recently charged are dropped
+    # (a dropped tenant starts again with a full bucket). Buckets that have refilled are
+    # dropped anyway: a full bucket is the same as a new one.
+    max_tenants: int = field(default=20_000, metadata=allowed(ge=1))
 
     def for_tenant(self, tenant: str) -> TenantQuota:
         return self.tenants.get(tenant, self.default)
@@ -101,8 +108,8 @@ class QuotaSettings:
 class AffinitySettings:
     # Sliding: every request of the session renews it.
     ttl_s: float = field(default=300.0, metadata=allowed(gt=0))
-    # The least recently used sessions are dropped beyond this.
-    max_sessions: int = field(default=1_000_000, metadata=allowed(ge=1))
+    # The least recently used sessions are dropped beyond this (the oldest eighth at a time).
+    max_sessions: int = field(default=100_000, metadata=allowed(ge=1))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +121,9 @@ class CacheSettings:
     max_blocks_per_request: int = field(default=1024, metadata=allowed(ge=1))
     # Endpoints whose cached prefix a decision looks at, deepest matches first.
     max_matches: int = field(default=4, metadata=allowed(ge=1))
+    # Blocks remembered over all endpoints; beyond it the endpoint holding the most forgets its
+    # older generation. 250,000 blocks are about 23 MB.
+    max_blocks: int = field(default=250_000, metadata=allowed(ge=2))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,9 +221,14 @@ def _parse_breaker(table: Any, problems: Problems, order: tuple[int, ...]) -> Br
 
 def _parse_quotas(table: Any, problems: Problems, order: tuple[int, ...]) -> QuotaSettings:
     path = "quotas"
-    values = schema(TenantQuota).validate(table, path, problems, order, skip=("tenants",))
+    values = schema(TenantQuota).validate(
+        table, path, problems, order, skip=("tenants", "max_tenants")
+    )
     if values is None:
         return QuotaSettings()
+    bounds = schema(QuotaSettings, exclude=("default", "tenants")).validate(
+        table, path, problems, order, skip=[k for k in table if k != "max_tenants"]
+    )
     default = TenantQuota(**values)
     tenants: dict[str, TenantQuota] = {}
     raw = table.get("tenants", {})
@@ -229,7 +244,7 @@ def _parse_quotas(table: Any, problems: Problems, order: tuple[int, ...]) -> Quo
             # A tenant table overrides only the keys it sets.
             own = {k: v for k, v in tenant.items() if k in tenant_table}
             tenants[name] = TenantQuota(**{**values, **own})
-    return QuotaSettings(default=default, tenants=MappingProxyType(tenants))
+    return QuotaSettings(default=default, tenants=MappingProxyType(tenants), **(bounds or {}))
 
 
 def _parse_plain(

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from decider.core.affinity import PrefixIndex, SessionTable
 from decider.core.breaker import BreakerTransition, CircuitBreakers
-from decider.core.model import BreakerState, Endpoint, HealthStatus, LoadReport
+from decider.core.model import BreakerState, Endpoint, HealthStatus, LoadReport, StateUsage
 from decider.core.pending import InMemoryPending, Pending
 from decider.core.quota import QuotaCheck, QuotaLedger
 from decider.core.settings import EngineSettings
@@ -48,12 +48,21 @@ class PendingDecisions(Protocol):
         """Open decisions."""
         ...
 
+    def usage(self) -> StateUsage:
+        """Open decisions, the most that may wait at once, and how many were evicted for it."""
+        ...
+
     def record(
         self, chosen: EndpointStats, tenant: str, tokens: int, hashes: tuple[int, ...], now: float
     ) -> str:
         """A decision for `chosen` was made: count it (in flight and recent) and return its new
         decision id.
         `tokens` is the estimate charged to the budgets; `hashes` are indexed on success."""
+        ...
+
+    def keepable(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
+        """The prefix hashes `record` would keep with a new decision: all of them, or none once
+        the open decisions hold their budget of hashes."""
         ...
 
     def resolve(self, decision_id: str) -> Pending | None:
@@ -63,7 +72,9 @@ class PendingDecisions(Protocol):
 
     def expire(self, now: float) -> Iterator[tuple[EndpointStats, tuple[int, ...]]]:
         """Forget the decisions older than the in-flight timeout, releasing their counts; yields
-        each one's endpoint and prefix hashes (in issue order) before going on to the next."""
+        each one's endpoint and prefix hashes (in issue order) before going on to the next. Also
+        yields those of decisions evicted by the size bound since the last call (their counts
+        are released when evicted; `next_expiry` is -inf while any wait)."""
         ...
 
 
@@ -120,6 +131,15 @@ class TenantBudgets(Protocol):
         """Take (or, negative, give back) requests and tokens from the tenant's budget."""
         ...
 
+    def expire_tenants(self, now: float) -> int:
+        """Drop the buckets of tenants whose budgets have refilled (the same as new ones); how
+        many."""
+        ...
+
+    def usage(self) -> StateUsage:
+        """Tenant buckets kept, their bound ([quotas] max_tenants) and evictions for it."""
+        ...
+
 
 class EndpointBudgets(Protocol):
     """Endpoints' own requests and tokens per minute (their registration's limits)."""
@@ -158,6 +178,10 @@ class Sessions(Protocol):
         """Drop expired bindings; how many."""
         ...
 
+    def usage(self) -> StateUsage:
+        """Bindings, their bound ([affinity] max_sessions) and evictions for it."""
+        ...
+
 
 class PrefixCache(Protocol):
     """Which endpoints hold which prefix blocks (chained hashes), approximately."""
@@ -194,6 +218,10 @@ class PrefixCache(Protocol):
         ...
 
     def matched(self, endpoint_id: str, hashes: Sequence[int]) -> int: ...
+
+    def usage(self) -> StateUsage:
+        """Blocks held, their bound ([cache] max_blocks) and blocks evicted for it."""
+        ...
 
 
 class LoadStats(Protocol):
@@ -261,7 +289,11 @@ class EngineState:
         ledger = QuotaLedger(settings.quotas)
         routing = settings.routing
         return cls(
-            pending=InMemoryPending(timeout_s=routing.in_flight_timeout_s, rng=rng),
+            pending=InMemoryPending(
+                timeout_s=routing.in_flight_timeout_s,
+                rng=rng,
+                max_entries=routing.max_pending_decisions,
+            ),
             breakers=CircuitBreakers(settings.breaker),
             tenant_budgets=ledger,
             endpoint_budgets=ledger,
@@ -272,6 +304,7 @@ class EngineState:
                 blocks_per_endpoint=settings.cache.blocks_per_endpoint,
                 max_blocks_per_request=settings.cache.max_blocks_per_request,
                 max_matches=settings.cache.max_matches,
+                max_blocks=settings.cache.max_blocks,
             ),
             stats=EndpointTable(decay_s=routing.latency_decay_s),
         )

@@ -17,7 +17,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -25,7 +25,7 @@ from wsgiref.types import StartResponse
 from wsgiref.types import WSGIApplication as WSGIApp
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 
 from decider import __version__
@@ -38,6 +38,7 @@ from decider.core.model import (
     RefusalKind,
     Result,
     RouteRequest,
+    StateUsage,
 )
 from decider.obs.plain_metrics import PlainCounter, PlainHistogram
 
@@ -59,6 +60,9 @@ class MetricName:
     DECISION_DURATION: Final = "decider_decision_duration_seconds"
     OUTCOMES: Final = "decider_outcomes_total"
     OUTCOMES_UNMATCHED: Final = "decider_outcomes_unmatched_total"
+    ENDPOINT_DECISIONS: Final = "decider_endpoint_decisions_total"
+    ENDPOINT_OUTCOMES: Final = "decider_endpoint_outcomes_total"
+    ENDPOINT_REQUEST_DURATION: Final = "decider_endpoint_request_duration_seconds"
     QUOTA_REJECTIONS: Final = "decider_quota_rejections_total"
     PROBES: Final = "decider_probes_total"
     PROBE_DURATION: Final = "decider_probe_duration_seconds"
@@ -70,6 +74,9 @@ class MetricName:
     ENDPOINT_QUEUE_DEPTH: Final = "decider_endpoint_queue_depth"
     ENDPOINT_KV_CACHE_UTILIZATION: Final = "decider_endpoint_kv_cache_utilization"
     WATCHERS: Final = "decider_watchers"
+    STATE_ENTRIES: Final = "decider_state_entries"
+    STATE_LIMIT: Final = "decider_state_limit"
+    STATE_EVICTIONS: Final = "decider_state_evictions_total"
     BUILD_INFO: Final = "decider_build_info"
 
 
@@ -89,6 +96,8 @@ DECISION_BUCKETS_S: Final = (
     0.05,
     0.1,
 )
+# Reported request latency of an LLM call: tens of milliseconds to minutes.
+REQUEST_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 PROBE_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # The `result` label: "ok", "explain", or the refusal kind in lower case.
@@ -134,6 +143,7 @@ def failure_label(result: ProbeResultLike) -> str:
 class _Snapshot:
     endpoints: tuple[EndpointState, ...]
     watchers: int | None
+    state: tuple[tuple[str, StateUsage], ...] = ()
 
 
 class _LiveState:
@@ -142,6 +152,7 @@ class _LiveState:
     def __init__(self) -> None:
         self.endpoint_states: Callable[[], Sequence[EndpointState]] | None = None
         self.watcher_count: Callable[[], int] | None = None
+        self.state_usage: list[Callable[[], Mapping[str, StateUsage]]] = []
         # Set by MetricsServer in the rendering thread's context: the snapshot taken on the loop.
         self.pinned: contextvars.ContextVar[_Snapshot | None] = contextvars.ContextVar(
             "decider_metrics_snapshot", default=None
@@ -150,9 +161,13 @@ class _LiveState:
     def snapshot(self) -> _Snapshot:
         states = self.endpoint_states
         watchers = self.watcher_count
+        usage: dict[str, StateUsage] = {}
+        for source in self.state_usage:
+            usage.update(source())
         return _Snapshot(
             endpoints=tuple(states()) if states is not None else (),
             watchers=watchers() if watchers is not None else None,
+            state=tuple(sorted(usage.items())),
         )
 
     def describe(self) -> Iterable[Metric]:
@@ -211,6 +226,27 @@ class _LiveState:
             watchers = GaugeMetricFamily(MetricName.WATCHERS, "Open WatchHealth streams.")
             watchers.add_metric([], snap.watchers)
             families.append(watchers)
+        entries = GaugeMetricFamily(
+            MetricName.STATE_ENTRIES,
+            "Entries held by state that grows with traffic (pending_decisions, sessions, "
+            "prefix_blocks, tenant_buckets, watch_events, span_queue).",
+            labels=["state"],
+        )
+        limit = GaugeMetricFamily(
+            MetricName.STATE_LIMIT,
+            "The size bound of that state (its config key).",
+            labels=["state"],
+        )
+        evictions = CounterMetricFamily(
+            MetricName.STATE_EVICTIONS,
+            "Entries dropped early because the state was at its bound.",
+            labels=["state"],
+        )
+        for name, usage in snap.state:
+            entries.add_metric([name], usage.entries)
+            limit.add_metric([name], usage.limit)
+            evictions.add_metric([name], usage.evicted)
+        families += [entries, limit, evictions]
         build = GaugeMetricFamily(
             MetricName.BUILD_INFO, "Decider version; always 1.", labels=["version"]
         )
@@ -249,6 +285,30 @@ class Metrics:
             [],
             registry=r,
         )
+        # Per endpoint, as Envoy keeps per host. Label values are registered endpoints only
+        # (outcomes naming any other id are not counted here), and a deregistered endpoint's
+        # series are dropped, so the series are bounded by the registry.
+        self._endpoint_decisions = PlainCounter(
+            MetricName.ENDPOINT_DECISIONS,
+            "Decisions that chose the endpoint (explain requests excluded).",
+            ["endpoint_id", "model"],
+            registry=r,
+        )
+        self._endpoint_outcomes = PlainCounter(
+            MetricName.ENDPOINT_OUTCOMES,
+            "Outcomes reported for the endpoint, by result.",
+            ["endpoint_id", "model", "result"],
+            registry=r,
+        )
+        self._endpoint_duration = PlainHistogram(
+            MetricName.ENDPOINT_REQUEST_DURATION,
+            "Request latency gateways reported for the endpoint (cancelled requests excluded).",
+            ["endpoint_id", "model"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        # Registered endpoint id -> model, kept by set_endpoints.
+        self._models: dict[str, str] = {}
         self._quota_rejections = PlainCounter(
             MetricName.QUOTA_REJECTIONS,
             "Decide calls refused because the tenant was over quota.",
@@ -287,6 +347,10 @@ class Metrics:
     def bind_watcher_count(self, source: Callable[[], int]) -> None:
         self._live.watcher_count = source
 
+    def add_state_usage(self, source: Callable[[], Mapping[str, StateUsage]]) -> None:
+        """A source of bounded-state figures, read at scrape time on the event loop thread."""
+        self._live.state_usage.append(source)
+
     # ---------------------------------------------------------------- hot path
 
     def record_decision(
@@ -299,6 +363,8 @@ class Metrics:
                 return
             self._decisions.inc((request.model, strategy, "ok"))
             self._decision_duration.observe((strategy,), elapsed_s)
+            endpoint = result.endpoint
+            self._endpoint_decisions.inc((endpoint.id, endpoint.model))
             return
         # A model nobody serves is not a label value: clients could mint unbounded series.
         model = "" if result.kind is RefusalKind.MODEL_NOT_FOUND else request.model
@@ -312,10 +378,32 @@ class Metrics:
         """A Decide that failed before the engine answered (e.g. a malformed request)."""
         self._decisions.inc(("", "", result))
 
-    def record_outcome(self, result: Result, *, decision_found: bool) -> None:
-        self._outcomes.inc((_OUTCOME_LABELS[result],))
+    def record_outcome(
+        self,
+        result: Result,
+        *,
+        decision_found: bool,
+        endpoint_id: str = "",
+        latency_s: float = 0.0,
+    ) -> None:
+        name = _OUTCOME_LABELS[result]
+        self._outcomes.inc((name,))
         if not decision_found:
             self._outcomes_unmatched.inc()
+        model = self._models.get(endpoint_id)
+        if model is None:
+            return
+        self._endpoint_outcomes.inc((endpoint_id, model, name))
+        if latency_s > 0.0 and result is not Result.CANCELLED:
+            self._endpoint_duration.observe((endpoint_id, model), latency_s)
+
+    def set_endpoints(self, models: dict[str, str]) -> None:
+        """The registered endpoints (id -> model) whose per-endpoint series may exist; the
+        series of any other id are dropped."""
+        for endpoint_id, model in self._models.items():
+            if models.get(endpoint_id) != model:
+                self._forget_endpoint_series(endpoint_id, model)
+        self._models = dict(models)
 
     # ---------------------------------------------------------------- prober
 
@@ -343,9 +431,18 @@ class Metrics:
             self.record_scrape_error(result.endpoint_id, reason=failure_label(result))
 
     def forget_endpoint(self, endpoint_id: str) -> None:
-        """Drops a deregistered endpoint's prober series, so churn does not grow the output."""
+        """Drops a deregistered endpoint's series, so churn does not grow the output."""
         for counter, labels in self._endpoint_series.pop(endpoint_id, ()):
             counter.remove(*labels)
+        model = self._models.pop(endpoint_id, None)
+        if model is not None:
+            self._forget_endpoint_series(endpoint_id, model)
+
+    def _forget_endpoint_series(self, endpoint_id: str, model: str) -> None:
+        self._endpoint_decisions.remove((endpoint_id, model))
+        self._endpoint_duration.remove((endpoint_id, model))
+        for name in _OUTCOME_LABELS.values():
+            self._endpoint_outcomes.remove((endpoint_id, model, name))
 
     # ---------------------------------------------------------------- exposition
 

@@ -106,6 +106,10 @@ class PlainHistogram:
         series[bisect_left(self._bounds, value)] += 1
         series[-1] += value
 
+    def remove(self, labels: Labels) -> None:
+        self._series.pop(labels, None)
+        self._created.pop(labels, None)
+
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
 

@@ -24,12 +24,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
+    SpanExportResult,
 )
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
@@ -51,7 +53,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from decider.core.model import Decision, Outcome, Refusal, RouteRequest
+from decider.core.model import Decision, Outcome, Refusal, RouteRequest, StateUsage
 from decider.errors import ConfigError
 from decider.obs.logs import log_decision
 from decider.obs.metrics import Metrics
@@ -185,6 +187,9 @@ class TracingSettings:
     otlp_headers: str = ""
     sampler: str = _DEFAULT_SAMPLER
     sampler_arg: float = 1.0
+    # Ended spans waiting for export (OTEL_BSP_MAX_QUEUE_SIZE); past it new spans are dropped,
+    # and counted, until the exporter catches up.
+    max_queue_size: int = 2048
 
     @property
     def enabled(self) -> bool:
@@ -247,6 +252,18 @@ class TracingSettings:
                     f"OTEL_TRACES_SAMPLER_ARG: {raw_arg!r}, must be a number from 0 to 1"
                 )
 
+        max_queue_size = 2048
+        raw_queue = get("OTEL_BSP_MAX_QUEUE_SIZE")
+        if raw_queue:
+            try:
+                max_queue_size = int(raw_queue)
+            except ValueError:
+                max_queue_size = 0
+            if not 1 <= max_queue_size <= 1_000_000:
+                raise ConfigError(
+                    f"OTEL_BSP_MAX_QUEUE_SIZE: {raw_queue!r}, must be an integer from 1 to 1000000"
+                )
+
         resource = _parse_resource_attributes(get("OTEL_RESOURCE_ATTRIBUTES"))
         service_name = get("OTEL_SERVICE_NAME") or resource.get("service.name") or "decider"
         return cls(
@@ -258,6 +275,7 @@ class TracingSettings:
             otlp_headers=get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
             or get("OTEL_EXPORTER_OTLP_HEADERS"),
             sampler=sampler,
+            max_queue_size=max_queue_size,
             sampler_arg=sampler_arg,
         )
 
@@ -448,6 +466,7 @@ class Tracing:
     __slots__ = (
         "_base_attributes",
         "_bound",
+        "_bounded",
         "_ids",
         "_parent_based",
         "_provider",
@@ -459,6 +478,7 @@ class Tracing:
         """`provider` must be built with a `_PresetIdGenerator`; from_env does that."""
         self._settings = settings
         self._provider = provider
+        self._bounded: tuple[BoundedSpanProcessor, ...] = ()
         self._tracer: trace.Tracer | None = None
         self._ids = _PresetIdGenerator()
         if provider is not None:
@@ -510,7 +530,22 @@ class Tracing:
             provider.add_span_processor(p)
         if install_global:
             trace.set_tracer_provider(provider)
-        return cls(settings, provider)
+        tracing = cls(settings, provider)
+        tracing._bounded = tuple(p for p in processors if isinstance(p, BoundedSpanProcessor))
+        return tracing
+
+    def state_usage(self) -> dict[str, StateUsage]:
+        """The export queue's fill, bound and dropped spans (empty when nothing is exported)."""
+        if not self._bounded:
+            return {}
+        usages = [p.usage() for p in self._bounded]
+        return {
+            "span_queue": StateUsage(
+                entries=sum(u.entries for u in usages),
+                limit=sum(u.limit for u in usages),
+                evicted=sum(u.evicted for u in usages),
+            )
+        }
 
     @property
     def enabled(self) -> bool:
@@ -596,7 +631,70 @@ def _processor_for(name: str, settings: TracingSettings, out: TextIO | None) -> 
         insecure=settings.otlp_insecure,
         headers=settings.otlp_headers or None,
     )
-    return BatchSpanProcessor(exporter)
+    return BoundedSpanProcessor(exporter, max_queue_size=settings.max_queue_size)
+
+
+class _CountingExporter(SpanExporter):
+    """Counts the spans handed to the exporter, exported or not (they have left the queue)."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+        self.done = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            return self._inner.export(spans)
+        finally:
+            self.done += len(spans)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class BoundedSpanProcessor(SpanProcessor):
+    """The SDK's BatchSpanProcessor, with its queue bound kept here so that what it drops is
+    counted: a sampled span that ends while `max_queue_size` spans wait for export is dropped
+    (the newest, where the SDK drops silently). The batch exporter empties the queue every
+    OTEL_BSP_SCHEDULE_DELAY (5 s) or when a batch is full: the bound in time."""
+
+    def __init__(self, exporter: SpanExporter, *, max_queue_size: int) -> None:
+        self._exporter = _CountingExporter(exporter)
+        # The SDK wants a batch no bigger than the queue (its default batch is 512 spans).
+        self._inner = BatchSpanProcessor(
+            self._exporter,
+            max_queue_size=max_queue_size,
+            max_export_batch_size=max_queue_size if max_queue_size < 512 else None,
+        )
+        self._max = max_queue_size
+        # on_end runs on the event loop; `done` moves on the exporter's thread (plain ints).
+        self._accepted = 0
+        self.evicted = 0
+
+    def on_start(self, span: SdkSpan, parent_context: otel_context.Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        if self._accepted - self._exporter.done >= self._max:
+            self.evicted += 1
+            return
+        self._accepted += 1
+        self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def usage(self) -> StateUsage:
+        waiting = max(0, self._accepted - self._exporter.done)
+        return StateUsage(entries=waiting, limit=self._max, evicted=self.evicted)
 
 
 _M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
@@ -759,4 +857,9 @@ class TelemetryObserver:
         if self._annotate:
             annotate_outcome(trace.get_current_span(), outcome, decision_found=decision_found)
         if self._metrics is not None:
-            self._metrics.record_outcome(outcome.result, decision_found=decision_found)
+            self._metrics.record_outcome(
+                outcome.result,
+                decision_found=decision_found,
+                endpoint_id=outcome.endpoint_id,
+                latency_s=outcome.latency_s,
+            )

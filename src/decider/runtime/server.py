@@ -29,6 +29,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from decider.api import decider_service, reflection
 from decider.api.decider_service import DeciderService
+from decider.api.extproc import SERVICE as EXT_PROC_SERVICE
+from decider.api.extproc.listener import ExtProcListener
 from decider.api.interceptors import (
     AdminClientInterceptor,
     AdminTokenInterceptor,
@@ -48,6 +50,7 @@ from decider.obs.logs import log_health_event
 from decider.obs.metrics import Metrics, MetricsServer
 from decider.obs.shared_metrics import SharedStateCollector
 from decider.obs.telemetry import TelemetryObserver, Tracing
+from decider.state.breaker_reasons import BreakerReasons
 from decider.state.fleet_probing import FleetProbing
 from decider.state.probe_reports import ProbeReports
 from decider.state.redis_link import LINK_ERRORS, RedisLink
@@ -109,6 +112,7 @@ class DeciderServer:
         else:
             store = EndpointStore(srv.data_dir) if srv.data_dir else None
             self.registry = Registry(settings.endpoints, store=store)
+        self.breaker_reasons = BreakerReasons()
         self.hub = WatchHub(
             self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
         )
@@ -144,6 +148,9 @@ class DeciderServer:
         self._on_membership(self.registry.snapshot())
         self.metrics.bind_endpoint_states(lambda: self.engine.endpoint_states(now=self._clock()))
         self.metrics.bind_watcher_count(lambda: self.hub.watcher_count)
+        self.metrics.add_state_usage(self.engine.state_usage)
+        self.metrics.add_state_usage(lambda: {"watch_events": self.hub.usage()})
+        self.metrics.add_state_usage(self.tracing.state_usage)
 
         self.admission = AdmissionInterceptor(max_concurrent=srv.max_concurrent_rpcs)
         chain: list[grpc.aio.ServerInterceptor] = [self.admission]
@@ -165,12 +172,19 @@ class DeciderServer:
             tracing=self.tracing,
         )
         decider_service.add_to_server(self._decider, self._server)
+        # [ext_proc] listen: Envoy's endpoint picker, through the same DecidePath as Decide.
+        self.ext_proc = (
+            ExtProcListener(self._decider.path, settings.ext_proc, tracing=self.tracing)
+            if settings.ext_proc.listen
+            else None
+        )
         rgrpc.add_RegistryServiceServicer_to_server(
             RegistryService(
                 self.registry,
                 self.engine,
                 clock=clock,
                 reports=self.probe_reports,
+                breaker_reasons=self.breaker_reasons,
                 tracing=self.tracing,
                 membership=membership,
                 health_note=self.link.health_note if self.link is not None else None,
@@ -189,6 +203,7 @@ class DeciderServer:
             self._server,
         )
         self.port = 0
+        self.ext_proc_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self._stop_now: asyncio.Future[None] | None = None
@@ -212,6 +227,19 @@ class DeciderServer:
         await self._server.start()
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.ext_proc is not None:
+            ext_proc_listen = self.settings.ext_proc.listen
+            try:
+                self.ext_proc_port = await self.ext_proc.start(
+                    ext_proc_listen,
+                    credentials=self.tls.grpc_credentials() if self.tls is not None else None,
+                )
+            except RuntimeError as exc:
+                raise ConfigError(
+                    _bind_failure(ext_proc_listen, "ext_proc.listen", str(exc))
+                ) from exc
+            await self.health.set(EXT_PROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ext_proc endpoint picker on %s", self.settings.ext_proc.listen)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]
         if self.prober is not None:
             self._tasks.append(asyncio.create_task(self.prober.run(), name="decider-prober"))
@@ -268,7 +296,10 @@ class DeciderServer:
         if self.fleet_probing is not None:
             # Hand the probing over now rather than when the lease runs out.
             await self.fleet_probing.release()
-        await self._server.stop(grace)
+        if self.ext_proc is not None:
+            await asyncio.gather(self.ext_proc.stop(grace), self._server.stop(grace))
+        else:
+            await self._server.stop(grace)
         for task in self._tasks:
             task.cancel()
         if self.prober is not None:
@@ -317,11 +348,13 @@ class DeciderServer:
         members = frozenset(e.id for e in endpoints)
         for gone in self._members - members:
             self.metrics.forget_endpoint(gone)
+        self.metrics.set_endpoints({e.id: e.model for e in endpoints})
         self._members = members
 
     def _on_event(self, event: HealthEvent) -> None:
         # Called by the engine mid-method: only enqueue (watch.py never blocks) and log.
         self.hub.publish(event)
+        self.breaker_reasons.observe(event)
         log_health_event(event)
 
     def _on_scrape_error(self, endpoint_id: str, reason: str) -> None:

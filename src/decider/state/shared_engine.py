@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from decider.core.breaker import BreakerTransition, CircuitBreakers
-from decider.core.model import BreakerState
+from decider.core.model import BreakerState, StateUsage
 from decider.core.pending import Pending
 from decider.core.quota import QuotaCheck, QuotaLedger
 from decider.core.state import EngineState, LoadStats, PendingDecisions, PrefixCache, Sessions
@@ -300,6 +300,9 @@ class SharedSessions:
     def __len__(self) -> int:
         return len(self._inner)
 
+    def usage(self) -> StateUsage:
+        return self._inner.usage()
+
     def get(self, key: str, now: float) -> str | None:
         return self._inner.get(key, now)
 
@@ -372,6 +375,9 @@ class SharedPrefixes:
     def matched(self, endpoint_id: str, hashes: Sequence[int]) -> int:
         return self._inner.matched(endpoint_id, hashes)
 
+    def usage(self) -> StateUsage:
+        return self._inner.usage()
+
     def _share(self, op: str, endpoint_id: str, hashes: Sequence[int]) -> None:
         if hashes:
             self._sync.queue("prefixes", [op, endpoint_id, list(hashes[: self._inner.max_blocks])])
@@ -398,6 +404,12 @@ class SharedBudgets:
     def charge_tenant(self, tenant: str, *, requests: int, tokens: int, now: float) -> None:
         self._inner.charge_tenant(tenant, requests=requests, tokens=tokens, now=now)
         self._sync.charge("t", tenant, requests, tokens)
+
+    def expire_tenants(self, now: float) -> int:
+        return self._inner.expire_tenants(now)
+
+    def usage(self) -> StateUsage:
+        return self._inner.usage()
 
     def set_endpoint_limits(
         self, endpoint_id: str, *, requests_per_minute: int, tokens_per_minute: int, now: float
@@ -475,6 +487,12 @@ class SharedLoad:
 
     def __len__(self) -> int:
         return len(self._inner)
+
+    def usage(self) -> StateUsage:
+        return self._inner.usage()
+
+    def keepable(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
+        return self._inner.keepable(hashes)
 
     def record(
         self, chosen: EndpointStats, tenant: str, tokens: int, hashes: tuple[int, ...], now: float

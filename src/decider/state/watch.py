@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from decider.core.model import HealthEvent
+from decider.core.model import HealthEvent, StateUsage
 from decider.errors import Overloaded
 
 # Snapshot of every endpoint of a model ("" = all), taken when a watcher needs one.
@@ -47,11 +47,17 @@ class Watcher:
         if self._resync:
             return
         if len(self._pending) >= self._queue_size:
+            # Too far behind: its queued events are dropped and a fresh snapshot replaces them.
+            self._hub.dropped += len(self._pending)
             self._pending.clear()
             self._resync = True
         else:
             self._pending.append(event)
         self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
 
     def close(self) -> None:
         self._closed = True
@@ -84,6 +90,17 @@ class WatchHub:
         self._max_watchers = max_watchers
         self._watchers: set[Watcher] = set()
         self._closed = False
+        # Events dropped from queues that overflowed (each such watcher got a snapshot instead).
+        self.dropped = 0
+
+    def usage(self) -> StateUsage:
+        """Events queued over every watcher, the most that can be (queue_size per watcher, at
+        most max_watchers of them) and the events dropped by overflows."""
+        return StateUsage(
+            entries=sum(w.queued for w in self._watchers),
+            limit=self._queue_size * self._max_watchers,
+            evicted=self.dropped,
+        )
 
     @property
     def watcher_count(self) -> int:

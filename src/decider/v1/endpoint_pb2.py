@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x65\x63ider/v1/endpoint.proto\x12\ndecider.v1\x1a\x1egoogle/protobuf/duration.proto\"\xf4\x03\n\x08\x45ndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nhealth_url\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x1a\n\x12\x63ost_per_1k_tokens\x18\x07 \x01(\x01\x12\x30\n\x06labels\x18\x08 \x03(\x0b\x32 .decider.v1.Endpoint.LabelsEntry\x12\x13\n\x0bmetrics_url\x18\t \x01(\t\x12-\n\x0cmetrics_kind\x18\n \x01(\x0e\x32\x17.decider.v1.MetricsKind\x12=\n\rprobe_headers\x18\x0b \x03(\x0b\x32&.decider.v1.Endpoint.ProbeHeadersEntry\x12\x15\n\rmax_in_flight\x18\x0c \x01(\r\x12\x1b\n\x13requests_per_minute\x18\r \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x0e \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11ProbeHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\nLoadReport\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x1c\n\x14kv_cache_utilization\x18\x03 \x01(\x01\"\x91\x02\n\x0e\x45ndpointStatus\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12(\n\x06health\x18\x02 \x01(\x0e\x32\x18.decider.v1.HealthStatus\x12/\n\rbreaker_state\x18\x03 \x01(\x0e\x32\x18.decider.v1.BreakerState\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12/\n\x0clatency_ewma\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rhealth_reason\x18\x06 \x01(\t\x12$\n\x04load\x18\x07 \x01(\x0b\x32\x16.decider.v1.LoadReport\x12\x0e\n\x06source\x18\x08 \x01(\t*\x90\x01\n\x0bMetricsKind\x12\x1c\n\x18METRICS_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14METRICS_KIND_GENERIC\x10\x01\x12\x15\n\x11METRICS_KIND_VLLM\x10\x02\x12\x17\n\x13METRICS_KIND_SGLANG\x10\x03\x12\x19\n\x15METRICS_KIND_LLAMACPP\x10\x04*\x9d\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03\x12\x1a\n\x16HEALTH_STATUS_DRAINING\x10\x04*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x42\x44ZBgithub.com/decider-dev/decider/clients/go/gen/decider/v1;deciderv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x65\x63ider/v1/endpoint.proto\x12\ndecider.v1\x1a\x1egoogle/protobuf/duration.proto\"\xf4\x03\n\x08\x45ndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nhealth_url\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x1a\n\x12\x63ost_per_1k_tokens\x18\x07 \x01(\x01\x12\x30\n\x06labels\x18\x08 \x03(\x0b\x32 .decider.v1.Endpoint.LabelsEntry\x12\x13\n\x0bmetrics_url\x18\t \x01(\t\x12-\n\x0cmetrics_kind\x18\n \x01(\x0e\x32\x17.decider.v1.MetricsKind\x12=\n\rprobe_headers\x18\x0b \x03(\x0b\x32&.decider.v1.Endpoint.ProbeHeadersEntry\x12\x15\n\rmax_in_flight\x18\x0c \x01(\r\x12\x1b\n\x13requests_per_minute\x18\r \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x0e \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11ProbeHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\nLoadReport\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x1c\n\x14kv_cache_utilization\x18\x03 \x01(\x01\"\xa9\x02\n\x0e\x45ndpointStatus\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12(\n\x06health\x18\x02 \x01(\x0e\x32\x18.decider.v1.HealthStatus\x12/\n\rbreaker_state\x18\x03 \x01(\x0e\x32\x18.decider.v1.BreakerState\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12/\n\x0clatency_ewma\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rhealth_reason\x18\x06 \x01(\t\x12$\n\x04load\x18\x07 \x01(\x0b\x32\x16.decider.v1.LoadReport\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x16\n\x0e\x62reaker_reason\x18\t \x01(\t*\x90\x01\n\x0bMetricsKind\x12\x1c\n\x18METRICS_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14METRICS_KIND_GENERIC\x10\x01\x12\x15\n\x11METRICS_KIND_VLLM\x10\x02\x12\x17\n\x13METRICS_KIND_SGLANG\x10\x03\x12\x19\n\x15METRICS_KIND_LLAMACPP\x10\x04*\x9d\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03\x12\x1a\n\x16HEALTH_STATUS_DRAINING\x10\x04*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x42\x44ZBgithub.com/decider-dev/decider/clients/go/gen/decider/v1;deciderv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDPOINT_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ENDPOINT_PROBEHEADERSENTRY']._loaded_options = None
   _globals['_ENDPOINT_PROBEHEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_METRICSKIND']._serialized_start=935
-  _globals['_METRICSKIND']._serialized_end=1079
-  _globals['_HEALTHSTATUS']._serialized_start=1082
-  _globals['_HEALTHSTATUS']._serialized_end=1239
-  _globals['_BREAKERSTATE']._serialized_start=1241
-  _globals['_BREAKERSTATE']._serialized_end=1365
+  _globals['_METRICSKIND']._serialized_start=959
+  _globals['_METRICSKIND']._serialized_end=1103
+  _globals['_HEALTHSTATUS']._serialized_start=1106
+  _globals['_HEALTHSTATUS']._serialized_end=1263
+  _globals['_BREAKERSTATE']._serialized_start=1265
+  _globals['_BREAKERSTATE']._serialized_end=1389
   _globals['_ENDPOINT']._serialized_start=74
   _globals['_ENDPOINT']._serialized_end=574
   _globals['_ENDPOINT_LABELSENTRY']._serialized_start=476
@@ -52,5 +52,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREPORT']._serialized_start=576
   _globals['_LOADREPORT']._serialized_end=656
   _globals['_ENDPOINTSTATUS']._serialized_start=659
-  _globals['_ENDPOINTSTATUS']._serialized_end=932
+  _globals['_ENDPOINTSTATUS']._serialized_end=956
 # @@protoc_insertion_point(module_scope)

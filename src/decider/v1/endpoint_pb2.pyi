@@ -252,6 +252,7 @@ class EndpointStatus(_message.Message):
     HEALTH_REASON_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    BREAKER_REASON_FIELD_NUMBER: _builtins.int
     endpoint_id: _builtins.str
     health: Global___HealthStatus.ValueType
     breaker_state: Global___BreakerState.ValueType
@@ -261,6 +262,10 @@ class EndpointStatus(_message.Message):
     """Why the endpoint has its health status (last probe result, breaker, staleness)."""
     source: _builtins.str
     """Where the endpoint came from: "config" or "registry"."""
+    breaker_reason: _builtins.str
+    """Why the circuit breaker is open or half-open (the transition that put it there, e.g.
+    "breaker open for 30 s: 5 consecutive failures (ejection 1)"); empty while closed.
+    """
     @_builtins.property
     def latency_ewma(self) -> _duration_pb2.Duration:
         """Exponentially weighted average of reported latency; zero when none reported."""
@@ -280,10 +285,11 @@ class EndpointStatus(_message.Message):
         health_reason: _builtins.str = ...,
         load: Global___LoadReport | None = ...,
         source: _builtins.str = ...,
+        breaker_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency_ewma", b"latency_ewma", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_state", b"breaker_state", "endpoint_id", b"endpoint_id", "health", b"health", "health_reason", b"health_reason", "in_flight", b"in_flight", "latency_ewma", b"latency_ewma", "load", b"load", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_reason", b"breaker_reason", "breaker_state", b"breaker_state", "endpoint_id", b"endpoint_id", "health", b"health", "health_reason", b"health_reason", "in_flight", b"in_flight", "latency_ewma", b"latency_ewma", "load", b"load", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -159,6 +159,16 @@ def test_missing_file_is_named(tmp_path):
     assert "absent.toml: cannot read config" in str(err.value)
 
 
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
+    # Found by fuzzing (fuzz/regressions/config/not-utf8): a traceback before.
+    path = tmp_path / "decider.toml"
+    path.write_bytes(b'[server]\nlisten = "\xff"\n')
+    with pytest.raises(
+        ConfigError, match=r"decider\.toml: invalid TOML: not UTF-8 \(byte 19: 0xff\)"
+    ):
+        config.load(path)
+
+
 def test_the_example_demo_config_is_the_embedded_one():
     root = Path(__file__).resolve().parents[3]
     embedded = config.load(root / "src/decider/defaults/demo.toml")

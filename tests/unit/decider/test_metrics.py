@@ -120,6 +120,37 @@ def test_outcomes_by_result_and_unmatched():
     assert sample(metrics, "decider_outcomes_unmatched_total") == 1
 
 
+def test_per_endpoint_decisions_outcomes_and_latency_for_registered_endpoints_only():
+    metrics = Metrics()
+    metrics.set_endpoints({"e1": "llama", "e2": "llama"})
+    for _ in range(2):
+        metrics.record_decision(RouteRequest(model="llama"), decision(), 0.0001)
+    metrics.record_decision(RouteRequest(model="llama", explain=True), decision(), 0.0001)
+    metrics.record_outcome(Result.SUCCESS, decision_found=True, endpoint_id="e1", latency_s=0.7)
+    metrics.record_outcome(Result.TIMEOUT, decision_found=True, endpoint_id="e1", latency_s=30.0)
+    metrics.record_outcome(Result.CANCELLED, decision_found=True, endpoint_id="e1", latency_s=9.0)
+    # A client can name any endpoint id: only registered ones become label values.
+    metrics.record_outcome(Result.ERROR, decision_found=False, endpoint_id="made-up", latency_s=1)
+    ids = {"endpoint_id": "e1", "model": "llama"}
+    assert sample(metrics, "decider_endpoint_decisions_total", **ids) == 2
+    outcomes = "decider_endpoint_outcomes_total"
+    assert sample(metrics, outcomes, **ids, result="success") == 1
+    assert sample(metrics, outcomes, **ids, result="timeout") == 1
+    assert sample(metrics, outcomes, **ids, result="cancelled") == 1
+    duration = "decider_endpoint_request_duration_seconds"
+    assert sample(metrics, f"{duration}_count", **ids) == 2
+    assert sample(metrics, f"{duration}_bucket", **ids, le="1.0") == 1
+    assert sample(metrics, f"{duration}_sum", **ids) == 30.7
+    assert "made-up" not in metrics.exposition().decode()
+
+    metrics.set_endpoints({"e2": "llama"})
+    text = metrics.exposition().decode()
+    assert 'endpoint_id="e1"' not in text
+    metrics.record_outcome(Result.SUCCESS, decision_found=False, endpoint_id="e2", latency_s=1)
+    metrics.forget_endpoint("e2")
+    assert 'endpoint_id="e2"' not in metrics.exposition().decode()
+
+
 def test_probe_results_latency_scrape_errors_and_forgetting_an_endpoint():
     metrics = Metrics()
     metrics.record_probe("e1", kind="http", healthy=True, latency_s=0.02)

@@ -7,13 +7,15 @@ import asyncio
 import contextlib
 import io
 import random
+import threading
 from typing import Any
 
 import grpc
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
@@ -28,11 +30,13 @@ from decider.core.model import (
     Result,
     RetryAdvice,
     RouteRequest,
+    StateUsage,
 )
 from decider.errors import ConfigError
 from decider.obs.metrics import Metrics
 from decider.obs.telemetry import (
     Attr,
+    BoundedSpanProcessor,
     Rpc,
     TelemetryObserver,
     Tracing,
@@ -214,6 +218,10 @@ def test_service_name_sampler_and_resource_attributes():
             "OTEL_RESOURCE_ATTRIBUTES: 'team', must be key=value",
         ),
         ({"OTEL_EXPORTER_OTLP_INSECURE": "maybe"}, "OTEL_EXPORTER_OTLP_INSECURE: 'maybe'"),
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "lots"},
+            "OTEL_BSP_MAX_QUEUE_SIZE: 'lots', must be an integer from 1 to 1000000",
+        ),
     ],
 )
 def test_bad_otel_values_name_the_variable_and_value(env, message):
@@ -664,3 +672,44 @@ async def test_a_stream_closed_early_is_not_an_error():
     assert finished.attributes is not None and finished.attributes["rpc.grpc.status_code"] == 0
     assert finished.status.status_code is StatusCode.UNSET
     assert not finished.events
+
+
+def test_the_export_queue_is_bounded_and_counts_what_it_drops():
+    release = threading.Event()
+
+    class StuckExporter(SpanExporter):
+        def __init__(self) -> None:
+            self.exported = 0
+
+        def export(self, spans):
+            release.wait(10)
+            self.exported += len(spans)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            release.set()
+
+    exporter = StuckExporter()
+    processor = BoundedSpanProcessor(exporter, max_queue_size=4)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    for _ in range(10):
+        tracer.start_span("s").end()
+    usage = processor.usage()
+    assert usage.limit == 4 and usage.entries == 4 and usage.evicted == 6
+    release.set()
+    processor.force_flush()
+    assert exporter.exported == 4
+    assert processor.usage().entries == 0
+    provider.shutdown()
+
+
+def test_otlp_export_goes_through_the_bounded_processor():
+    tracing = Tracing.from_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_BSP_MAX_QUEUE_SIZE": "16"}
+    )
+    try:
+        assert tracing.state_usage() == {"span_queue": StateUsage(entries=0, limit=16, evicted=0)}
+    finally:
+        tracing.shutdown()

@@ -61,6 +61,11 @@ async def test_overflow_drops_the_backlog_for_a_fresh_snapshot():
     hub.publish(_event("b", status=HealthStatus.UNHEALTHY))
     batch = await slow.next_batch()
     assert batch is not None and [e.endpoint_id for e in batch.events] == ["b"]
+    # Both watchers overflowed once (3 queued events dropped each) and were resynced.
+    usage = hub.usage()
+    assert usage.evicted == 6
+    assert usage.limit == 3 * 10_000
+    assert usage.entries == 0  # the fast watcher is due a snapshot, which will include "b"
 
 
 async def test_publish_never_waits_for_a_watcher():

@@ -17,6 +17,7 @@ from probe_fakes import (
 )
 
 from decider.core.model import HealthStatus, LoadReport, MetricsKind
+from decider.errors import ConfigError
 from probe import Prober, ProbeSettings
 
 H = HealthStatus
@@ -299,6 +300,39 @@ async def test_probe_soon_probes_at_once_and_coalesces():
     await run_until(prober, clock, clock.now + 2.0)
     assert sink.statuses("a") == [H.HEALTHY, H.UNHEALTHY]
     await prober.aclose()
+
+
+async def test_startup_snapshot_is_spread_and_later_newcomers_are_checked_at_once():
+    settings = ProbeSettings(liveness="off", first_check_spread_s=5.0)
+    prober, clock, sink, http, _ = make(settings, seed=3)
+    fleet = [endpoint(f"e{i}", 9000 + i) for i in range(50)]
+    for ep in fleet:
+        http.set(ep.health_url, ok)
+    start = clock.now
+    prober.set_endpoints(fleet)
+    first_due = prober.next_due()
+    assert first_due is not None and first_due > start
+    await run_until(prober, clock, start + 5.0)
+    # Every start-up check ran within the spread, not all at its start.
+    assert all(sink.statuses(ep.id) == [H.HEALTHY] for ep in fleet)
+
+    # Later: a new endpoint and a re-registered one (new health_url) are due now.
+    http.set(URL, ok)
+    http.set("http://127.0.0.1:9100/health", ok)
+    moved = endpoint("e0", 9100)
+    prober.set_endpoints([moved, *fleet[1:], endpoint()])
+    assert prober.next_due() == clock.now
+    await prober.run_due()
+    assert http.count(URL) == 1
+    assert http.count("http://127.0.0.1:9100/health") == 1
+    assert sink.statuses("a") == [H.HEALTHY]
+    await prober.aclose()
+
+
+@pytest.mark.parametrize("value", [-1, 3601, "soon"])
+def test_first_check_spread_must_be_a_number_from_0_to_3600(value):
+    with pytest.raises(ConfigError, match=r"probe\.first_check_spread_s"):
+        ProbeSettings.parse({"first_check_spread_s": value})
 
 
 async def test_removed_endpoint_is_no_longer_probed():

@@ -112,15 +112,33 @@ def test_pending_blocks_outlive_rotation_until_settled():
     assert idx.matches([1, 2, 3]) == {}
 
 
-def test_a_served_block_rotated_out_while_pending_stays_until_settled():
+def test_a_served_block_rotates_out_even_with_a_decision_open_for_it():
+    # Held blocks are not counted as pending (the common case costs one lookup per block): the
+    # index forgets one when its generation goes, and the decision's success records it again.
     idx = PrefixIndex(blocks_per_endpoint=10, max_blocks_per_request=1000)
     idx.record("a", [1, 2])
     idx.add_pending("a", [1, 2])
     for start in range(100, 200, 5):
         idx.record("a", list(range(start, start + 5)))
-    assert idx.matches([1, 2]) == {"a": 2}
-    idx.drop("a", [1, 2])
     assert idx.matches([1, 2]) == {}
+    idx.drop("a", [1, 2])
+    idx.confirm("a", [1, 2])
+    assert idx.matches([1, 2]) == {"a": 2}
+
+
+def test_a_served_pending_block_needs_no_settling():
+    idx = index()
+    idx.add_pending("a", [1, 2, 3])
+    idx.add_pending("a", [1, 2, 3])
+    idx.confirm("a", [1, 2, 3])
+    # The other decision fails: the blocks were served, so they stay.
+    idx.drop("a", [1, 2, 3])
+    assert idx.matches([1, 2, 3]) == {"a": 3}
+    # A success elsewhere serves the blocks there too.
+    idx.add_pending("b", [1, 2])
+    idx.record("b", [1, 2])
+    idx.drop("b", [1, 2])
+    assert idx.matches([1, 2]) == {"a": 2, "b": 2}
 
 
 def test_removing_an_endpoint_drops_its_pending_blocks():

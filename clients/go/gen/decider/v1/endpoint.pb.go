@@ -429,7 +429,10 @@ type EndpointStatus struct {
 	// Latest load report, when one is fresh.
 	Load *LoadReport `protobuf:"bytes,7,opt,name=load,proto3" json:"load,omitempty"`
 	// Where the endpoint came from: "config" or "registry".
-	Source        string `protobuf:"bytes,8,opt,name=source,proto3" json:"source,omitempty"`
+	Source string `protobuf:"bytes,8,opt,name=source,proto3" json:"source,omitempty"`
+	// Why the circuit breaker is open or half-open (the transition that put it there, e.g.
+	// "breaker open for 30 s: 5 consecutive failures (ejection 1)"); empty while closed.
+	BreakerReason string `protobuf:"bytes,9,opt,name=breaker_reason,json=breakerReason,proto3" json:"breaker_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -520,6 +523,13 @@ func (x *EndpointStatus) GetSource() string {
 	return ""
 }
 
+func (x *EndpointStatus) GetBreakerReason() string {
+	if x != nil {
+		return x.BreakerReason
+	}
+	return ""
+}
+
 var File_decider_v1_endpoint_proto protoreflect.FileDescriptor
 
 const file_decider_v1_endpoint_proto_rawDesc = "" +
@@ -555,7 +565,7 @@ const file_decider_v1_endpoint_proto_rawDesc = "" +
 	"\vqueue_depth\x18\x01 \x01(\rR\n" +
 	"queueDepth\x12\x18\n" +
 	"\arunning\x18\x02 \x01(\rR\arunning\x120\n" +
-	"\x14kv_cache_utilization\x18\x03 \x01(\x01R\x12kvCacheUtilization\"\xe6\x02\n" +
+	"\x14kv_cache_utilization\x18\x03 \x01(\x01R\x12kvCacheUtilization\"\x8d\x03\n" +
 	"\x0eEndpointStatus\x12\x1f\n" +
 	"\vendpoint_id\x18\x01 \x01(\tR\n" +
 	"endpointId\x120\n" +
@@ -565,7 +575,8 @@ const file_decider_v1_endpoint_proto_rawDesc = "" +
 	"\flatency_ewma\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\vlatencyEwma\x12#\n" +
 	"\rhealth_reason\x18\x06 \x01(\tR\fhealthReason\x12*\n" +
 	"\x04load\x18\a \x01(\v2\x16.decider.v1.LoadReportR\x04load\x12\x16\n" +
-	"\x06source\x18\b \x01(\tR\x06source*\x90\x01\n" +
+	"\x06source\x18\b \x01(\tR\x06source\x12%\n" +
+	"\x0ebreaker_reason\x18\t \x01(\tR\rbreakerReason*\x90\x01\n" +
 	"\vMetricsKind\x12\x1c\n" +
 	"\x18METRICS_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14METRICS_KIND_GENERIC\x10\x01\x12\x15\n" +
