@@ -45,3 +45,11 @@ def test_check() -> None:
         workers.check(2, shared, demo=True)
     with pytest.raises(ConfigError, match="flag --workers: 0, must be from 1 to 64"):
         workers.check(0, shared, demo=False)
+
+
+def test_check_refuses_an_ext_proc_listener() -> None:
+    settings = config.parse(
+        {"state": {"backend": "redis"}, "ext_proc": {"listen": "127.0.0.1:50061"}}
+    )
+    with pytest.raises(ConfigError, match="not supported with \\[ext_proc\\] listen"):
+        workers.check(2, settings, demo=False)
