@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools env shell run run-envoy test test-python test-go test-zig zig-deps lint lint-imports proto proto-check proto-go proto-go-check proto-c proto-c-check bench bench-decide-path bench-grpc bench-zig bench-tracing bench-idle-connections bench-envoy soak sim fuzz clean
+.PHONY: help install tools env shell redis-server run run-envoy test test-python test-go test-zig zig-deps lint lint-imports proto proto-check proto-go proto-go-check proto-c proto-c-check bench bench-decide-path bench-grpc bench-zig bench-tracing bench-idle-connections bench-envoy bench-scale soak sim fuzz clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers (needs python3 only)"
@@ -66,10 +66,15 @@ run: $(VENV)/.installed
 run-envoy: $(VENV)/.installed
 	VENV=$(VENV) examples/envoy/run_demo.sh
 
-test: install proto-check lint-imports test-python test-go test-zig
+test: install redis-server proto-check lint-imports test-python test-go test-zig
+
+# The shared-state tests start their own redis-server (Debian's package) on a free loopback port.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends redis-server; }
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
-test-python: install
+test-python: install redis-server
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The Go client's tests start the real decider from $(VENV) (skipped, saying so, only without it).
@@ -190,6 +195,12 @@ bench-tracing: install $(TOOLS)/bin/ghz
 # (about a minute): writes docs/BENCHMARKS.md's "Idle gateway connections". Never part of `make test`.
 bench-idle-connections: install
 	$(PY) bench/bench_idle_connections.py
+
+# Scale-out: Decide throughput with the memory and Redis backends and with 2 workers (ghz),
+# registry sync delay and probing-lease takeover between replicas (a few minutes). Writes
+# bench/results/scale.json and the bench-scale tables of docs/BENCHMARKS.md and docs/SCALING.md.
+bench-scale: install redis-server $(TOOLS)/bin/ghz
+	$(PY) -m bench.scale.bench_scale --ghz $(TOOLS)/bin/ghz
 
 $(TOOLS)/bin/decider-load: $(wildcard clients/go/cmd/decider-load/*.go)
 	cd clients/go && go build -o $(TOOLS)/bin/decider-load ./cmd/decider-load

@@ -9,13 +9,14 @@ event loop and hands back aio stubs instead.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from redis_server import RedisServer
 
 from decider import config
 from decider.config import Settings
@@ -82,3 +83,14 @@ def start_server(tmp_path: Path) -> StartServer:
         return running(make_settings(tmp_path / "data", doc, **server), interceptors=interceptors)
 
     return start
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port for this test; killable and restartable."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -132,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "SIMULATION.md")
     parser.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=4,
+        help="also spread requests over N replicas, sharing on and off (bench/sim/replicas.py;"
+        " 0 skips)",
+    )
     args = parser.parse_args(argv)
 
     default_name, available = known_strategies()
@@ -174,6 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         img_dir=None if args.no_write else args.img_dir,
     )
     print(text)
+    if args.replicas:
+        from bench.sim import replicas
+
+        body, _ = replicas.table(
+            seed=args.seed, scale=args.scale, replicas=args.replicas, jobs=args.jobs
+        )
+        print(body)
+        if not args.no_write:
+            replicas.write_section(args.out, body)
     workers = max(1, min(args.jobs, len(specs)))
     print(f"{len(specs)} runs in {elapsed:.1f} s of wall time with {workers} processes")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ from decider.obs.logs import log_registry_change
 from decider.obs.telemetry import Rpc, Tracing, annotate_endpoint, traced
 from decider.state.breaker_reasons import BreakerReasons
 from decider.state.probe_reports import ProbeReports
-from decider.state.registry import Registry, validated
+from decider.state.registry import LocalMembership, Membership, Registry, validated
 from decider.v1 import registry_service_pb2 as rpb
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 
@@ -32,8 +33,15 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         reports: ProbeReports | None = None,
         breaker_reasons: BreakerReasons | None = None,
         tracing: Tracing | None = None,
+        membership: Membership | None = None,
+        health_note: Callable[[], str] | None = None,
     ) -> None:
+        """`membership` takes the writes (default: `registry` itself, in this process);
+        `health_note()`, when not empty, is added to every health reason ListEndpoints shows
+        (the shared state being unreachable, say)."""
         self._registry = registry
+        self._membership = membership or LocalMembership(registry)
+        self._health_note = health_note
         self._engine = engine
         self._clock = clock
         self._reports = reports or ProbeReports()
@@ -49,7 +57,7 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         validate.register_endpoint_request(request)
         endpoint = validated(convert.endpoint_from_proto(request.endpoint), prefix="endpoint.")
         annotate_endpoint(trace.get_current_span(), endpoint.id, model=endpoint.model)
-        created = self._registry.register(endpoint)
+        created = await self._membership.register(endpoint)
         stored = self._registry.get(endpoint.id) or endpoint
         log_registry_change("registered" if created else "updated", stored)
         return rpb.RegisterEndpointResponse(
@@ -63,7 +71,7 @@ class RegistryService(rgrpc.RegistryServiceServicer):
     ) -> rpb.DeregisterEndpointResponse:
         validate.deregister_endpoint_request(request)
         annotate_endpoint(trace.get_current_span(), request.endpoint_id)
-        self._registry.deregister(request.endpoint_id)
+        await self._membership.deregister(request.endpoint_id)
         log_registry_change("deregistered", request.endpoint_id)
         return rpb.DeregisterEndpointResponse()
 
@@ -75,10 +83,15 @@ class RegistryService(rgrpc.RegistryServiceServicer):
         validate.list_endpoints_request(request)
         annotate_endpoint(trace.get_current_span(), "", model=request.model)
         states = self._engine.endpoint_states(model=request.model, now=self._clock())
-        return convert.list_response(
+        response = convert.list_response(
             sorted(states, key=lambda s: s.endpoint.id),
             breaker_reason=self._breaker_reasons.reason,
         )
+        note = self._health_note() if self._health_note is not None else ""
+        if note:
+            for status in response.statuses.values():
+                status.health_reason = f"{status.health_reason}; {note}".lstrip("; ")
+        return response
 
     @traced(Rpc.REPORT_PROBE_RESULTS)
     @unary

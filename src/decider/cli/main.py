@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from decider import __version__, config
-from decider.cli import tools
+from decider.cli import tools, workers
 from decider.config.tls import CertificateFiles
 from decider.errors import ConfigError
 from decider.obs import logs
@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         help="once serving, write the bound port to PATH (useful with --listen HOST:0)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N processes on one port (SO_REUSEPORT); needs [state] backend = redis",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--demo",
         action="store_true",
         help="serve the embedded example with local stand-in model servers (make run)",
@@ -90,13 +98,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
             return _check_config(args.file)
         if args.command in tools.COMMANDS:
             return tools.run(args)
-        return _serve(args)
+        return _serve(args, argv)
     except ConfigError as exc:
         print(f"decider: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -117,7 +126,7 @@ def _check_config(path: str) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     flags: dict[str, Any] = {
         "listen": args.listen,
         "admin_token": args.admin_token,
@@ -142,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = demo.load_settings(path, env=os.environ, flags=flags)
     else:
         settings = config.load(path, env=os.environ, flags=flags)
+    workers.check(args.workers, settings, demo=args.demo)
     # A bad OTEL_* value is a configuration error like any other: exit 2 before serving.
     from decider.obs.telemetry import Tracing
 
@@ -151,6 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.demo:
         event_loop.run(demo.run(settings, tracing=tracing), event_loop=settings.server.event_loop)
         return 0
+    if args.workers > 1:
+        return workers.supervise(argv, settings, workers=args.workers, port_file=args.port_file)
     from decider.runtime.server import serve
 
     on_ready = None
@@ -158,7 +170,13 @@ def _serve(args: argparse.Namespace) -> int:
         port_file = args.port_file
         on_ready = lambda server: _write_port_file(port_file, server.port)  # noqa: E731
     event_loop.run(
-        serve(settings, tracing=tracing, on_ready=on_ready), event_loop=settings.server.event_loop
+        serve(
+            settings,
+            tracing=tracing,
+            on_ready=on_ready,
+            reuse_port=args.worker_index is not None,
+        ),
+        event_loop=settings.server.event_loop,
     )
     return 0
 

@@ -25,6 +25,7 @@ from decider.core.settings import EngineSettings
 from decider.core.validation import ConfigErrors, Problems, allowed, position, schema, show
 from decider.errors import ConfigError
 from decider.state.registry import SOURCE_CONFIG, check_endpoint
+from decider.state.settings import StateSettings
 from probe import ProbeSettings
 
 ENGINE_TABLES = ("routing", "breaker", "quotas", "affinity", "cache")
@@ -115,6 +116,8 @@ class Settings:
     endpoints: tuple[Endpoint, ...]
     engine: EngineSettings
     probe: ProbeSettings
+    # [state]: in this process ("memory") or shared through Redis.
+    state: StateSettings = field(default_factory=StateSettings)
     # [ext_proc]: Envoy's endpoint-picker protocol on a listener of its own.
     ext_proc: ExtProcSettings = field(default_factory=ExtProcSettings)
     # Where the settings came from, for messages: the file path or "<defaults>".
@@ -230,7 +233,12 @@ def load(
     problems.raise_any()
     # Checked whole once the environment and flags may have completed the table.
     server.tls.check()
-    return replace(settings, server=_with_token_file(server), ext_proc=ext_proc)
+    return replace(
+        settings,
+        server=_with_token_file(server),
+        ext_proc=ext_proc,
+        state=settings.state.with_env(env or {}),
+    )
 
 
 def _ext_proc_flags(
@@ -317,7 +325,7 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
     """Settings from a document, its problems added to `problems` (each starting with
     `source`); the result is only meaningful when no problem was added."""
     found = Problems()
-    known = {"server", "endpoints", "probe", "ext_proc", *ENGINE_TABLES}
+    known = {"server", "endpoints", "probe", "ext_proc", "state", *ENGINE_TABLES}
     for i, key in enumerate(doc):
         if key not in known:
             found.add((i,), f"{key}: unknown table or key (known: {', '.join(sorted(known))})")
@@ -332,6 +340,16 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
     else:
         try:
             probe = ProbeSettings.parse(raw_probe)
+        except ConfigError as exc:
+            found.extend(exc, where)
+    state = StateSettings()
+    raw_state = doc.get("state", {})
+    where = (position(doc, "state"),)
+    if not isinstance(raw_state, Mapping):
+        found.add(where, f"state: {show(raw_state)}, must be a table")
+    else:
+        try:
+            state = StateSettings.parse(raw_state)
         except ConfigError as exc:
             found.extend(exc, where)
     ext_proc = ExtProcSettings()
@@ -355,6 +373,7 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
         engine=engine,
         probe=probe,
         ext_proc=ext_proc,
+        state=state,
         source=source,
     )
 

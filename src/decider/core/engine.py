@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from decider.core.accounting import Settlement
 from decider.core.model import (
@@ -375,6 +375,15 @@ class Engine:
         self._stats.record_load(s, load, now)
         self._scorer.rescore_load(s, now)
         self._pools.reorder(s)
+
+    def rescore_load(self, endpoint_ids: Iterable[str], *, now: float) -> None:
+        """In-flight counts changed outside a decision or outcome here (a shared state added
+        other replicas' counts): rescore those endpoints' load."""
+        for endpoint_id in endpoint_ids:
+            s = self._stats.get(endpoint_id)
+            if s is not None:
+                self._scorer.rescore_load(s, now)
+                self._pools.reorder(s)
 
     # -- housekeeping ----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import gc
 import logging
+import os
 import random
 import signal
 import socket
@@ -43,17 +44,23 @@ from decider.config.listen import parse_listen
 from decider.config.tls import CertificateFiles
 from decider.core.engine import Engine
 from decider.core.model import Endpoint, HealthEvent, HealthStatus
+from decider.core.state import EngineState
 from decider.errors import ConfigError
 from decider.obs.logs import log_health_event
 from decider.obs.metrics import Metrics, MetricsServer
+from decider.obs.shared_metrics import SharedStateCollector
 from decider.obs.telemetry import TelemetryObserver, Tracing
 from decider.state.breaker_reasons import BreakerReasons
+from decider.state.fleet_probing import FleetProbing
 from decider.state.probe_reports import ProbeReports
-from decider.state.registry import EndpointStore, Registry
+from decider.state.redis_link import LINK_ERRORS, RedisLink
+from decider.state.registry import EndpointStore, Membership, Registry
+from decider.state.shared_engine import SharedLoad, StateSync, shared_state
+from decider.state.shared_registry import SharedRegistry
 from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2, registry_service_pb2
 from decider.v1 import registry_service_pb2_grpc as rgrpc
-from probe import Prober
+from probe import HealthSink, Prober
 
 log = logging.getLogger("decider.server")
 
@@ -76,11 +83,13 @@ class DeciderServer:
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
         metrics_listen: str | None = None,
+        reuse_port: bool = False,
     ) -> None:
         """`observer` and `interceptors` are the telemetry seams: the observer sees every
         decision and outcome (default: spans, metrics and the decision log); the interceptors
         run after admission and the admin token. `tracing` is shut down by stop();
-        `metrics_listen` (default `[server] metrics_listen`) serves `metrics` on /metrics."""
+        `metrics_listen` (default `[server] metrics_listen`) serves `metrics` on /metrics.
+        `reuse_port`: one of `decider serve --workers N`, sharing the port with the others."""
         self.settings = settings
         self._clock = clock
         srv = settings.server
@@ -91,25 +100,48 @@ class DeciderServer:
         self.metrics_server: MetricsServer | None = None
         # Read (and checked) before anything else starts: a bad file is a start-up error.
         self.tls = CertificateFiles(srv.tls) if srv.tls.enabled else None
-        store = EndpointStore(srv.data_dir) if srv.data_dir else None
-        self.registry = Registry(settings.endpoints, store=store)
+        # [state] backend = "redis": registered endpoints live in Redis, shared by every
+        # replica; otherwise in this process (SQLite under data_dir, or memory).
+        self.link: RedisLink | None = None
+        membership: Membership | None = None
+        if settings.state.shared:
+            self.link = RedisLink(settings.state, replica_id=replica_id())
+            self.registry = Registry(settings.endpoints)
+            membership = SharedRegistry(self.registry, self.link)
+            self.metrics.registry.register(SharedStateCollector(self.link))
+        else:
+            store = EndpointStore(srv.data_dir) if srv.data_dir else None
+            self.registry = Registry(settings.endpoints, store=store)
         self.breaker_reasons = BreakerReasons()
         self.hub = WatchHub(
             self._health_snapshot, queue_size=srv.watch_queue_size, max_watchers=srv.max_watchers
         )
-        self.engine = Engine(settings.engine, rng=rng or random.Random(), on_event=self._on_event)
-        # [probe] embedded = false: a standalone decider-probe reports instead.
-        self.prober = (
-            Prober(
-                settings.probe,
-                self.engine,
+        rng = rng or random.Random()
+        # With a shared state, breakers, sessions, the prefix index and budgets are synced
+        # with the other replicas in the background (StateSync); Decide reads local copies.
+        self.sync: StateSync | None = None
+        self.shared_load: SharedLoad | None = None
+        state: EngineState | None = None
+        if self.link is not None:
+            self.sync = StateSync(self.link, clock=clock)
+            state, self.shared_load = shared_state(
+                EngineState.in_memory(settings.engine, rng=rng),
+                self.sync,
                 clock=clock,
-                on_result=self.metrics.record_probe_result,
-                on_scrape_error=self._on_scrape_error,
+                ttl_s=settings.engine.affinity.ttl_s,
+                replica_id=self.link.replica_id,
             )
-            if settings.probe.embedded
-            else None
-        )
+        self.engine = Engine(settings.engine, rng=rng, on_event=self._on_event, state=state)
+        if self.shared_load is not None:
+            self.shared_load.on_change = lambda ids, now: self.engine.rescore_load(ids, now=now)
+        # [probe] embedded = false: a standalone decider-probe reports instead. With a shared
+        # state, one replica of the fleet probes (FleetProbing holds its prober).
+        self.prober: Prober | None = None
+        self.fleet_probing: FleetProbing | None = None
+        if settings.probe.embedded and self.link is not None:
+            self.fleet_probing = FleetProbing(self.link, self.engine, self._new_prober, clock=clock)
+        elif settings.probe.embedded:
+            self.prober = self._new_prober(self.engine)
         self.probe_reports = ProbeReports()
         self._members: frozenset[str] = frozenset()
         self.registry.subscribe(self._on_membership)
@@ -127,12 +159,14 @@ class DeciderServer:
         if srv.tls.admin_client_names:
             chain.append(AdminClientInterceptor(srv.tls.admin_client_names))
         chain.extend(interceptors)
-        self._server = grpc.aio.server(interceptors=chain, options=grpc_options(srv))
+        self._server = grpc.aio.server(
+            interceptors=chain, options=grpc_options(srv, reuse_port=reuse_port)
+        )
         self._decider = DeciderService(
             self.engine,
             self.hub,
             clock=clock,
-            on_failure=self.prober.probe_soon if self.prober is not None else None,
+            on_failure=self._probe_soon_callback(),
             observer=observer
             or TelemetryObserver(self.metrics, annotate_spans=self.tracing.enabled),
             tracing=self.tracing,
@@ -152,6 +186,8 @@ class DeciderServer:
                 reports=self.probe_reports,
                 breaker_reasons=self.breaker_reasons,
                 tracing=self.tracing,
+                membership=membership,
+                health_note=self.link.health_note if self.link is not None else None,
             ),
             self._server,
         )
@@ -183,6 +219,11 @@ class DeciderServer:
         except RuntimeError as exc:
             # grpc says only "Failed to bind"; binding once more ourselves says why.
             raise ConfigError(_bind_failure(listen, "server.listen", str(exc))) from exc
+        if self.link is not None:
+            # The fleet's registry before the first decision; if Redis is down, start from
+            # the config endpoints and catch up when it answers (run() keeps trying).
+            with contextlib.suppress(*LINK_ERRORS):
+                await self.link.reconcile()
         await self._server.start()
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -202,6 +243,14 @@ class DeciderServer:
         self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]
         if self.prober is not None:
             self._tasks.append(asyncio.create_task(self.prober.run(), name="decider-prober"))
+        if self.link is not None:
+            self._tasks.append(asyncio.create_task(self.link.run(), name="decider-shared-state"))
+        if self.fleet_probing is not None:
+            self._tasks.append(asyncio.create_task(self.fleet_probing.run(), name="decider-fleet"))
+        if self.sync is not None:
+            self._tasks.append(asyncio.create_task(self.sync.run(), name="decider-state-sync"))
+        if self.shared_load is not None:
+            self._tasks.append(asyncio.create_task(self.shared_load.run(), name="decider-load"))
         if self._metrics_address is not None:
             host, port = self._metrics_address
             self.metrics_server = MetricsServer(
@@ -244,6 +293,9 @@ class DeciderServer:
         await self.health.enter_graceful_shutdown()
         self.hub.close()
         self._decider.drain()
+        if self.fleet_probing is not None:
+            # Hand the probing over now rather than when the lease runs out.
+            await self.fleet_probing.release()
         if self.ext_proc is not None:
             await asyncio.gather(self.ext_proc.stop(grace), self._server.stop(grace))
         else:
@@ -257,6 +309,8 @@ class DeciderServer:
                 await task
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        if self.link is not None:
+            await self.link.aclose()
         self.registry.close()
         # Flushes spans still queued; the exporter blocks, so off the event loop.
         await asyncio.to_thread(self.tracing.shutdown)
@@ -270,10 +324,26 @@ class DeciderServer:
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
+    def _new_prober(self, sink: HealthSink) -> Prober:
+        return Prober(
+            self.settings.probe,
+            sink,
+            clock=self._clock,
+            on_result=self.metrics.record_probe_result,
+            on_scrape_error=self._on_scrape_error,
+        )
+
+    def _probe_soon_callback(self) -> Callable[[str], None] | None:
+        if self.fleet_probing is not None:
+            return self.fleet_probing.probe_soon
+        return self.prober.probe_soon if self.prober is not None else None
+
     def _on_membership(self, endpoints: Sequence[Endpoint]) -> None:
         self.engine.set_endpoints(endpoints, now=self._clock())
         if self.prober is not None:
             self.prober.set_endpoints(endpoints)
+        if self.fleet_probing is not None:
+            self.fleet_probing.set_endpoints(endpoints)
         self.probe_reports.retain({e.id for e in endpoints})
         members = frozenset(e.id for e in endpoints)
         for gone in self._members - members:
@@ -309,13 +379,19 @@ class DeciderServer:
                 log.exception("engine tick failed")
 
 
-def grpc_options(srv: ServerSettings) -> list[tuple[str, Any]]:
-    """Channel arguments of the gRPC server: message limits, keepalive and connection age."""
+def replica_id() -> str:
+    """This process's name in the shared state: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def grpc_options(srv: ServerSettings, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """Channel arguments of the gRPC server: message limits, keepalive and connection age.
+    `reuse_port`: one of `decider serve --workers N`, sharing the port with the others."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", srv.max_message_bytes),
         ("grpc.max_send_message_length", srv.max_message_bytes),
-        # Two servers must never share a port by accident.
-        ("grpc.so_reuseport", 0),
+        # Two servers must never share a port by accident; workers share one on purpose.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_time_ms", _ms(srv.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", _ms(srv.keepalive_timeout_s)),
         # The timeout chttp2 puts on the ping it sends (60 s by default, whatever the keepalive
@@ -368,9 +444,16 @@ async def serve(
     observer: Observer | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tracing: Tracing | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serves until `shutdown_trigger` returns; without one, until SIGTERM or SIGINT."""
-    server = DeciderServer(settings, observer=observer, interceptors=interceptors, tracing=tracing)
+    server = DeciderServer(
+        settings,
+        observer=observer,
+        interceptors=interceptors,
+        tracing=tracing,
+        reuse_port=reuse_port,
+    )
     try:
         await server.start()
     except BaseException:

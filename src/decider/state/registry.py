@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from decider.core.model import Endpoint, MetricsKind
 from decider.errors import (
@@ -42,6 +42,29 @@ MAX_WEIGHT = 10_000
 
 Snapshot = tuple[Endpoint, ...]
 Listener = Callable[[Snapshot], None]
+
+
+class Membership(Protocol):
+    """What RegistryService writes through: this process's registry, or the shared one."""
+
+    async def register(self, endpoint: Endpoint) -> bool:
+        """Adds or replaces an endpoint; True when the id was new. Stored before returning."""
+        ...
+
+    async def deregister(self, endpoint_id: str) -> None: ...
+
+
+class LocalMembership:
+    """Membership of this process alone (the SQLite store, or memory)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    async def register(self, endpoint: Endpoint) -> bool:
+        return self._registry.register(endpoint)
+
+    async def deregister(self, endpoint_id: str) -> None:
+        self._registry.deregister(endpoint_id)
 
 
 def check_endpoint(endpoint: Endpoint) -> list[FieldViolation]:
@@ -165,6 +188,26 @@ class Registry:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+    # Changes already stored elsewhere (the shared store): applied here, never written back.
+
+    def apply_put(self, endpoint: Endpoint) -> None:
+        endpoint = _with_source(endpoint, SOURCE_REGISTRY)
+        if self._registered.get(endpoint.id) != endpoint:
+            self._registered[endpoint.id] = endpoint
+            self._publish()
+
+    def apply_delete(self, endpoint_id: str) -> None:
+        if self.get(endpoint_id) is not None:
+            self._registered.pop(endpoint_id, None)
+            self._config.pop(endpoint_id, None)
+            self._publish()
+
+    def replace_registered(self, endpoints: Iterable[Endpoint]) -> None:
+        registered = {e.id: _with_source(e, SOURCE_REGISTRY) for e in endpoints}
+        if registered != self._registered:
+            self._registered = registered
+            self._publish()
 
     def _rebuild(self) -> None:
         merged = dict(self._config)

@@ -1,0 +1,164 @@
+"""A process's one link to the shared Redis: the client, key names, pub/sub and up/down.
+
+Everything shared goes through here. Subscribers register a channel handler and a reconcile
+hook; `run()` keeps one pub/sub connection, calls every reconcile hook after each (re)connect
+(subscribe first, then read the full state, so no change falls between the two) and hands
+each message to its handler on the event loop. Any Redis error marks the link down (logged
+once, with its cause, and counted); the next successful exchange marks it up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from decider.errors import StorageUnavailable
+from decider.state.settings import StateSettings
+
+log = logging.getLogger("decider.state")
+
+Handler = Callable[[bytes], None]
+Reconcile = Callable[[], Awaitable[None]]
+StatusListener = Callable[[bool, str], None]
+# Errors that mean "Redis is not answering": Redis' own, and sockets failing under it.
+LINK_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+
+_RECONNECT_MIN_S = 0.05
+_RECONNECT_MAX_S = 1.0
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class RedisLink:
+    def __init__(self, settings: StateSettings, *, replica_id: str) -> None:
+        self.settings = settings
+        self.replica_id = replica_id
+        self.client: aioredis.Redis = aioredis.from_url(
+            settings.url,
+            socket_connect_timeout=settings.connect_timeout_ms / 1000,
+            socket_timeout=settings.command_timeout_ms / 1000,
+            # One quick retry covers a connection Redis closed while idle; more would hold an
+            # admin call for seconds when Redis is really down.
+            retry=Retry(NoBackoff(), 1),
+            client_name=f"decider:{replica_id}"[:100].replace(" ", "_"),
+        )
+        self.up = False
+        self.cause = "not connected yet"
+        self.failures = 0
+        self._handlers: dict[str, Handler] = {}
+        self._reconciles: list[Reconcile] = []
+        self._listeners: list[StatusListener] = []
+
+    def key(self, name: str) -> str:
+        return self.settings.key_prefix + name
+
+    def subscribe(self, channel: str, handler: Handler) -> None:
+        """`handler` gets each message's payload on `key(channel)`; call before `run()`."""
+        self._handlers[self.key(channel)] = handler
+
+    def on_connect(self, reconcile: Reconcile) -> None:
+        """`reconcile` reads the full shared state after every (re)connect."""
+        self._reconciles.append(reconcile)
+
+    def on_status(self, listener: StatusListener) -> None:
+        """`listener(up, cause)` after every change between up and down."""
+        self._listeners.append(listener)
+
+    def mark_up(self) -> None:
+        if self.up:
+            return
+        self.up, self.cause = True, ""
+        log.info("shared state reachable at %s", self.settings.redacted_url())
+        for listener in self._listeners:
+            listener(True, "")
+
+    def mark_down(self, exc: BaseException) -> None:
+        self.failures += 1
+        cause = describe(exc)
+        if not self.up and self.cause == cause:
+            return
+        self.up, self.cause = False, cause
+        log.warning(
+            "shared state unreachable at %s (%s): deciding from local state until it returns",
+            self.settings.redacted_url(),
+            cause,
+        )
+        for listener in self._listeners:
+            listener(False, cause)
+
+    def health_note(self) -> str:
+        """What health reasons say while Redis is down; empty while it answers."""
+        if self.up:
+            return ""
+        return f"shared state unreachable ({self.cause}): this replica decides from its local state"
+
+    def unavailable(self, exc: BaseException, *, doing: str) -> StorageUnavailable:
+        """The error for a write that failed: marks the link down and names the cause."""
+        self.mark_down(exc)
+        return StorageUnavailable(
+            f"shared state at {self.settings.redacted_url()} is unavailable ({describe(exc)}); "
+            f"{doing} was not applied, retry when it is back"
+        )
+
+    async def reconcile(self) -> None:
+        """Runs every reconcile hook once; raises on a Redis error (marking the link down)."""
+        try:
+            for hook in self._reconciles:
+                await hook()
+        except LINK_ERRORS as exc:
+            self.mark_down(exc)
+            raise
+        self.mark_up()
+
+    async def run(self) -> None:
+        """Keeps the subscription alive until cancelled, reconnecting with backoff."""
+        backoff_s = _RECONNECT_MIN_S
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                if self._handlers:
+                    await pubsub.subscribe(*self._handlers)
+                await self.reconcile()
+                backoff_s = _RECONNECT_MIN_S
+                while True:
+                    if not self._handlers:
+                        await self.client.ping()
+                        await asyncio.sleep(self.settings.sync_interval_ms / 1000)
+                        continue
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._dispatch(message)
+            except LINK_ERRORS as exc:
+                self.mark_down(exc)
+            finally:
+                with contextlib.suppress(*LINK_ERRORS):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel")
+        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        handler = self._handlers.get(name)
+        data = message.get("data")
+        if handler is None or not isinstance(data, bytes):
+            return
+        try:
+            handler(data)
+        except Exception:
+            # A malformed message (another version, a stray PUBLISH) must not end the sync.
+            log.exception("ignored a shared-state message on %s", name)
