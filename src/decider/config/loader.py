@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from decider.config.extproc import ExtProcSettings
 from decider.config.listen import parse_listen
@@ -30,6 +30,8 @@ from probe import ProbeSettings
 
 ENGINE_TABLES = ("routing", "breaker", "quotas", "affinity", "cache")
 ENV_PREFIX = "DECIDER_"
+
+T = TypeVar("T")
 # [server] event_loop: runtime/event_loop.py runs the server on one of these.
 EVENT_LOOPS = ("uvloop", "asyncio")
 
@@ -332,36 +334,9 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
     server = _parse_server(doc.get("server", {}), found, (position(doc, "server"),))
     endpoints = _parse_endpoints(doc.get("endpoints", []), found, (position(doc, "endpoints"),))
     engine = EngineSettings.collect(doc, found)
-    probe = ProbeSettings()
-    raw_probe = doc.get("probe", {})
-    where = (position(doc, "probe"),)
-    if not isinstance(raw_probe, Mapping):
-        found.add(where, f"probe: {show(raw_probe)}, must be a table")
-    else:
-        try:
-            probe = ProbeSettings.parse(raw_probe)
-        except ConfigError as exc:
-            found.extend(exc, where)
-    state = StateSettings()
-    raw_state = doc.get("state", {})
-    where = (position(doc, "state"),)
-    if not isinstance(raw_state, Mapping):
-        found.add(where, f"state: {show(raw_state)}, must be a table")
-    else:
-        try:
-            state = StateSettings.parse(raw_state)
-        except ConfigError as exc:
-            found.extend(exc, where)
-    ext_proc = ExtProcSettings()
-    raw_ext_proc = doc.get("ext_proc", {})
-    where = (position(doc, "ext_proc"),)
-    if not isinstance(raw_ext_proc, Mapping):
-        found.add(where, f"ext_proc: {show(raw_ext_proc)}, must be a table")
-    else:
-        try:
-            ext_proc = ExtProcSettings.parse(raw_ext_proc)
-        except ConfigError as exc:
-            found.extend(exc, where)
+    probe = _own_table(doc, "probe", ProbeSettings.parse, ProbeSettings(), found)
+    state = _own_table(doc, "state", StateSettings.parse, StateSettings(), found)
+    ext_proc = _own_table(doc, "ext_proc", ExtProcSettings.parse, ExtProcSettings(), found)
     if found:
         try:
             found.raise_any()
@@ -376,6 +351,27 @@ def _collect(doc: Mapping[str, Any], source: str, problems: Problems) -> Setting
         state=state,
         source=source,
     )
+
+
+def _own_table(
+    doc: Mapping[str, Any],
+    name: str,
+    parse: Callable[[Mapping[str, Any]], T],
+    default: T,
+    problems: Problems,
+) -> T:
+    """A table its owner validates (`[probe]`, `[state]`, `[ext_proc]`): its problems join the
+    file's at the table's place in the file."""
+    raw = doc.get(name, {})
+    where = (position(doc, name),)
+    if not isinstance(raw, Mapping):
+        problems.add(where, f"{name}: {show(raw)}, must be a table")
+        return default
+    try:
+        return parse(raw)
+    except ConfigError as exc:
+        problems.extend(exc, where)
+        return default
 
 
 def _parse_server(value: Any, problems: Problems, order: tuple[int, ...]) -> ServerSettings:
