@@ -154,7 +154,10 @@ pub const Cluster = struct {
         }
 
         // Breakers open after 3 reported failures and probes run every 0.2 s so
-        // health tests converge fast; fallbacks cover every other endpoint.
+        // health tests converge fast; fallbacks cover every other endpoint. Only a
+        // refused connection may count against a backend: on a loaded machine a
+        // stand-in answers its probe late, and a probe slower than degraded_latency_s
+        // would make it DEGRADED and take it out of round robin's first tier.
         var cfg: std.ArrayList(u8) = .empty;
         defer cfg.deinit(gpa);
         try cfg.appendSlice(gpa,
@@ -173,6 +176,8 @@ pub const Cluster = struct {
             \\interval_s = 0.2
             \\unhealthy_interval_s = 0.2
             \\unhealthy_threshold = 1
+            \\timeout_s = 10
+            \\degraded_latency_s = 10
             \\liveness = "off"
             \\
         );

@@ -18,9 +18,24 @@ fn isOneOf(id: []const u8, ids: []const []const u8) bool {
     return false;
 }
 
+fn allThreeHealthy(client: *decider.Client) bool {
+    for ([_][]const u8{ "a", "b", "c" }) |id| {
+        const h = client.health(id) orelse return false;
+        if (h.status != .healthy) return false;
+    }
+    return true;
+}
+
 test "decide and report: round robin over three endpoints, every outcome counted" {
     const cl = try harness.Cluster.start(gpa, io, &.{ "a", "b", "c" }, "");
     defer cl.stop();
+    {
+        // Round robin covers the best health tier only: until every first probe has
+        // answered, the endpoints already HEALTHY would take every decision.
+        const watcher = try decider.Client.init(gpa, io, cl.addr, .{ .watch = true });
+        defer watcher.deinit();
+        try harness.waitFor(io, "a, b and c to be HEALTHY", watcher, allThreeHealthy);
+    }
     for ([_]bool{ false, true }) |stream| {
         const client = try decider.Client.init(gpa, io, cl.addr, .{ .decide_timeout_ms = 5000, .stream = stream });
         defer client.deinit();
