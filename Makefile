@@ -15,7 +15,7 @@ GHZ_VERSION := v0.121.0
 PROTOC_GEN_GO_VERSION := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 
-.PHONY: help install tools env shell redis-server run run-envoy test test-python test-go test-zig zig-deps lint lint-imports proto proto-check proto-go proto-go-check proto-c proto-c-check bench bench-decide-path bench-grpc bench-zig bench-tracing bench-idle-connections bench-envoy bench-scale soak sim fuzz clean
+.PHONY: help install tools env shell redis-server run run-envoy test test-python test-go test-zig zig-deps lint lint-imports proto proto-check proto-go proto-go-check proto-c proto-c-check bench bench-decide-path bench-grpc bench-zig bench-tracing bench-detection bench-idle-connections bench-envoy bench-scale soak sim fuzz clean
 
 help:
 	@echo "make run    serve the demo: Decider on 127.0.0.1:50051 with local stand-in model servers (needs python3 only)"
@@ -166,7 +166,7 @@ proto-check: install proto-go-check proto-c-check
 	echo "proto-check: generated code is fresh"
 
 bench: install
-	$(PY) bench/bench_core.py
+	$(PY) -m bench.bench_core
 
 # The unary Decide path in-process, stage by stage (parse, convert, engine, observer, encode,
 # the whole handler) against Health/Check through the same interceptor (seconds).
@@ -191,10 +191,15 @@ bench-zig: install zig-deps $(TOOLS)/bin/ghz
 bench-tracing: install $(TOOLS)/bin/ghz
 	$(PY) -m bench.bench_tracing_grpc --ghz $(TOOLS)/bin/ghz
 
+# How fast the prober marks a killed backend UNHEALTHY, and what liveness checks cost (about
+# three minutes; --quick for fewer trials). Writes nothing; docs/PROBER.md quotes the figures.
+bench-detection: install
+	$(PY) -m bench.bench_detection
+
 # Server memory, threads and Decide latency with thousands of idle HTTP/2 connections open
 # (about a minute): writes docs/BENCHMARKS.md's "Idle gateway connections". Never part of `make test`.
 bench-idle-connections: install
-	$(PY) bench/bench_idle_connections.py
+	$(PY) -m bench.bench_idle_connections
 
 # Scale-out: Decide throughput with the memory and Redis backends and with 2 workers (ghz),
 # registry sync delay and probing-lease takeover between replicas (a few minutes). Writes

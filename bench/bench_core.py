@@ -6,7 +6,7 @@ the timed region, so in-flight counts stay steady). A floor measured the same wa
 (an empty function call) lets the numbers be read as ratios on any machine. Then, in a fresh
 process, RSS with 10,000 endpoints, 100,000 affinity sessions and 1,000,000 indexed prefix blocks.
 
-    .venv/bin/python bench/bench_core.py [--quick] [--out bench/results/core.md]
+    .venv/bin/python -m bench.bench_core [--quick] [--out bench/results/core.md]
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from decider.core.engine import Engine
+from decider.core.model import Decision, Endpoint, Outcome, Result, RouteRequest
+from decider.core.settings import EngineSettings
+from decider.core.strategies import STRATEGIES
 
-from decider.core.engine import Engine  # noqa: E402
-from decider.core.model import Decision, Endpoint, Outcome, Result, RouteRequest  # noqa: E402
-from decider.core.settings import EngineSettings  # noqa: E402
-from decider.core.strategies import STRATEGIES  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = (10, 100, 1000, 10_000)
 # The strategies with an O(1) target: p50 at 10,000 within 3x of p50 at 100.
@@ -296,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     lines = [
-        f"Command: `make bench` (`{python_name()} bench/bench_core.py"
+        f"Command: `make bench` (`{python_name()} -m bench.bench_core"
         f"{' --quick' if args.quick else ''}`)",
         f"Machine: {cpu_model()}, {platform.machine()}, nproc {os.cpu_count()}, Python"
         f" {platform.python_version()} ({platform.python_implementation()}),"

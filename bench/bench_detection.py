@@ -1,7 +1,7 @@
 """Failure detection: how fast the prober notices, and what its liveness checks cost.
 
-    .venv/bin/python bench/bench_detection.py            # everything (about 3 minutes)
-    .venv/bin/python bench/bench_detection.py --quick    # fewer trials, shorter windows
+    .venv/bin/python -m bench.bench_detection            # everything (about 3 minutes)
+    .venv/bin/python -m bench.bench_detection --quick    # fewer trials, shorter windows
 
 1. Detection: real backends on 127.0.0.1 are made to fail (killed, hung, answering 503) at
    random moments of their probe cycle; we time the UNHEALTHY verdict, with the default
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -26,13 +27,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
-
-import contextlib
 
 from decider.core.model import Endpoint, HealthStatus, LoadReport, MetricsKind
 from probe import Prober, ProbeSettings, parse_load

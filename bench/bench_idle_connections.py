@@ -1,7 +1,7 @@
 """What idle gateway connections cost the real server: resident memory, threads and Decide
 latency with 0 to several thousand idle HTTP/2 connections open, default keepalive settings.
 
-    make bench-idle-connections     # or: .venv/bin/python bench/bench_idle_connections.py
+    make bench-idle-connections     # or: .venv/bin/python -m bench.bench_idle_connections
 
 One `decider serve` process (defaults, three endpoints, no prober). Each idle connection is a
 real HTTP/2 connection to its gRPC port that has sent the connection preface and exchanged
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from decider.v1 import decider_service_pb2 as dpb
+from decider.v1 import decider_service_pb2_grpc as dgrpc
 
-from decider.v1 import decider_service_pb2 as dpb  # noqa: E402
-from decider.v1 import decider_service_pb2_grpc as dgrpc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -109,7 +108,7 @@ async def run(steps: list[int], calls: int) -> list[dict[str, float]]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = Path(tempfile.mkdtemp(prefix="decider-idle-"))
     (work / "decider.toml").write_text(CONFIG)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = dict(os.environ)
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

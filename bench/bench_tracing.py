@@ -1,6 +1,6 @@
 """Per-call cost of Decider's tracing helpers around a no-op handler, in one process.
 
-    .venv/bin/python bench/bench_tracing.py [--calls 20000] [--rounds 7]
+    .venv/bin/python -m bench.bench_tracing [--calls 20000] [--rounds 7]
 
 Each mode wraps the same no-op "handler" in `Tracing.server_span` + `annotate_decision` (what a
 traced Decide adds), with spans going through a BatchSpanProcessor to an exporter that drops
@@ -14,7 +14,6 @@ The end-to-end gRPC throughput comparison is a separate benchmark.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -23,8 +22,6 @@ from collections.abc import Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 from decider.core.model import Decision, Endpoint, RetryAdvice, RouteRequest
 from decider.obs.metrics import Metrics
