@@ -1,10 +1,11 @@
-"""The demo's stand-in model servers, through real HTTP on 127.0.0.1: streamed answers as
-Server-Sent Events with a final usage chunk, chunked request bodies, and requests that stay in
-flight long enough to be seen on /metrics."""
+"""The stand-in model servers (the demo's, and the tests' behind Envoy), through real HTTP on
+127.0.0.1: streamed answers as Server-Sent Events with a final usage chunk, chunked request
+bodies, a size limit, and requests that stay in flight long enough to be seen on /metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -12,25 +13,27 @@ from pathlib import Path
 import httpx
 import pytest
 
-from decider.core.model import Endpoint
 from decider.runtime import demo
+from decider.runtime.standin import StandIn
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 async def stand_in():
-    server = demo.StandIn(
-        Endpoint(id="llama-x", address="127.0.0.1:0", model="llama-3.1-8b"),
+    server = StandIn(
+        "llama-x",
+        model="llama-3.1-8b",
         first_token_s=0.05,
         per_token_s=0.01,
+        max_body_bytes=1 << 20,
     )
     await server.start()
     yield server
     await server.close()
 
 
-def url(server: demo.StandIn, path: str) -> str:
+def url(server: StandIn, path: str) -> str:
     return f"http://127.0.0.1:{server.port}{path}"
 
 
@@ -75,12 +78,13 @@ async def test_a_chunked_request_body_is_read(stand_in):
     assert response.status_code == 200
     answer = response.json()
     assert answer["choices"][0]["message"]["content"].endswith("You said: sent in pieces")
-    assert answer["usage"]["prompt_tokens"] == 3
+    assert answer["usage"]["prompt_tokens"] == len(message) // 4
+    assert response.headers["x-request-body-sha256"] == hashlib.sha256(message).hexdigest()
 
 
 async def test_a_body_over_the_limit_is_refused_with_413(stand_in):
     async def big():
-        for _ in range(demo.MAX_BODY_BYTES // 65536 + 2):
+        for _ in range(stand_in.max_body_bytes // 65536 + 2):
             yield b"x" * 65536
 
     async with httpx.AsyncClient(trust_env=False) as client:
