@@ -18,7 +18,10 @@ own copies:
 
 While Redis is down each replica goes on from its own state (fail open). Budget charges made
 meanwhile are kept (summed per tenant, a few numbers each) and sent when Redis returns, and
-breakers still open are announced again; other changes made meanwhile stay local.
+breakers still open are announced again. Session bindings and prefix-index changes made
+meanwhile are kept too, the latest SESSIONS_KEPT_WHILE_DOWN and PREFIX_OPS_KEPT_WHILE_DOWN of
+them (older ones are dropped and counted in the log line that reports the replay), and sent
+in the order they were made when Redis returns. Load is not kept: it is sent afresh anyway.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import asyncio
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -46,6 +50,11 @@ Clock = Callable[[], float]
 # At most one batch per this long: under load the changes of many decisions share one PUBLISH
 # (one Redis round trip and one JSON document), for at most this much more delay.
 MIN_BATCH_GAP_S = 0.005
+# Changes made while Redis is down, kept to be sent when it returns: bounded so a long outage
+# costs a few MB at most (a session item is a key and an id; a prefix item up to max_blocks
+# hashes).
+SESSIONS_KEPT_WHILE_DOWN = 20_000
+PREFIX_OPS_KEPT_WHILE_DOWN = 5_000
 
 
 class StateSync:
@@ -62,6 +71,9 @@ class StateSync:
         self._appliers: dict[str, Callable[[list[Any], float], None]] = {}
         self._resend: list[Callable[[], None]] = []
         self._providers: dict[str, Callable[[], Any]] = {}
+        # topic -> items queued while Redis was down, the latest `keep_while_down` of them.
+        self._held: dict[str, deque[Any]] = {}
+        self._held_dropped: dict[str, int] = {}
         self._was_down = False
         self.batches_sent = 0
         link.subscribe(CHANNEL, self._on_batch)
@@ -77,12 +89,17 @@ class StateSync:
         apply: Callable[[list[Any], float], None],
         *,
         resend: Callable[[], None] | None = None,
+        keep_while_down: int = 0,
     ) -> None:
         """`apply(items, now)` gets the other replicas' items of `topic`; `resend()` queues
-        again what must survive an outage (called when Redis returns)."""
+        again what must survive an outage (called when Redis returns); the latest
+        `keep_while_down` items queued while Redis is down are sent, in order, when it returns."""
         self._appliers[topic] = apply
         if resend is not None:
             self._resend.append(resend)
+        if keep_while_down:
+            self._held[topic] = deque(maxlen=keep_while_down)
+            self._held_dropped[topic] = 0
 
     def queue(self, topic: str, item: Any) -> None:
         self._items.setdefault(topic, []).append(item)
@@ -113,8 +130,10 @@ class StateSync:
             await self._wake.wait()
             self._wake.clear()
             if not self._link.up:
-                # Down: keep the charges (small), drop the rest, and wait for the link.
-                self._items.clear()
+                # Down: keep the charges (small) and the topics that keep items, drop the
+                # rest, and wait for the link.
+                self._hold(self._items)
+                self._items = {}
                 for provider in self._providers.values():
                     provider()
                 await asyncio.sleep(sync_s)
@@ -144,11 +163,38 @@ class StateSync:
         try:
             await self._link.client.publish(self._channel, json.dumps(batch))
         except LINK_ERRORS:
-            # Charges are sent again later; nothing else is worth replaying.
+            # Charges and the topics that keep items are sent again when Redis returns.
             for key, (r, t) in charges.items():
                 self.charge(key[0], key[1], r, t)
+            self._hold(items)
             raise
         self.batches_sent += 1
+
+    def _hold(self, items: dict[str, list[Any]]) -> None:
+        for topic, queued in items.items():
+            held = self._held.get(topic)
+            if held is None:
+                continue
+            assert held.maxlen is not None
+            self._held_dropped[topic] += max(0, len(held) + len(queued) - held.maxlen)
+            held.extend(queued)
+
+    def _replay_held(self) -> None:
+        counts = []
+        for topic, held in self._held.items():
+            if held:
+                counts.append(f"{len(held)} {topic}")
+                # Before anything queued since: the order of each replica's changes holds.
+                self._items[topic] = [*held, *self._items.get(topic, ())]
+                held.clear()
+            if self._held_dropped[topic]:
+                counts.append(f"{self._held_dropped[topic]} older {topic} dropped")
+                self._held_dropped[topic] = 0
+        if counts:
+            log.info(
+                "Redis is back: sending the changes made while it was down (%s)",
+                ", ".join(counts),
+            )
 
     def _on_status(self, up: bool, cause: str) -> None:
         if not up:
@@ -156,6 +202,7 @@ class StateSync:
             return
         if self._was_down:
             self._was_down = False
+            self._replay_held()
             for resend in self._resend:
                 resend()
         self._wake.set()
@@ -295,7 +342,7 @@ class SharedSessions:
         self._renew_every_s = ttl_s / 4
         # key -> (endpoint id, when last sent or received): renewals are sent sparingly.
         self._sent: dict[str, tuple[str, float]] = {}
-        sync.register("sessions", self._apply)
+        sync.register("sessions", self._apply, keep_while_down=SESSIONS_KEPT_WHILE_DOWN)
 
     def __len__(self) -> int:
         return len(self._inner)
@@ -340,7 +387,7 @@ class SharedPrefixes:
             "c": inner.confirm,
             "d": inner.drop,
         }
-        sync.register("prefixes", self._apply)
+        sync.register("prefixes", self._apply, keep_while_down=PREFIX_OPS_KEPT_WHILE_DOWN)
 
     @property
     def max_blocks(self) -> int:
