@@ -52,8 +52,10 @@ async def test_two_workers_share_one_port_and_the_registry(
         # SO_REUSEPORT spreads connections over the workers; each engine names its decisions
         # with its own prefix, so the prefixes count the workers that answered.
         prefixes: set[str] = set()
-        for _ in range(40):
-            async with grpc.aio.insecure_channel(address) as channel:
+        for _ in range(200):
+            if len(prefixes) == 2:
+                break
+            async with fresh_channel(address) as channel:
                 stub = dgrpc.DeciderServiceStub(channel)
                 reply = await stub.Decide(dpb.DecideRequest(model="m"), timeout=10)
                 prefixes.add(reply.decision_id.rsplit("-", 1)[0])
@@ -68,7 +70,7 @@ async def test_two_workers_share_one_port_and_the_registry(
 
         async def every_connection_sees_it() -> bool:
             for _ in range(20):
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with fresh_channel(address) as channel:
                     reply = await dgrpc.DeciderServiceStub(channel).Decide(
                         dpb.DecideRequest(model="dyn"), timeout=10
                     )
@@ -82,6 +84,12 @@ async def test_two_workers_share_one_port_and_the_registry(
         code = await asyncio.to_thread(supervisor.wait, 60)
     assert code == 0, (tmp_path / "log").read_text()[-3000:]
     assert not port_file.with_name("port.worker0").exists()
+
+
+def fresh_channel(address: str) -> grpc.aio.Channel:
+    """A channel with a connection of its own: by default channels to one address share
+    connections (gRPC's global subchannel pool), and would all reach the same worker."""
+    return grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
 def _spawn(config: Path, port_file: Path, log: Path) -> subprocess.Popen[bytes]:
