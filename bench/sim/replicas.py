@@ -96,7 +96,9 @@ class SimSync:
         apply: Callable[[list[Any], float], None],
         *,
         resend: Callable[[], None] | None = None,
+        keep_while_down: int = 0,
     ) -> None:
+        # The simulated bus never goes down: nothing is ever resent or kept for later.
         self._appliers[topic] = apply
 
     def queue(self, topic: str, item: Any) -> None:
