@@ -3,8 +3,8 @@
 Each stand-in (decider.runtime.standin) is a tiny OpenAI-compatible HTTP server on 127.0.0.1
 answering GET /health, GET /v1/models, GET /metrics (vLLM-style names) and POST
 /v1/chat/completions (streamed as Server-Sent Events when asked), so the prober sees healthy
-backends and a newcomer can call Decide, then the endpoint it names, at once. One more stand-in, SPARE, runs unregistered, for
-the README's RegisterEndpoint example.
+backends and a newcomer can call Decide, then the endpoint it names, at once. One more
+stand-in, SPARE, runs unregistered, for the README's RegisterEndpoint example.
 """
 
 from __future__ import annotations
