@@ -34,6 +34,7 @@ class Allowed:
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    lt: float | None = None
     # inf and nan refused (nan always is: it fails every bound).
     finite: bool = False
     choices: tuple[str, ...] = ()
@@ -71,6 +72,8 @@ def describe(kind: Any, spec: Allowed) -> str:
     if kind is float:
         if spec.ge is not None and spec.le is not None:
             return f"a number from {_num(spec.ge)} to {_num(spec.le)}"
+        if spec.ge is not None and spec.lt is not None:
+            return f"a number >= {_num(spec.ge)} and < {_num(spec.lt)}"
         if spec.gt is not None:
             return f"a number > {_num(spec.gt)}"
         if spec.ge is not None:
@@ -197,6 +200,7 @@ class Schema:
                 ge=spec.ge,
                 gt=spec.gt,
                 le=spec.le,
+                lt=spec.lt,
                 allow_inf_nan=None if not spec.finite else False,
             )
             annotated: Any = kind
