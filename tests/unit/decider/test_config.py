@@ -354,6 +354,23 @@ def test_bad_tls_and_keepalive_settings_are_named(tmp_path, text, message):
         config.load(path)
 
 
+def test_secrets_of_the_wrong_type_are_named_but_never_quoted(tmp_path):
+    path = _write(
+        tmp_path,
+        "[server]\nadmin_token = 31337\n[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\n"
+        "probe_headers = { Authorization = ['Bearer k-7'] }\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).splitlines() == [
+        f"{path}: server.admin_token: must be a string",
+        f"{path}: endpoints[0].probe_headers.Authorization: must be a string (endpoint 'a')",
+    ]
+    with pytest.raises(ConfigError) as err:
+        config.load(None, flags={"admin_token": 31337})
+    assert str(err.value) == "flag --admin-token: must be a string"
+
+
 def test_the_admin_token_comes_from_a_file_and_never_shows(tmp_path):
     token = tmp_path / "token"
     token.write_text("  s3cr3t\n")
