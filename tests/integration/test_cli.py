@@ -122,6 +122,21 @@ async def test_serve_with_bad_config_exits_non_zero(tmp_path):
     assert "server.max_watchers: -5" in err
 
 
+async def test_serve_lists_every_probe_problem_as_docs_prober_shows(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[probe]\ninterval_s = 0\nliveness = 'ping'\nreport_valid_for_s = 4\n")
+    code, _, err = await _decider("serve", "--config", str(path), "--listen", "127.0.0.1:0")
+    assert code == 2
+    lines = err.strip().removeprefix("decider: ").splitlines()
+    assert lines == [
+        f"{path}: probe.interval_s: 0, must be a number > 0",
+        f"{path}: probe.liveness: 'ping', must be one of connect, http, off",
+        f"{path}: probe.report_valid_for_s: 4, must be > report_interval_s (5)",
+    ]
+    shown = "\n".join(line.replace(str(path), "bad.toml") for line in lines)
+    assert f"```\n{shown}\n```" in (ROOT / "docs" / "PROBER.md").read_text()
+
+
 async def test_bad_environment_override_names_the_variable(tmp_path):
     code, _, err = await _decider(
         "serve", "--listen", "127.0.0.1:0", env={"DECIDER_GRACE_PERIOD_S": "later"}

@@ -183,7 +183,7 @@ def test_cli_config_error_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[probe]\ntimeout_s = -1\n")
     assert probe_main(["--decider", "127.0.0.1:1", "--config", str(bad)]) == 2
-    assert "probe.timeout_s: -1, must be > 0" in capsys.readouterr().err
+    assert "probe.timeout_s: -1, must be a number > 0" in capsys.readouterr().err
 
 
 def test_cli_requires_decider(capsys):

@@ -43,7 +43,7 @@ class ServerSettings:
     listen: str = "127.0.0.1:50051"
     # Empty: RegistryService needs no token. Set one whenever the port is reachable by others.
     # Never shown: not in repr, logs, spans or errors.
-    admin_token: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False, metadata=allowed(secret=True))
     # A file holding the token (read at start, surrounding whitespace dropped), so it is not
     # in argv or in the environment of every child process.
     admin_token_file: str = ""
@@ -152,7 +152,8 @@ class _EndpointTable:
             choices=("", *_METRICS_KINDS), any_case=True, what=f"one of {', '.join(_METRICS_KINDS)}"
         ),
     )
-    probe_headers: dict[str, str] = field(default_factory=dict)
+    # Header values are secrets (API keys): errors name the header, never the value.
+    probe_headers: dict[str, str] = field(default_factory=dict, metadata=allowed(secret=True))
     max_in_flight: int = field(default=0, metadata=allowed(ge=0, le=_UINT32))
     requests_per_minute: int = field(default=0, metadata=allowed(ge=0, le=_UINT32))
     tokens_per_minute: int = field(default=0, metadata=allowed(ge=0, le=_UINT32))

@@ -34,6 +34,7 @@ class Allowed:
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    lt: float | None = None
     # inf and nan refused (nan always is: it fails every bound).
     finite: bool = False
     choices: tuple[str, ...] = ()
@@ -41,6 +42,8 @@ class Allowed:
     any_case: bool = False
     # Overrides the generated description of what is allowed.
     what: str = ""
+    # A secret (a token, header values): messages name the key but never quote the value.
+    secret: bool = False
 
 
 def allowed(**limits: Any) -> dict[str, Allowed]:
@@ -71,6 +74,8 @@ def describe(kind: Any, spec: Allowed) -> str:
     if kind is float:
         if spec.ge is not None and spec.le is not None:
             return f"a number from {_num(spec.ge)} to {_num(spec.le)}"
+        if spec.ge is not None and spec.lt is not None:
+            return f"a number >= {_num(spec.ge)} and < {_num(spec.lt)}"
         if spec.gt is not None:
             return f"a number > {_num(spec.gt)}"
         if spec.ge is not None:
@@ -197,6 +202,7 @@ class Schema:
                 ge=spec.ge,
                 gt=spec.gt,
                 le=spec.le,
+                lt=spec.lt,
                 allow_inf_nan=None if not spec.finite else False,
             )
             annotated: Any = kind
@@ -267,8 +273,8 @@ class Schema:
         try:
             model = self.model.model_validate({key: value})
         except ValidationError:
-            text = shown or show(value)
-            problems.add(order, f"{where}: {text}, must be {describe(spec.kind, spec.allowed)}")
+            text = "" if spec.allowed.secret else f"{shown or show(value)}, "
+            problems.add(order, f"{where}: {text}must be {describe(spec.kind, spec.allowed)}")
             return dataclasses.MISSING
         return getattr(model, key)
 
@@ -291,11 +297,16 @@ class Schema:
             # Inside a key's value (a label's value, say): name the inner key.
             inner = ".".join(str(part) for part in loc)
             words = _TYPE_WORDS.get(error["type"], error["msg"])
-            return f"{path}.{inner}: {show(error['input'])}, must be {words}"
+            return f"{path}.{inner}: {_quoted(error['input'], spec)}must be {words}"
         if error["type"] == "missing":
             return f"{path}.{key}: missing, must be {describe(spec.kind, spec.allowed)}"
         value = table.get(key, spec.default)
-        return f"{path}.{key}: {show(value)}, must be {describe(spec.kind, spec.allowed)}"
+        return f"{path}.{key}: {_quoted(value, spec)}must be {describe(spec.kind, spec.allowed)}"
+
+
+def _quoted(value: Any, spec: _Spec) -> str:
+    """The bad value and a comma, as a message quotes it; nothing for a secret."""
+    return "" if spec.allowed.secret else f"{show(value)}, "
 
 
 _SCHEMAS: dict[tuple[type, frozenset[str]], Schema] = {}

@@ -247,6 +247,44 @@ timeout_s = -1
     assert f"{path}: routing.max_fallbacks: 2.0, must be an int >= 0" in lines
 
 
+def test_every_probe_problem_is_reported_at_its_place_in_the_file(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+[server]
+max_watchers = -5
+
+[probe]
+liveness = "ping"
+interval_s = 0
+report_valid_for_s = 4
+colour = "red"
+
+[probe.headers.a]
+Authorization = 5
+
+[routing]
+max_fallbacks = -1
+""",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert [line.removeprefix(f"{path}: ") for line in str(err.value).splitlines()] == [
+        "server.max_watchers: -5, must be an integer from 0 to 1000000",
+        "probe.liveness: 'ping', must be one of connect, http, off",
+        "probe.interval_s: 0, must be a number > 0",
+        "probe.report_valid_for_s: 4, must be > report_interval_s (5)",
+        "probe.colour: unknown key (known: degraded_kv_cache_utilization, degraded_latency_s,"
+        " degraded_queue_depth, embedded, first_check_spread_s, headers, healthy_threshold,"
+        " interval_s, jitter_fraction, liveness, liveness_interval_s, liveness_timeout_s,"
+        " max_concurrent_http, metrics_interval_s, metrics_stale_after_s, metrics_timeout_s,"
+        " relist_interval_s, report_interval_s, report_valid_for_s, timeout_s,"
+        " unhealthy_interval_s, unhealthy_threshold)",
+        "probe.headers.a.Authorization: must be a string",
+        "routing.max_fallbacks: -1, must be an int >= 0",
+    ]
+
+
 def test_endpoint_problems_name_the_endpoint_id(tmp_path):
     path = _write(
         tmp_path,
@@ -314,6 +352,23 @@ def test_bad_tls_and_keepalive_settings_are_named(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.load(path)
+
+
+def test_secrets_of_the_wrong_type_are_named_but_never_quoted(tmp_path):
+    path = _write(
+        tmp_path,
+        "[server]\nadmin_token = 31337\n[[endpoints]]\nid='a'\naddress='h:1'\nmodel='m'\n"
+        "probe_headers = { Authorization = ['Bearer k-7'] }\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).splitlines() == [
+        f"{path}: server.admin_token: must be a string",
+        f"{path}: endpoints[0].probe_headers.Authorization: must be a string (endpoint 'a')",
+    ]
+    with pytest.raises(ConfigError) as err:
+        config.load(None, flags={"admin_token": 31337})
+    assert str(err.value) == "flag --admin-token: must be a string"
 
 
 def test_the_admin_token_comes_from_a_file_and_never_shows(tmp_path):
