@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,12 +37,69 @@ _RECONNECT_MAX_S = 1.0
 
 
 def describe(exc: BaseException) -> str:
+    """The cause of a Redis failure for logs, health reasons and errors: TLS failures in words
+    that say what to fix, anything else as the error says it (cut at 200 characters)."""
+    tls = _tls_cause(exc)
+    if tls:
+        return tls
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+# OpenSSL's alerts for a handshake the server refused over the client's certificate.
+_CERTIFICATE_REQUIRED = ("TLSV13_ALERT_CERTIFICATE_REQUIRED",)
+_CERTIFICATE_REJECTED = (
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV1_ALERT_DECRYPT_ERROR",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+)
+
+
+def _tls_cause(exc: BaseException) -> str:
+    """What a TLS failure under a Redis error means; empty when it is not one. redis-py wraps
+    the ssl error (as __cause__ or __context__) in its ConnectionError."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            why = (current.verify_message or str(current)).rstrip(".")
+            if current.verify_code == _HOSTNAME_MISMATCH or "Hostname mismatch" in why:
+                hint = (
+                    "the certificate must name the host of [state] url: a DNS SAN for a "
+                    "name, an IP SAN for an address"
+                )
+            else:
+                hint = "is [state] tls_ca_file the CA that signed Redis' certificate?"
+            return f"TLS verification of Redis' certificate failed: {why} ({hint})"
+        if isinstance(current, ssl.SSLError):
+            reason = current.reason or ""
+            if reason in _CERTIFICATE_REQUIRED:
+                return (
+                    f"Redis refused the TLS handshake ({reason}): it requires a client "
+                    "certificate; set [state] tls_cert_file and tls_key_file"
+                )
+            if reason in _CERTIFICATE_REJECTED:
+                return (
+                    f"Redis refused the TLS handshake ({reason}): it did not accept the "
+                    "client certificate in [state] tls_cert_file"
+                )
+            return f"TLS to Redis failed: {reason or current}"
+        current = current.__cause__ or current.__context__
+    return ""
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH in OpenSSL's x509_vfy.h.
+_HOSTNAME_MISMATCH = 62
+
+
 class RedisLink:
     def __init__(self, settings: StateSettings, *, replica_id: str) -> None:
+        # The combination of keys and the TLS files, at start: a ConfigError, not a failed
+        # connection every few seconds.
+        settings.check()
         self.settings = settings
         self.replica_id = replica_id
         self.client: aioredis.Redis = aioredis.from_url(
@@ -52,6 +110,7 @@ class RedisLink:
             # admin call for seconds when Redis is really down.
             retry=Retry(NoBackoff(), 1),
             client_name=f"decider:{replica_id}"[:100].replace(" ", "_"),
+            **settings.redis_tls_options(),
         )
         self.up = False
         self.cause = "not connected yet"
