@@ -36,10 +36,11 @@ _RECONNECT_MIN_S = 0.05
 _RECONNECT_MAX_S = 1.0
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, *, ca_file: str = "") -> str:
     """The cause of a Redis failure for logs, health reasons and errors: TLS failures in words
-    that say what to fix, anything else as the error says it (cut at 200 characters)."""
-    tls = _tls_cause(exc)
+    that say what to fix (`ca_file`: the configured tls_ca_file), anything else as the error
+    says it (cut at 200 characters)."""
+    tls = _tls_cause(exc, ca_file=ca_file)
     if tls:
         return tls
     text = str(exc) or type(exc).__name__
@@ -57,7 +58,7 @@ _CERTIFICATE_REJECTED = (
 )
 
 
-def _tls_cause(exc: BaseException) -> str:
+def _tls_cause(exc: BaseException, *, ca_file: str) -> str:
     """What a TLS failure under a Redis error means; empty when it is not one. redis-py wraps
     the ssl error (as __cause__ or __context__) in its ConnectionError."""
     seen: set[int] = set()
@@ -66,13 +67,15 @@ def _tls_cause(exc: BaseException) -> str:
         seen.add(id(current))
         if isinstance(current, ssl.SSLCertVerificationError):
             why = (current.verify_message or str(current)).rstrip(".")
-            if current.verify_code == _HOSTNAME_MISMATCH or "Hostname mismatch" in why:
+            if current.verify_code in _NAME_MISMATCH:
                 hint = (
                     "the certificate must name the host of [state] url: a DNS SAN for a "
                     "name, an IP SAN for an address"
                 )
-            else:
+            elif ca_file:
                 hint = "is [state] tls_ca_file the CA that signed Redis' certificate?"
+            else:
+                hint = "set [state] tls_ca_file to the CA that signed Redis' certificate"
             return f"TLS verification of Redis' certificate failed: {why} ({hint})"
         if isinstance(current, ssl.SSLError):
             reason = current.reason or ""
@@ -91,8 +94,8 @@ def _tls_cause(exc: BaseException) -> str:
     return ""
 
 
-# X509_V_ERR_HOSTNAME_MISMATCH in OpenSSL's x509_vfy.h.
-_HOSTNAME_MISMATCH = 62
+# X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH in OpenSSL's x509_vfy.h.
+_NAME_MISMATCH = (62, 64)
 
 
 class RedisLink:
@@ -144,7 +147,7 @@ class RedisLink:
 
     def mark_down(self, exc: BaseException) -> None:
         self.failures += 1
-        cause = describe(exc)
+        cause = self._cause(exc)
         if not self.up and self.cause == cause:
             return
         self.up, self.cause = False, cause
@@ -166,9 +169,12 @@ class RedisLink:
         """The error for a write that failed: marks the link down and names the cause."""
         self.mark_down(exc)
         return StorageUnavailable(
-            f"shared state at {self.settings.redacted_url()} is unavailable ({describe(exc)}); "
+            f"shared state at {self.settings.redacted_url()} is unavailable ({self._cause(exc)}); "
             f"{doing} was not applied, retry when it is back"
         )
+
+    def _cause(self, exc: BaseException) -> str:
+        return describe(exc, ca_file=self.settings.tls_ca_file)
 
     async def reconcile(self) -> None:
         """Runs every reconcile hook once; raises on a Redis error (marking the link down)."""
