@@ -124,8 +124,9 @@ class StateSettings:
         return replace(self, **changes)
 
     def check(self) -> None:
-        """Errors in the combination of keys, then in the TLS files (read and checked now, so
-        a bad file stops the start rather than every connection); raises ConfigErrors."""
+        """Errors in the combination of keys, then in the TLS files of the redis backend (read
+        and checked now, so a bad file stops the start rather than every connection); raises
+        ConfigErrors."""
         problems = Problems()
         given = [key for key in _TLS_KEYS if getattr(self, key) != _DEFAULTS[key]]
         if given and not self.tls:
@@ -142,7 +143,8 @@ class StateSettings:
                 else ("tls_key_file", "tls_cert_file")
             )
             problems.add((1,), f"state.{have} is set, so state.{lack} must be too")
-        if not problems and self.tls:
+        # The memory backend never connects: its files are not read.
+        if not problems and self.tls and self.shared:
             for text in _file_problems(self):
                 problems.add((2,), text)
         problems.raise_any()

@@ -145,9 +145,11 @@ def redis_ca(tmp_path) -> CA:
 
 
 def write_state(tmp_path, **state: str) -> Path:
-    """A config file with `[state] backend = "redis"` and these string keys."""
+    """A config file with a `[state]` table of these string keys (backend "redis" unless
+    given)."""
     path = tmp_path / "d.toml"
-    lines = ["[state]", 'backend = "redis"', *(f"{k} = {json.dumps(v)}" for k, v in state.items())]
+    state = {"backend": "redis", **state}
+    lines = ["[state]", *(f"{k} = {json.dumps(v)}" for k, v in state.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -257,3 +259,12 @@ def test_bad_files_name_key_and_file(tmp_path, redis_ca: CA) -> None:
     for keys, message in cases:
         path = write_state(tmp_path, url="rediss://h:6380", **keys)
         assert message in load_error(path), keys
+
+
+def test_memory_backend_reads_no_tls_file(tmp_path) -> None:
+    missing = str(tmp_path / "missing.crt")
+    path = write_state(tmp_path, backend="memory", url="rediss://h:6380", tls_ca_file=missing)
+    assert not config.load(path, env={}).state.shared
+    assert "cannot read" in load_error(
+        write_state(tmp_path, url="rediss://h:6380", tls_ca_file=missing)
+    )
