@@ -3,6 +3,9 @@
 Persistence is confined to the test's directory: an append-only file fsynced on every write
 (so a killed and restarted server comes back with everything it acknowledged) and no RDB
 snapshots. `kill()` is SIGKILL, a crash; `start()` again brings it back on the same port.
+
+Given `tls`, the server serves TLS only (`--port 0 --tls-port P`) with the certificates made by
+tests/tls_certs.py, and asks clients for a certificate as `tls.auth_clients` says.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tls_certs import Pair
 
 START_TIMEOUT_S = 10.0
 
@@ -36,16 +42,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """TLS for a test redis-server: its certificate (and the CA it trusts for clients), whether
+    clients must present a certificate, and the client pair the fixture itself pings with."""
+
+    server: Pair
+    client: Pair
+    # redis-server's --tls-auth-clients: "yes" (mutual TLS), "no" or "optional".
+    auth_clients: str = "no"
+
+
 class RedisServer:
-    def __init__(self, directory: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, port: int | None = None, tls: RedisTLS | None = None
+    ) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.tls = tls
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    def _listen_arguments(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return [
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(self.tls.server.cert_file),
+            "--tls-key-file", str(self.tls.server.key_file),
+            "--tls-ca-cert-file", str(self.tls.server.ca_file),
+            "--tls-auth-clients", self.tls.auth_clients,
+        ]  # fmt: skip
 
     @property
     def running(self) -> bool:
@@ -57,7 +90,7 @@ class RedisServer:
         self._process = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", str(self.port),
+                *self._listen_arguments(),
                 "--bind", "127.0.0.1",
                 "--dir", str(self.directory),
                 "--save", "",
@@ -94,8 +127,20 @@ class RedisServer:
 
     def _answers_ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with (
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
+                self._wrap(raw) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _wrap(self, raw: socket.socket) -> socket.socket:
+        if self.tls is None:
+            return raw
+        context = ssl.create_default_context(cafile=str(self.tls.client.ca_file))
+        # Whether it answers, not whether its certificate names the host: tests check that.
+        context.check_hostname = False
+        context.load_cert_chain(str(self.tls.client.cert_file), str(self.tls.client.key_file))
+        return context.wrap_socket(raw, server_hostname="127.0.0.1")

@@ -22,7 +22,15 @@ from decider.config.listen import parse_listen
 from decider.config.tls import TLSSettings
 from decider.core.model import Endpoint, MetricsKind
 from decider.core.settings import EngineSettings
-from decider.core.validation import ConfigErrors, Problems, allowed, position, schema, show
+from decider.core.validation import (
+    ConfigErrors,
+    Problems,
+    allowed,
+    from_text,
+    position,
+    schema,
+    show,
+)
 from decider.errors import ConfigError
 from decider.state.registry import SOURCE_CONFIG, check_endpoint
 from decider.state.settings import StateSettings
@@ -189,7 +197,7 @@ def load(
         where = f"environment {name}"
         spec = server_schema.specs[key]
         value = server_schema.check_value(
-            key, _from_text(raw, spec.kind), where, problems, (after, i), shown=repr(raw)
+            key, from_text(raw, spec.kind), where, problems, (after, i), shown=repr(raw)
         )
         if value is not dataclasses.MISSING:
             changes[key] = value
@@ -228,20 +236,45 @@ def load(
         if value is not dataclasses.MISSING:
             changes[key] = value
             _check_metrics_listen(key, value, where, problems, (after + 1, i))
+    state = _state_env(
+        settings.state,
+        env or {},
+        problems,
+        (after, len(server_schema.specs) + len(tls_schema.specs)),
+    )
     server = replace(settings.server, **changes)
     if tls_changes:
         server = replace(server, tls=_tls(_tls_values(server.tls, tls_changes)))
     if "listen" in changes:
         _check_listen(server.listen, "listen", problems, (after + 2,))
+    if state is not None and not problems:
+        # Whole, with the environment applied; reads the TLS files, as serve would.
+        try:
+            state.check()
+        except ConfigError as exc:
+            problems.extend(exc, (after + 3,))
     problems.raise_any()
+    assert state is not None
     # Checked whole once the environment and flags may have completed the table.
     server.tls.check()
     return replace(
         settings,
         server=_with_token_file(server),
         ext_proc=ext_proc,
-        state=settings.state.with_env(env or {}),
+        state=state,
     )
+
+
+def _state_env(
+    state: StateSettings, env: Mapping[str, str], problems: Problems, order: tuple[int, ...]
+) -> StateSettings | None:
+    """`[state]` with the DECIDER_STATE_* variables applied; None (problems added) if any is
+    wrong."""
+    try:
+        return state.with_env(env)
+    except ConfigError as exc:
+        problems.extend(exc, order)
+        return None
 
 
 def _ext_proc_flags(
@@ -419,21 +452,6 @@ def _check_listen(listen: str, where: str, problems: Problems, order: tuple[int,
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         problems.add(order, f"{where}: {listen!r}, must be HOST:PORT (port 0 picks a free one)")
-
-
-def _from_text(raw: str, kind: Any) -> Any:
-    """An environment variable's text as the key's type, when it reads as one (else the text,
-    which the check then refuses)."""
-    if kind is bool:
-        return {"true": True, "1": True, "false": False, "0": False}.get(raw.strip().lower(), raw)
-    try:
-        if kind is int:
-            return int(raw)
-        if kind is float:
-            return float(raw)
-    except ValueError:
-        pass
-    return raw
 
 
 def _parse_endpoints(

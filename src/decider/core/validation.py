@@ -157,6 +157,21 @@ def position(table: Any, key: str | int) -> int:
     return key if isinstance(key, int) else 0
 
 
+def from_text(raw: str, kind: Any) -> Any:
+    """An environment variable's text as the key's type, when it reads as one (else the text,
+    which the check then refuses)."""
+    if kind is bool:
+        return {"true": True, "1": True, "false": False, "0": False}.get(raw.strip().lower(), raw)
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        pass
+    return raw
+
+
 class _Spec:
     __slots__ = ("allowed", "default", "kind", "name")
 

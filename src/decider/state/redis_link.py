@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,13 +36,73 @@ _RECONNECT_MIN_S = 0.05
 _RECONNECT_MAX_S = 1.0
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, *, ca_file: str = "") -> str:
+    """The cause of a Redis failure for logs, health reasons and errors: TLS failures in words
+    that say what to fix (`ca_file`: the configured tls_ca_file), anything else as the error
+    says it (cut at 200 characters)."""
+    tls = _tls_cause(exc, ca_file=ca_file)
+    if tls:
+        return tls
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+# OpenSSL's alerts for a handshake the server refused over the client's certificate.
+_CERTIFICATE_REQUIRED = ("TLSV13_ALERT_CERTIFICATE_REQUIRED",)
+_CERTIFICATE_REJECTED = (
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV1_ALERT_DECRYPT_ERROR",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+)
+
+
+def _tls_cause(exc: BaseException, *, ca_file: str) -> str:
+    """What a TLS failure under a Redis error means; empty when it is not one. redis-py wraps
+    the ssl error (as __cause__ or __context__) in its ConnectionError."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            why = (current.verify_message or str(current)).rstrip(".")
+            if current.verify_code in _NAME_MISMATCH:
+                hint = (
+                    "the certificate must name the host of [state] url: a DNS SAN for a "
+                    "name, an IP SAN for an address"
+                )
+            elif ca_file:
+                hint = "is [state] tls_ca_file the CA that signed Redis' certificate?"
+            else:
+                hint = "set [state] tls_ca_file to the CA that signed Redis' certificate"
+            return f"TLS verification of Redis' certificate failed: {why} ({hint})"
+        if isinstance(current, ssl.SSLError):
+            reason = current.reason or ""
+            if reason in _CERTIFICATE_REQUIRED:
+                return (
+                    f"Redis refused the TLS handshake ({reason}): it requires a client "
+                    "certificate; set [state] tls_cert_file and tls_key_file"
+                )
+            if reason in _CERTIFICATE_REJECTED:
+                return (
+                    f"Redis refused the TLS handshake ({reason}): it did not accept the "
+                    "client certificate in [state] tls_cert_file"
+                )
+            return f"TLS to Redis failed: {reason or current}"
+        current = current.__cause__ or current.__context__
+    return ""
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH in OpenSSL's x509_vfy.h.
+_NAME_MISMATCH = (62, 64)
+
+
 class RedisLink:
     def __init__(self, settings: StateSettings, *, replica_id: str) -> None:
+        # The combination of keys and the TLS files, at start: a ConfigError, not a failed
+        # connection every few seconds.
+        settings.check()
         self.settings = settings
         self.replica_id = replica_id
         self.client: aioredis.Redis = aioredis.from_url(
@@ -52,6 +113,7 @@ class RedisLink:
             # admin call for seconds when Redis is really down.
             retry=Retry(NoBackoff(), 1),
             client_name=f"decider:{replica_id}"[:100].replace(" ", "_"),
+            **settings.redis_tls_options(),
         )
         self.up = False
         self.cause = "not connected yet"
@@ -85,7 +147,7 @@ class RedisLink:
 
     def mark_down(self, exc: BaseException) -> None:
         self.failures += 1
-        cause = describe(exc)
+        cause = self._cause(exc)
         if not self.up and self.cause == cause:
             return
         self.up, self.cause = False, cause
@@ -107,9 +169,12 @@ class RedisLink:
         """The error for a write that failed: marks the link down and names the cause."""
         self.mark_down(exc)
         return StorageUnavailable(
-            f"shared state at {self.settings.redacted_url()} is unavailable ({describe(exc)}); "
+            f"shared state at {self.settings.redacted_url()} is unavailable ({self._cause(exc)}); "
             f"{doing} was not applied, retry when it is back"
         )
+
+    def _cause(self, exc: BaseException) -> str:
+        return describe(exc, ca_file=self.settings.tls_ca_file)
 
     async def reconcile(self) -> None:
         """Runs every reconcile hook once; raises on a Redis error (marking the link down)."""
