@@ -234,16 +234,28 @@ class PrefixIndex:
     def _evict(self) -> None:
         """Past max_blocks, the endpoint holding the most drops its older generation."""
         while self._total > self._max_total:
-            endpoint_id, blocks = max(self._blocks.items(), key=lambda item: len(item[1].gen))
             before = self._total
-            self._rotate(endpoint_id, blocks)
-            if self._total == before:
-                # Every block was in the current generation: a second rotation drops them.
-                self._rotate(endpoint_id, blocks)
-            if self._total == before:
-                # Only pending blocks are left: they go when their decisions settle.
-                return
+            biggest = max(self._blocks.items(), key=lambda item: len(item[1].gen))
+            if not self._drop_older(*biggest):
+                # The biggest holds pending blocks only: the next biggest that holds served
+                # ones gives way. add_pending keeps pending blocks within max_blocks, so one
+                # does while the total is over it.
+                others = sorted(
+                    (item for item in self._blocks.items() if item[0] != biggest[0]),
+                    key=lambda item: -len(item[1].gen),
+                )
+                if not any(self._drop_older(eid, blocks) for eid, blocks in others):
+                    return
             self.evicted += before - self._total
+
+    def _drop_older(self, endpoint_id: str, blocks: _Blocks) -> bool:
+        """Drops the endpoint's older generation (both, when every block it serves is in the
+        current one); False when it holds pending blocks only."""
+        before = self._total
+        self._rotate(endpoint_id, blocks)
+        if self._total == before:
+            self._rotate(endpoint_id, blocks)
+        return self._total < before
 
     def _rotate(self, endpoint_id: str, blocks: _Blocks) -> None:
         previous = blocks.current

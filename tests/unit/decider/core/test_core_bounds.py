@@ -100,6 +100,17 @@ def test_the_prefix_index_stays_under_its_total_bound():
     assert index.block_count == 0
 
 
+def test_when_the_biggest_holder_has_only_pending_blocks_another_gives_way():
+    index = PrefixIndex(blocks_per_endpoint=64, max_blocks_per_request=16, max_blocks=6)
+    index.add_pending("e0", [1, 2, 3, 4])
+    index.record("e1", [11, 12, 13])
+    # e0 holds the most, all pending (its decision is still open): e1's served blocks go.
+    assert index.block_count <= 6
+    assert index.matches([1, 2, 3, 4]) == {"e0": 4}
+    index.confirm("e0", [1, 2, 3, 4])
+    assert index.block_count <= 6
+
+
 def test_tenant_buckets_are_bounded_and_refilled_ones_dropped():
     settings = EngineSettings.parse({"quotas": {"requests_per_minute": 60, "max_tenants": 8}})
     ledger = QuotaLedger(settings.quotas)
