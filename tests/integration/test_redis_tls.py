@@ -165,9 +165,10 @@ async def test_mutual_tls_needs_the_client_certificate(
             await srv.registry.RegisterEndpoint(register("dyn-2"), timeout=10)
         assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
         assert detail(exc.value, ErrorInfo).reason == "STORAGE_UNAVAILABLE"
-        assert "it requires a client certificate; set [state] tls_cert_file and tls_key_file" in (
-            str(exc.value.details())
-        )
+        # Redis' "certificate required" alert, or the reset that often overtakes it: either
+        # way the cause says what to set.
+        assert "client certificate" in str(exc.value.details())
+        assert "set [state] tls_cert_file and tls_key_file" in str(exc.value.details())
         # It came up without Redis and decides from the config's endpoints meanwhile.
         assert await routed(srv.decider, "m") == "cfg-0"
         assert "requires a client certificate" in await health_reasons(srv.registry)

@@ -36,7 +36,9 @@ _RECONNECT_MIN_S = 0.05
 _RECONNECT_MAX_S = 1.0
 
 
-def describe(exc: BaseException, *, ca_file: str = "") -> str:
+def describe(
+    exc: BaseException, *, ca_file: str = "", tls_without_client_cert: bool = False
+) -> str:
     """The cause of a Redis failure for logs, health reasons and errors: TLS failures in words
     that say what to fix (`ca_file`: the configured tls_ca_file), anything else as the error
     says it (cut at 200 characters)."""
@@ -44,7 +46,26 @@ def describe(exc: BaseException, *, ca_file: str = "") -> str:
     if tls:
         return tls
     text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    text = text if len(text) <= 200 else text[:197] + "..."
+    if tls_without_client_cert and _caused_by(exc, ConnectionResetError):
+        # A TLS 1.3 server that wants a client certificate refuses it after the handshake;
+        # its alert often loses the race with the reset of the connection.
+        text += (
+            " (if Redis requires a client certificate, tls-auth-clients yes, "
+            "set [state] tls_cert_file and tls_key_file)"
+        )
+    return text
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # OpenSSL's alerts for a handshake the server refused over the client's certificate.
@@ -174,7 +195,11 @@ class RedisLink:
         )
 
     def _cause(self, exc: BaseException) -> str:
-        return describe(exc, ca_file=self.settings.tls_ca_file)
+        return describe(
+            exc,
+            ca_file=self.settings.tls_ca_file,
+            tls_without_client_cert=self.settings.tls and not self.settings.tls_cert_file,
+        )
 
     async def reconcile(self) -> None:
         """Runs every reconcile hook once; raises on a Redis error (marking the link down)."""
