@@ -223,3 +223,24 @@ def test_a_replayed_or_bogus_decision_id_settles_nothing_and_gets_no_answer(gw):
     [(_, settled)] = outcomes_for(gw, fresh)
     assert settled
     assert len(outcomes_for(gw, decision_id)) == 2
+
+
+def test_with_decider_stopped_a_fail_open_picker_and_the_observer_let_requests_through(tmp_path):
+    with stack(
+        tmp_path,
+        example="override_host_observer.yaml",
+        replacements={"failure_mode_allow": "true"},
+    ) as gw:
+        gw.stop_decider()
+        for _ in range(3):
+            response = gw.post(gw.chat())
+            assert response.status_code == 200, response.text
+            assert "x-decider-decision-id" not in response.headers
+        gw.start_decider()
+        gw.wait_until(
+            lambda: "x-decider-decision-id" in gw.post(gw.chat()).headers,
+            what="Envoy to reach Decider again",
+        )
+        response = gw.post(gw.chat())
+        [(outcome, settled)] = outcomes_for(gw, response.headers["x-decider-decision-id"])
+        assert settled and outcome.endpoint_id == response.headers["x-served-by"]
