@@ -537,8 +537,10 @@ class _Observation:
                 body_mode=_STREAMED,
                 now=now,
             )
-            served = _endpoint_at(self._path, values.get(self._served_header, ""), self._model)
-            self._served_id = served.id if served else ""
+            if self._model:
+                address = values.get(self._served_header, "")
+                served = _endpoint_at(self._path, address, self._model)
+                self._served_id = served.id if served else ""
             if self._meter.ended:
                 self._report(now)
         elif kind == "response_body" and self._meter is not None:
