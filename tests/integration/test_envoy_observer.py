@@ -135,17 +135,25 @@ def test_a_breaker_opened_by_errors_seen_by_the_observer_shows_on_watch_health(g
         while time.monotonic() < deadline and statuses[500] < 3:
             statuses[gw.post(gw.chat()).status_code] += 1
         assert statuses[500] == 3, statuses
+        # The third failure's outcome may land just after Envoy answered the client.
+        gw.wait_until(
+            lambda: (
+                sum(
+                    o.endpoint_id == failing.name and o.result.name == "ERROR"
+                    for o in list(gw.recording.outcomes)
+                )
+                >= 3
+            ),
+            what="the three failures' outcomes",
+        )
         with grpc.insecure_channel(gw.decider_address) as channel:
             watch = dgrpc.DeciderServiceStub(channel).WatchHealth(
                 dpb.WatchHealthRequest(model=MODEL), timeout=10
             )
-            # The third failure's outcome may land just after Envoy answered the client.
-            for _ in range(5):
-                first = next(watch)
-                states = {e.endpoint_id: e.breaker_state for e in first.events}
-                if states.get(failing.name) == epb.BREAKER_STATE_OPEN:
-                    break
+            first = next(watch)
             watch.cancel()
+        assert first.snapshot
+        states = {e.endpoint_id: e.breaker_state for e in first.events}
         assert states[failing.name] == epb.BREAKER_STATE_OPEN
         assert {states["model-0"], states["model-2"]} == {epb.BREAKER_STATE_CLOSED}
         assert {gw.post(gw.chat()).headers["x-served-by"] for _ in range(6)} == {
