@@ -19,9 +19,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from tls_certs import Pair
+
+if TYPE_CHECKING:
+    # Annotations only: `make bench-scale` imports this module as tests.redis_server, where
+    # the tests' folder is not on the import path.
+    from tls_certs import Pair
 
 START_TIMEOUT_S = 10.0
 
