@@ -2,7 +2,7 @@
 
 Each shared owner wraps the in-memory one (core/state.py's Protocols) and answers every call
 from memory, so Decide never waits on Redis. What changes here is queued and `StateSync`
-publishes it in one batch as soon as the event loop is free, at most one batch every 5 ms
+publishes it in one batch as soon as the event loop is free, at most one batch every 10 ms
 (many decisions' changes coalesce under load); every other replica applies the batch to its
 own copies:
 
@@ -49,7 +49,7 @@ CHANNEL = "sync"
 Clock = Callable[[], float]
 # At most one batch per this long: under load the changes of many decisions share one PUBLISH
 # (one Redis round trip and one JSON document), for at most this much more delay.
-MIN_BATCH_GAP_S = 0.005
+MIN_BATCH_GAP_S = 0.01
 # Changes made while Redis is down, kept to be sent when it returns: bounded so a long outage
 # costs a few MB at most (a session item is a key and an id; a prefix item up to max_blocks
 # hashes).
