@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -47,7 +47,7 @@ def describe(
         return tls
     text = str(exc) or type(exc).__name__
     text = text if len(text) <= 200 else text[:197] + "..."
-    if tls_without_client_cert and _caused_by(exc, ConnectionResetError):
+    if tls_without_client_cert and any(isinstance(e, ConnectionResetError) for e in _chain(exc)):
         # A TLS 1.3 server that wants a client certificate refuses it after the handshake;
         # its alert often loses the race with the reset of the connection.
         text += (
@@ -57,15 +57,15 @@ def describe(
     return text
 
 
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The error and what it was raised from or while handling (redis-py wraps socket and ssl
+    errors in its ConnectionError), each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return True
         seen.add(id(current))
+        yield current
         current = current.__cause__ or current.__context__
-    return False
 
 
 # OpenSSL's alerts for a handshake the server refused over the client's certificate.
@@ -80,12 +80,8 @@ _CERTIFICATE_REJECTED = (
 
 
 def _tls_cause(exc: BaseException, *, ca_file: str) -> str:
-    """What a TLS failure under a Redis error means; empty when it is not one. redis-py wraps
-    the ssl error (as __cause__ or __context__) in its ConnectionError."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    """What a TLS failure under a Redis error means; empty when it is not one."""
+    for current in _chain(exc):
         if isinstance(current, ssl.SSLCertVerificationError):
             why = (current.verify_message or str(current)).rstrip(".")
             if current.verify_code in _NAME_MISMATCH:
@@ -111,7 +107,6 @@ def _tls_cause(exc: BaseException, *, ca_file: str) -> str:
                     "client certificate in [state] tls_cert_file"
                 )
             return f"TLS to Redis failed: {reason or current}"
-        current = current.__cause__ or current.__context__
     return ""
 
 
