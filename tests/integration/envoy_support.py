@@ -264,6 +264,16 @@ class Stack:
     def post(self, body: Any, *, headers: Mapping[str, str] | None = None) -> httpx.Response:
         return self.http.post("/v1/chat/completions", json=body, headers=dict(headers or {}))
 
+    def pinned_session(self, endpoint_name: str, headers: Mapping[str, str]) -> str:
+        """A session id that `headers` (an affinity strategy) bound to `endpoint_name`: the
+        next request with it goes there first, even if the endpoint died since."""
+        for i in range(30):
+            session = f"pin-{i}"
+            response = self.post(self.chat(), headers={**headers, "x-session-id": session})
+            if response.headers["x-served-by"] == endpoint_name:
+                return session
+        raise AssertionError(f"no session was bound to {endpoint_name}")
+
     def wait_until(self, check: Any, timeout_s: float = 20.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

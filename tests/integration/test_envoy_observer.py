@@ -95,18 +95,7 @@ def test_an_sse_stream_arrives_intact_with_its_usage_counted(gw):
 def test_a_dead_primary_is_retried_on_a_fallback_and_charged_to_the_endpoint_that_served(gw):
     dead = gw.stand_ins[0]
     affinity = {"x-decider-strategy": "affinity"}
-    session = next(
-        (
-            f"pin-{i}"
-            for i in range(30)
-            if gw.post(gw.chat(), headers={**affinity, "x-session-id": f"pin-{i}"}).headers[
-                "x-served-by"
-            ]
-            == dead.name
-        ),
-        None,
-    )
-    assert session is not None, "no session was bound to model-0"
+    session = gw.pinned_session(dead.name, affinity)
     retried_before = gw.envoy.stat("cluster.models.upstream_rq_retry_success")
     gw.bg.run(dead.close())
     try:

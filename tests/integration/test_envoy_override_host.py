@@ -157,18 +157,7 @@ def test_a_dead_primary_is_retried_on_a_fallback_and_charged_to_the_endpoint_tha
     # A session bound to the endpoint about to die makes it the primary of the next request,
     # sent before the prober can notice the death.
     affinity = {"x-decider-strategy": "affinity"}
-    session = next(
-        (
-            f"pin-{i}"
-            for i in range(30)
-            if gw.post(gw.chat(), headers={**affinity, "x-session-id": f"pin-{i}"}).headers[
-                "x-served-by"
-            ]
-            == dead.name
-        ),
-        None,
-    )
-    assert session is not None, "no session was bound to model-0"
+    session = gw.pinned_session(dead.name, affinity)
     retried_before = gw.envoy.stat("cluster.models.upstream_rq_retry_success")
     gw.bg.run(dead.close())
     try:

@@ -204,3 +204,13 @@ def test_client_tls_is_off_until_asked_for_and_names_unreadable_files(tmp_path):
         ClientTLS(ca_file=str(missing)).channel_credentials()
     with pytest.raises(ConfigError, match="--tls-cert-file and --tls-key-file go together"):
         ClientTLS(cert_file="c").channel_credentials()
+
+
+def test_a_key_path_that_cannot_be_read_is_named_even_for_root(ca, tmp_path):
+    # The permission test above cannot run as root; a directory fails to read for anyone.
+    pair = ca.server_pair()
+    directory = tmp_path / "key.pem"
+    directory.mkdir()
+    settings = TLSSettings(cert_file=str(pair.cert_file), key_file=str(directory))
+    with pytest.raises(ConfigError, match=f"server.tls.key_file: {directory}: cannot read: "):
+        CertificateFiles(settings)
