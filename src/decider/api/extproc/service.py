@@ -600,11 +600,9 @@ class ExtProcService:
     ) -> None:
         # One span per stream, current while its decision and outcome are observed.
         with self.tracing.server_span(SPAN_NAME, context):
-            # context.read() rather than the request iterator: one wrapper less per message.
-            message = await context.read()
-            if message is grpc.aio.EOF:
+            message = await _read(context)
+            if message is None:
                 return
-            assert isinstance(message, pb.ProcessingRequest)
             if message.observability_mode:
                 await self._observe(message, context)
                 return
@@ -620,10 +618,9 @@ class ExtProcService:
                         await context.write(answer)
                     if exchange.done:
                         return
-                    message = await context.read()
-                    if message is grpc.aio.EOF:
+                    message = await _read(context)
+                    if message is None:
                         return
-                    assert isinstance(message, pb.ProcessingRequest)
             finally:
                 exchange.close()
 
@@ -639,15 +636,26 @@ class ExtProcService:
                 observation.handle(message)
                 if observation.done:
                     return
-                message = await context.read()
-                if message is grpc.aio.EOF:
+                message = await _read(context)
+                if message is None:
                     return
-                assert isinstance(message, pb.ProcessingRequest)
         except Exception:
             # Nothing can be answered here: Envoy ignores replies in observability mode.
             log.exception("ext_proc observation failed")
         finally:
             observation.close()
+
+
+async def _read(
+    context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+) -> pb.ProcessingRequest | None:
+    """The stream's next message, None at its end. context.read() rather than the request
+    iterator: one wrapper less per message."""
+    message = await context.read()
+    if message is grpc.aio.EOF:
+        return None
+    assert isinstance(message, pb.ProcessingRequest)
+    return message
 
 
 def add_to_server(servicer: ExtProcService, server: grpc.aio.Server) -> None:
