@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from redis_server import RedisServer
 from replicas import eventually, toml
 
@@ -81,9 +83,42 @@ async def test_two_workers_share_one_port_and_the_registry(
         await eventually(_ignoring_not_found(every_connection_sees_it))
     finally:
         os.kill(supervisor.pid, signal.SIGTERM)
-        code = await asyncio.to_thread(supervisor.wait, 60)
+        try:
+            code = await asyncio.to_thread(supervisor.wait, 60)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+            supervisor.wait()
+            raise
     assert code == 0, (tmp_path / "log").read_text()[-3000:]
     assert not port_file.with_name("port.worker0").exists()
+
+
+async def test_a_worker_stuck_in_its_stop_is_killed_and_the_supervisor_exits(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    config = tmp_path / "decider.toml"
+    config.write_text(toml({"state": {"backend": "redis", "url": redis_server.url}}))
+    port_file, log = tmp_path / "port", tmp_path / "log"
+    supervisor = _spawn(config, port_file, log)
+    stuck = 0
+    try:
+        await eventually(port_file.exists, timeout_s=60)
+        pids = re.search(r"supervising 2 workers on \S+ \(pids (\d+),(\d+)\)", log.read_text())
+        assert pids, log.read_text()
+        # A stopped process cannot act on its SIGTERM: as stuck as a worker gets.
+        stuck = int(pids.group(1))
+        os.kill(stuck, signal.SIGSTOP)
+        os.kill(supervisor.pid, signal.SIGTERM)
+        # Grace 1 s + TASK_STOP_S 5 s + a 10 s margin, then the kill.
+        code = await asyncio.to_thread(supervisor.wait, 60)
+        assert code == 1
+        assert f"worker pid {stuck} still running 16 s after SIGTERM; killed" in log.read_text()
+        with pytest.raises(ProcessLookupError):
+            os.kill(stuck, 0)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
 
 
 def fresh_channel(address: str) -> grpc.aio.Channel:

@@ -15,6 +15,7 @@ the others are stopped and the supervisor exits 1: a process manager restarts th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ MAX_WORKERS = 64
 # Flags the supervisor sets per worker; the rest of the command line goes to every worker.
 _PER_WORKER_FLAGS = ("--workers", "--listen", "--port-file", "--metrics-listen")
 _START_TIMEOUT_S = 60.0
+_STOP_MARGIN_S = 10.0
 
 
 def check(workers: int, settings: Settings, *, demo: bool) -> None:
@@ -78,6 +80,9 @@ def supervise(
     argv: Sequence[str], settings: Settings, *, workers: int, port_file: str | None
 ) -> int:
     """Runs `workers` copies of `decider serve` until SIGTERM/SIGINT; the exit status."""
+    # Here rather than at the top: the other CLI commands need none of the server.
+    from decider.runtime.server import TASK_STOP_S
+
     host, port = parse_listen(settings.server.listen, name="server.listen")
     holder: socket.socket | None = None
     if port == 0:
@@ -96,9 +101,15 @@ def supervise(
     children: list[subprocess.Popen[bytes]] = []
     ready_files: list[Path] = []
     stopping = False
+    # A worker still running this long after its SIGTERM is killed: its drain is bounded by
+    # the grace period and its stop by TASK_STOP_S, so it is stuck.
+    stop_within_s = settings.server.grace_period_s + TASK_STOP_S + _STOP_MARGIN_S
+    kill_at = math.inf
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
+        nonlocal stopping, kill_at
+        if not stopping:
+            kill_at = time.monotonic() + stop_within_s
         stopping = True
         for child in children:
             if child.poll() is None:
@@ -134,6 +145,13 @@ def supervise(
                           died[0].returncode)  # fmt: skip
                 status = 1
                 on_signal(signal.SIGTERM, None)
+            if time.monotonic() > kill_at:
+                for child in children:
+                    if child.poll() is None:
+                        log.error("worker pid %d still running %.0f s after SIGTERM; killed",
+                                  child.pid, stop_within_s)  # fmt: skip
+                        child.kill()
+                status = 1
             time.sleep(0.1)
         if not stopping:
             status = 1

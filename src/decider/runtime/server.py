@@ -67,6 +67,8 @@ log = logging.getLogger("decider.server")
 DECIDER_SERVICE = decider_service_pb2.DESCRIPTOR.services_by_name["DeciderService"].full_name
 REGISTRY_SERVICE = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 HEALTH_SERVICES = ("", DECIDER_SERVICE, REGISTRY_SERVICE)
+# How long stop() waits for its cancelled background tasks (each ends at its next await).
+TASK_STOP_S = 5.0
 
 
 class DeciderServer:
@@ -304,9 +306,7 @@ class DeciderServer:
             task.cancel()
         if self.prober is not None:
             await self.prober.aclose()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._await_tasks()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         if self.link is not None:
@@ -315,6 +315,24 @@ class DeciderServer:
         # Flushes spans still queued; the exporter blocks, so off the event loop.
         await asyncio.to_thread(self.tracing.shutdown)
         log.info("decider stopped")
+
+    async def _await_tasks(self) -> None:
+        """Waits for the cancelled background tasks, for a bounded time: a loop that does not
+        end when cancelled must not hold the process, and the log names it."""
+        if not self._tasks:
+            return
+        done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_S)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background task %s had failed", task.get_name(),
+                          exc_info=task.exception())  # fmt: skip
+        if stuck:
+            log.warning(
+                "background tasks still running %.0f s after being cancelled, stopping "
+                "without them: %s",
+                TASK_STOP_S,
+                ", ".join(sorted(task.get_name() for task in stuck)),
+            )
 
     def stop_now(self) -> None:
         """Ends a drain in progress at once: RPCs still running are cancelled."""
