@@ -66,8 +66,10 @@ class DecideStream:
                         await live.call.write(
                             dpb.DecideStreamRequest(correlation_id=correlation_id, decide=request)
                         )
-                except (grpc.aio.UsageError, grpc.aio.AioRpcError):
-                    # The stream has ended: its reader fails `answer` with the stream's status.
+                except (grpc.aio.UsageError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    # The stream has ended (grpc.aio raises InvalidStateError when it ended
+                    # before its reader task noticed): the reader fails `answer` with the
+                    # stream's status.
                     pass
                 response = await answer
         except TimeoutError:

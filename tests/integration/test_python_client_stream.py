@@ -96,6 +96,25 @@ async def test_fails_open_when_the_server_drains_the_stream(start_server):
         assert client.stats.fail_open_decisions == 1
 
 
+async def test_a_decide_racing_the_end_of_its_stream_fails_open(start_server):
+    # The stream has ended but its reader task has not run yet: grpc.aio refuses the write
+    # with InvalidStateError, and the caller must still get the stream's end (here: fail-open)
+    # rather than that error. Ending the call by hand makes the race deterministic.
+    async with (
+        start_server(endpoints_doc("m", 2)) as srv,
+        DeciderClient(
+            srv.address, ClientOptions(decide_timeout_s=2, fail_open=True, stream=True)
+        ) as client,
+    ):
+        await client.decide(RR)
+        client._stream._live.call.cancel()
+        decision = await client.decide(RR)
+        assert decision.fail_open and "decide stream ended" in decision.reason
+        # The next call opens a new stream and is answered by the server again.
+        assert not (await client.decide(RR)).fail_open
+        assert client.stats.fail_open_decisions == 1
+
+
 class HoldAnswers(grpc.aio.ServerInterceptor):
     """Holds every DecideStream answer until released."""
 
