@@ -272,6 +272,36 @@ async def test_client_certificate_from_another_ca_is_named(
         assert "it did not accept the client certificate in [state] tls_cert_file" in link.cause
 
 
+async def test_a_redis_url_to_a_tls_port_says_to_use_rediss(start_redis: StartRedis) -> None:
+    redis = start_redis()
+    plaintext_url = redis.url.replace("rediss://", "redis://")
+    async with link_to(StateSettings(backend="redis", url=plaintext_url)) as link:
+        await eventually(lambda: settled(link))
+        assert not link.up
+        assert link.cause.endswith(
+            "(if Redis serves TLS on this port, use a rediss:// [state] url)"
+        )
+
+
+async def test_a_rediss_url_to_a_plaintext_port_says_to_use_redis(tmp_path: Path, pki: PKI) -> None:
+    redis = RedisServer(tmp_path / "plaintext-redis")
+    redis.start()
+    try:
+        settings = StateSettings(
+            backend="redis",
+            url=redis.url.replace("redis://", "rediss://"),
+            tls_ca_file=str(pki.ca.ca_file),
+            connect_timeout_ms=300,
+        )
+        async with link_to(settings) as link:
+            await eventually(lambda: settled(link))
+            assert not link.up
+            assert link.cause.startswith("Timeout connecting to server (")
+            assert "if Redis serves this port without TLS, use a redis:// [state] url" in link.cause
+    finally:
+        redis.kill()
+
+
 def run_decider(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "decider", *args],

@@ -15,11 +15,13 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from decider.errors import StorageUnavailable
 from decider.state.settings import StateSettings
@@ -37,24 +39,48 @@ _RECONNECT_MAX_S = 1.0
 
 
 def describe(
-    exc: BaseException, *, ca_file: str = "", tls_without_client_cert: bool = False
+    exc: BaseException, *, scheme: str = "", ca_file: str = "", client_cert: bool = False
 ) -> str:
     """The cause of a Redis failure for logs, health reasons and errors: TLS failures in words
-    that say what to fix (`ca_file`: the configured tls_ca_file), anything else as the error
-    says it (cut at 200 characters)."""
-    tls = _tls_cause(exc, ca_file=ca_file)
-    if tls:
-        return tls
+    that say what to fix, anything else as the error says it (cut at 200 characters) with a
+    hint when it is how a wrong URL scheme or a missing client certificate shows. `scheme`: the
+    URL's (redis, rediss or unix); `ca_file`: the configured tls_ca_file; `client_cert`: whether
+    one is configured."""
+    tls_cause = _tls_cause(exc, ca_file=ca_file)
+    if tls_cause:
+        return tls_cause
     text = str(exc) or type(exc).__name__
     text = text if len(text) <= 200 else text[:197] + "..."
-    if tls_without_client_cert and any(isinstance(e, ConnectionResetError) for e in _chain(exc)):
+    hint = _hint(exc, scheme=scheme, client_cert=client_cert)
+    return f"{text} ({hint})" if hint else text
+
+
+def _hint(exc: BaseException, *, scheme: str, client_cert: bool) -> str:
+    """What an error that is not itself a TLS error may mean for this link's settings."""
+    chain = list(_chain(exc))
+    reset = any(isinstance(e, ConnectionResetError) for e in chain)
+    if scheme == "redis" and reset:
+        # A Redis serving TLS on the port closes the connection on the first plaintext bytes.
+        return "if Redis serves TLS on this port, use a rediss:// [state] url"
+    if scheme == "rediss" and reset and not client_cert:
         # A TLS 1.3 server that wants a client certificate refuses it after the handshake;
         # its alert often loses the race with the reset of the connection.
-        text += (
-            " (if Redis requires a client certificate, tls-auth-clients yes, "
-            "set [state] tls_cert_file and tls_key_file)"
+        return (
+            "if Redis requires a client certificate, tls-auth-clients yes, "
+            "set [state] tls_cert_file and tls_key_file"
         )
-    return text
+    if scheme == "rediss" and any(_is_connect_timeout(e) for e in chain):
+        # A plaintext Redis reads the ClientHello as a partial command and waits for the rest.
+        return (
+            "if Redis serves this port without TLS, use a redis:// [state] url: "
+            "plaintext Redis never answers the TLS handshake"
+        )
+    return ""
+
+
+def _is_connect_timeout(exc: BaseException) -> bool:
+    # redis-py's wording for a timeout while opening a connection (TCP and TLS handshake).
+    return isinstance(exc, RedisTimeoutError) and str(exc).startswith("Timeout connecting")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -192,8 +218,9 @@ class RedisLink:
     def _cause(self, exc: BaseException) -> str:
         return describe(
             exc,
+            scheme=urlsplit(self.settings.url).scheme,
             ca_file=self.settings.tls_ca_file,
-            tls_without_client_cert=self.settings.tls and not self.settings.tls_cert_file,
+            client_cert=bool(self.settings.tls_cert_file),
         )
 
     async def reconcile(self) -> None:
