@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from decider.core.validation import Problems, allowed, from_text, position, schema, show
 
@@ -243,6 +243,34 @@ def url_problem(url: str) -> str:
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         return f"database {db!r} must be a number"
+    return _query_problem(parts.query)
+
+
+# redis-py takes these from a URL's query over the options Decider passes, which would skip
+# the checks of [state]'s own keys (or turn certificate verification off).
+_QUERY_OPTION_KEYS: Final = {
+    "ssl_ca_certs": "tls_ca_file",
+    "ssl_ca_path": "tls_ca_file",
+    "ssl_certfile": "tls_cert_file",
+    "ssl_keyfile": "tls_key_file",
+    "ssl_check_hostname": "tls_check_hostname",
+    "socket_connect_timeout": "connect_timeout_ms",
+    "socket_timeout": "command_timeout_ms",
+}
+
+
+def _query_problem(query: str) -> str:
+    for name in parse_qs(query, keep_blank_values=True):
+        if name == "ssl_cert_reqs":
+            return (
+                "query option ssl_cert_reqs is not taken: Redis' certificate is always "
+                "verified; set state.tls_ca_file to the CA that signed it"
+            )
+        key = _QUERY_OPTION_KEYS.get(name)
+        if key is not None:
+            return f"query option {name} is not taken: set state.{key} instead"
+        if name.startswith("ssl_"):
+            return f"query option {name} is not taken: TLS is set with the state.tls_* keys"
     return ""
 
 

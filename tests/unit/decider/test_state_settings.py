@@ -60,6 +60,23 @@ def test_redis_table_parsed() -> None:
         ({"url": "redis://h:99999"}, "state.url: 'redis://h:99999': not a valid URL"),
         ({"url": 6379}, "state.url: 6379, must be a redis://, rediss:// or unix:// URL"),
         (
+            {"url": "rediss://h:6380/0?ssl_cert_reqs=none"},
+            "state.url: 'rediss://h:6380/0?ssl_cert_reqs=none': query option ssl_cert_reqs is "
+            "not taken: Redis' certificate is always verified; set state.tls_ca_file",
+        ),
+        (
+            {"url": "rediss://h:6380/0?ssl_ca_certs=/etc/ca.pem"},
+            "query option ssl_ca_certs is not taken: set state.tls_ca_file instead",
+        ),
+        (
+            {"url": "rediss://h:6380/0?ssl_min_version=2"},
+            "query option ssl_min_version is not taken: TLS is set with the state.tls_* keys",
+        ),
+        (
+            {"url": "redis://h:6379/0?socket_timeout=5"},
+            "query option socket_timeout is not taken: set state.command_timeout_ms instead",
+        ),
+        (
             {"command_timeout_ms": 0},
             "state.command_timeout_ms: 0, must be an integer from 1 to 60000",
         ),
