@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
 from decider_support import endpoints_doc
 
+from decider.runtime import server as server_module
 from decider.v1 import decider_service_pb2 as dpb
 
 
@@ -71,3 +73,17 @@ async def test_in_flight_decide_finishes_while_new_rpcs_are_refused(start_server
         reply = await asyncio.wait_for(in_flight, 10)
         assert reply.endpoint.id == "m-0"
         await asyncio.wait_for(stopping, 15)
+
+
+async def test_a_step_that_never_finishes_does_not_hold_the_stop(start_server, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="decider.server")
+    monkeypatch.setattr(server_module, "STOP_STEPS_S", 0.5)
+    never = asyncio.Event()
+    async with start_server(endpoints_doc("m", 1)) as srv:
+        assert srv.server.prober is not None
+        # A prober whose close waits forever, as a dependency stuck on a dead peer would.
+        monkeypatch.setattr(srv.server.prober, "aclose", never.wait)
+        await asyncio.wait_for(srv.server.stop(0.1), 10)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "stopping: closing the prober did not finish in time; going on without it" in messages
+    assert messages[-1] == "decider stopped"

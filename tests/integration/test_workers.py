@@ -109,7 +109,7 @@ async def test_a_worker_stuck_in_its_stop_is_killed_and_the_supervisor_exits(
         stuck = int(pids.group(1))
         os.kill(stuck, signal.SIGSTOP)
         os.kill(supervisor.pid, signal.SIGTERM)
-        # Grace 1 s + TASK_STOP_S 5 s + a 10 s margin, then the kill.
+        # Grace 1 s + 2 x STOP_STEPS_S 5 s + a 5 s margin, then the kill.
         code = await asyncio.to_thread(supervisor.wait, 60)
         assert code == 1
         assert f"worker pid {stuck} still running 16 s after SIGTERM; killed" in log.read_text()

@@ -36,7 +36,7 @@ MAX_WORKERS = 64
 # Flags the supervisor sets per worker; the rest of the command line goes to every worker.
 _PER_WORKER_FLAGS = ("--workers", "--listen", "--port-file", "--metrics-listen")
 _START_TIMEOUT_S = 60.0
-_STOP_MARGIN_S = 10.0
+_STOP_MARGIN_S = 5.0
 
 
 def check(workers: int, settings: Settings, *, demo: bool) -> None:
@@ -81,7 +81,7 @@ def supervise(
 ) -> int:
     """Runs `workers` copies of `decider serve` until SIGTERM/SIGINT; the exit status."""
     # Here rather than at the top: the other CLI commands need none of the server.
-    from decider.runtime.server import TASK_STOP_S
+    from decider.runtime.server import STOP_STEPS_S
 
     host, port = parse_listen(settings.server.listen, name="server.listen")
     holder: socket.socket | None = None
@@ -101,9 +101,10 @@ def supervise(
     children: list[subprocess.Popen[bytes]] = []
     ready_files: list[Path] = []
     stopping = False
-    # A worker still running this long after its SIGTERM is killed: its drain is bounded by
-    # the grace period and its stop by TASK_STOP_S, so it is stuck.
-    stop_within_s = settings.server.grace_period_s + TASK_STOP_S + _STOP_MARGIN_S
+    # A worker still running this long after its SIGTERM is killed: its stop is bounded by the
+    # grace period plus twice STOP_STEPS_S (the drain's overrun and the other steps), so it
+    # is stuck.
+    stop_within_s = settings.server.grace_period_s + 2 * STOP_STEPS_S + _STOP_MARGIN_S
     kill_at = math.inf
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -67,8 +67,12 @@ log = logging.getLogger("decider.server")
 DECIDER_SERVICE = decider_service_pb2.DESCRIPTOR.services_by_name["DeciderService"].full_name
 REGISTRY_SERVICE = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 HEALTH_SERVICES = ("", DECIDER_SERVICE, REGISTRY_SERVICE)
-# How long stop() waits for its cancelled background tasks (each ends at its next await).
-TASK_STOP_S = 5.0
+# stop() gives everything but the gRPC drain (the probing lease, background tasks, prober,
+# /metrics, Redis, span export) this long in all, and the drain its grace period plus this
+# long; a step still running then is named in the log and left behind, so one stuck
+# dependency cannot hold the process.
+STOP_STEPS_S = 5.0
+_LAST_CHANCE_S = 0.25
 
 
 class DeciderServer:
@@ -285,52 +289,59 @@ class DeciderServer:
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drains: NOT_SERVING, refuse new RPCs, end watch streams, let in-flight ones finish."""
+        """Drains: NOT_SERVING, refuse new RPCs, end watch streams, let in-flight ones finish;
+        then releases the rest, every step bounded (STOP_STEPS_S)."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.server.grace_period_s if grace_s is None else grace_s
         log.info("decider draining (grace %.1fs)", grace)
+        loop = asyncio.get_running_loop()
+        steps_end = loop.time() + STOP_STEPS_S
         self.admission.draining = True
         await self.health.enter_graceful_shutdown()
         self.hub.close()
         self._decider.drain()
         if self.fleet_probing is not None:
             # Hand the probing over now rather than when the lease runs out.
-            await self.fleet_probing.release()
+            await _bounded("releasing the probing lease", self.fleet_probing.release(), steps_end)
+        drains = [self._server.stop(grace)]
         if self.ext_proc is not None:
-            await asyncio.gather(self.ext_proc.stop(grace), self._server.stop(grace))
-        else:
-            await self._server.stop(grace)
+            drains.append(self.ext_proc.stop(grace))
+        drain_start = loop.time()
+        await _bounded("draining RPCs", asyncio.gather(*drains), loop.time() + grace + STOP_STEPS_S)
+        # The drain's time does not count against the other steps.
+        steps_end += loop.time() - drain_start
         for task in self._tasks:
             task.cancel()
         if self.prober is not None:
-            await self.prober.aclose()
-        await self._await_tasks()
+            await _bounded("closing the prober", self.prober.aclose(), steps_end)
+        await self._await_tasks(steps_end)
         if self.metrics_server is not None:
-            await self.metrics_server.stop()
+            await _bounded("stopping /metrics", self.metrics_server.stop(), steps_end)
         if self.link is not None:
-            await self.link.aclose()
+            await _bounded("closing the Redis link", self.link.aclose(), steps_end)
         self.registry.close()
         # Flushes spans still queued; the exporter blocks, so off the event loop.
-        await asyncio.to_thread(self.tracing.shutdown)
+        await _bounded(
+            "exporting the last spans", asyncio.to_thread(self.tracing.shutdown), steps_end
+        )
         log.info("decider stopped")
 
-    async def _await_tasks(self) -> None:
-        """Waits for the cancelled background tasks, for a bounded time: a loop that does not
-        end when cancelled must not hold the process, and the log names it."""
+    async def _await_tasks(self, until: float) -> None:
+        """Waits for the cancelled background tasks until `until` (loop time): a loop that does
+        not end when cancelled must not hold the process, and the log names it."""
         if not self._tasks:
             return
-        done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_S)
+        timeout = max(until - asyncio.get_running_loop().time(), _LAST_CHANCE_S)
+        done, stuck = await asyncio.wait(self._tasks, timeout=timeout)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 log.error("background task %s had failed", task.get_name(),
                           exc_info=task.exception())  # fmt: skip
         if stuck:
             log.warning(
-                "background tasks still running %.0f s after being cancelled, stopping "
-                "without them: %s",
-                TASK_STOP_S,
+                "stopping without background tasks still running after being cancelled: %s",
                 ", ".join(sorted(task.get_name() for task in stuck)),
             )
 
@@ -506,3 +517,17 @@ async def serve(
         await server.stop()
         for signum in (*signals, *reload_signals):
             loop.remove_signal_handler(signum)
+
+
+async def _bounded(step: str, work: Awaitable[Any], until: float) -> None:
+    """Runs one step of stop() until `until` (loop time). A step still running then is
+    cancelled and named in the log; an error it raised is logged. Either way stop() goes on."""
+    task = asyncio.ensure_future(work)
+    # Once the budget is spent, the steps left still get a moment: most take milliseconds.
+    timeout = max(until - asyncio.get_running_loop().time(), _LAST_CHANCE_S)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        log.warning("stopping: %s did not finish in time; going on without it", step)
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("stopping: %s failed", step, exc_info=task.exception())
