@@ -90,7 +90,9 @@ class _Blocks:
         # Blocks stamped with the current generation.
         self.fresh = 0
         # Pending block -> open decisions that gave it; exactly the blocks whose generation is
-        # _PENDING (a block served already needs no count: the server holds it).
+        # _PENDING (a block served already needs no count: the server holds it). Replaced
+        # once emptied: CPython never shrinks a dict's table on deletion, and with one prompt
+        # in flight per endpoint the empty table of its last prompt would outweigh its blocks.
         self.pending: dict[int, int] = {}
 
 
@@ -138,15 +140,19 @@ class PrefixIndex:
         pending = blocks.pending
         current = blocks.current
         fresh = added = 0
+        settled = False
         for h in hashes:
             g = gen.get(h)
             if g != current:
                 if g == _PENDING:
                     del pending[h]
+                    settled = True
                 elif g is None:
                     added += 1
                 gen[h] = current
                 fresh += 1
+        if settled and not pending:
+            blocks.pending = {}
         blocks.fresh += fresh
         self._total += added
         self._anchor(endpoint_id, hashes)
@@ -213,6 +219,8 @@ class PrefixIndex:
                     del gen[h]
                     self._total -= 1
                     self._unanchor(h, endpoint_id)
+        if not pending:
+            blocks.pending = {}
 
     def _anchor(self, endpoint_id: str, hashes: Sequence[int]) -> None:
         anchors = self._anchors
