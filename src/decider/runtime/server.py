@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,8 +29,6 @@ from grpc_health.v1.health import aio as health_aio
 
 from decider.api import decider_service, reflection
 from decider.api.decider_service import DeciderService
-from decider.api.extproc import SERVICE as EXT_PROC_SERVICE
-from decider.api.extproc.listener import ExtProcListener
 from decider.api.interceptors import (
     AdminClientInterceptor,
     AdminTokenInterceptor,
@@ -48,19 +46,22 @@ from decider.core.state import EngineState
 from decider.errors import ConfigError
 from decider.obs.logs import log_health_event
 from decider.obs.metrics import Metrics, MetricsServer
-from decider.obs.shared_metrics import SharedStateCollector
 from decider.obs.telemetry import TelemetryObserver, Tracing
 from decider.state.breaker_reasons import BreakerReasons
-from decider.state.fleet_probing import FleetProbing
 from decider.state.probe_reports import ProbeReports
-from decider.state.redis_link import LINK_ERRORS, RedisLink
 from decider.state.registry import EndpointStore, Membership, Registry
-from decider.state.shared_engine import SharedLoad, StateSync, shared_state
-from decider.state.shared_registry import SharedRegistry
 from decider.state.watch import WatchHub
 from decider.v1 import decider_service_pb2, registry_service_pb2
 from decider.v1 import registry_service_pb2_grpc as rgrpc
 from probe import HealthSink, Prober
+
+if TYPE_CHECKING:
+    # Imported where they are built, and only when configured: redis-py adds about 9 MB to
+    # a process's RSS and Envoy's protos about 16 MB, wanted or not.
+    from decider.api.extproc.listener import ExtProcListener
+    from decider.state.fleet_probing import FleetProbing
+    from decider.state.redis_link import RedisLink
+    from decider.state.shared_engine import SharedLoad, StateSync
 
 log = logging.getLogger("decider.server")
 
@@ -111,6 +112,10 @@ class DeciderServer:
         self.link: RedisLink | None = None
         membership: Membership | None = None
         if settings.state.shared:
+            from decider.obs.shared_metrics import SharedStateCollector
+            from decider.state.redis_link import RedisLink
+            from decider.state.shared_registry import SharedRegistry
+
             self.link = RedisLink(settings.state, replica_id=replica_id())
             self.registry = Registry(settings.endpoints)
             membership = SharedRegistry(self.registry, self.link)
@@ -129,6 +134,8 @@ class DeciderServer:
         self.shared_load: SharedLoad | None = None
         state: EngineState | None = None
         if self.link is not None:
+            from decider.state.shared_engine import StateSync, shared_state
+
             self.sync = StateSync(self.link, clock=clock)
             state, self.shared_load = shared_state(
                 EngineState.in_memory(settings.engine, rng=rng),
@@ -145,6 +152,8 @@ class DeciderServer:
         self.prober: Prober | None = None
         self.fleet_probing: FleetProbing | None = None
         if settings.probe.embedded and self.link is not None:
+            from decider.state.fleet_probing import FleetProbing
+
             self.fleet_probing = FleetProbing(self.link, self.engine, self._new_prober, clock=clock)
         elif settings.probe.embedded:
             self.prober = self._new_prober(self.engine)
@@ -179,11 +188,13 @@ class DeciderServer:
         )
         decider_service.add_to_server(self._decider, self._server)
         # [ext_proc] listen: Envoy's endpoint picker, through the same DecidePath as Decide.
-        self.ext_proc = (
-            ExtProcListener(self._decider.path, settings.ext_proc, tracing=self.tracing)
-            if settings.ext_proc.listen
-            else None
-        )
+        self.ext_proc: ExtProcListener | None = None
+        if settings.ext_proc.listen:
+            from decider.api.extproc.listener import ExtProcListener
+
+            self.ext_proc = ExtProcListener(
+                self._decider.path, settings.ext_proc, tracing=self.tracing
+            )
         rgrpc.add_RegistryServiceServicer_to_server(
             RegistryService(
                 self.registry,
@@ -226,6 +237,8 @@ class DeciderServer:
             # grpc says only "Failed to bind"; binding once more ourselves says why.
             raise ConfigError(_bind_failure(listen, "server.listen", str(exc))) from exc
         if self.link is not None:
+            from decider.state.redis_link import LINK_ERRORS
+
             # The fleet's registry before the first decision; if Redis is down, start from
             # the config endpoints and catch up when it answers (run() keeps trying).
             with contextlib.suppress(*LINK_ERRORS):
@@ -244,7 +257,9 @@ class DeciderServer:
                 raise ConfigError(
                     _bind_failure(ext_proc_listen, "ext_proc.listen", str(exc))
                 ) from exc
-            await self.health.set(EXT_PROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(
+                self.ext_proc.service_name, health_pb2.HealthCheckResponse.SERVING
+            )
             log.info("ext_proc endpoint picker on %s", self.settings.ext_proc.listen)
         self._tasks = [asyncio.create_task(self._tick_loop(), name="decider-tick")]
         if self.prober is not None:

@@ -25,6 +25,9 @@ _MESSAGE_SLACK_BYTES = 64 << 10
 class ExtProcListener:
     """Build, `start(listen)`, `stop(grace_s)`."""
 
+    # The name it serves under, and reports health for on both ports.
+    service_name = SERVICE
+
     def __init__(
         self, path: DecidePath, settings: ExtProcSettings, *, tracing: Tracing | None = None
     ) -> None:
