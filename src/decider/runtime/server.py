@@ -56,8 +56,8 @@ from decider.v1 import registry_service_pb2_grpc as rgrpc
 from probe import HealthSink, Prober
 
 if TYPE_CHECKING:
-    # Imported where they are built, and only when configured: redis-py adds about 9 MB to
-    # a process's RSS and Envoy's protos about 16 MB, wanted or not.
+    # Imported where they are built, and only when configured: redis-py and the ext_proc
+    # service (Envoy's protos) add about 10 MB to a process's RSS, wanted or not.
     from decider.api.extproc.listener import ExtProcListener
     from decider.state.fleet_probing import FleetProbing
     from decider.state.redis_link import RedisLink
