@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -266,6 +267,19 @@ class Stack:
 
     def post(self, body: Any, *, headers: Mapping[str, str] | None = None) -> httpx.Response:
         return self.http.post("/v1/chat/completions", json=body, headers=dict(headers or {}))
+
+    def post_until_failed(self, count: int, status: int = 500) -> Counter[int]:
+        """Posts chat requests until `count` were answered `status` (for at most 20 s); the
+        statuses seen."""
+        statuses: Counter[int] = Counter()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and statuses[status] < count:
+            statuses[self.post(self.chat()).status_code] += 1
+        return statuses
+
+    def served_by(self, requests: int) -> set[str]:
+        """The endpoints that served `requests` chat requests in a row."""
+        return {self.post(self.chat()).headers["x-served-by"] for _ in range(requests)}
 
     def breaker_states(self) -> dict[str, int]:
         """Each endpoint's breaker state, as WatchHealth's first snapshot shows it."""
